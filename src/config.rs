@@ -1,0 +1,223 @@
+//! Typed settings: `config/default.toml` (compiled in), then an optional file,
+//! then `LIFELORA_<SECTION>__<KEY>` environment variables, then CLI flags.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The defaults, compiled in so a binary without the repo still starts.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "LIFELORA_";
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid TOML in {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// All settings of one server process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub model: ModelSettings,
+    pub engine: EngineSettings,
+    pub storage: StorageSettings,
+    pub log: LogSettings,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+}
+
+/// Which base model to serve and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub path: String,
+    pub served_model_name: String,
+    pub dtype: String,
+    pub device: String,
+}
+
+/// Continuous batching limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    pub max_running: usize,
+    pub max_tokens_per_step: usize,
+    pub max_waiting: usize,
+    pub kv_cache_bytes: u64,
+    pub default_max_tokens: usize,
+    pub max_tokens_limit: usize,
+    pub max_n: usize,
+    pub threads: usize,
+}
+
+/// Where runtime data lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub adapters_dir: String,
+    pub database: String,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: String,
+    pub level: String,
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment passed in (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = parse_toml(DEFAULT_TOML, "built-in defaults")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let overlay = parse_toml(&text, &path.display().to_string())?;
+            merge(&mut root, overlay);
+        }
+        for (name, raw) in env {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                apply_env(&mut root, &name, rest, &raw)?;
+            }
+        }
+        let settings: Settings = root.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: "merged settings".into(),
+            message: e.message().to_string(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Rejects values the server cannot run with, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Invalid { key: key.into(), message: message.into() })
+        };
+        if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return bad("model.dtype", "must be f32, bf16 or f16");
+        }
+        if self.engine.max_running == 0 {
+            return bad("engine.max_running", "must be at least 1");
+        }
+        if self.engine.max_tokens_per_step < 16 {
+            return bad("engine.max_tokens_per_step", "must be at least 16");
+        }
+        if self.engine.max_n == 0 {
+            return bad("engine.max_n", "must be at least 1");
+        }
+        if self.server.max_body_bytes < 1024 {
+            return bad("server.max_body_bytes", "must be at least 1024");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format", "must be text or json");
+        }
+        Ok(())
+    }
+}
+
+fn parse_toml(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.message().to_string(),
+    })
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+/// `SECTION__KEY=raw`: the value is read as a TOML literal when it parses as one
+/// of the same kind as the default, else as a string.
+fn apply_env(root: &mut toml::Table, name: &str, rest: &str, raw: &str) -> Result<(), ConfigError> {
+    let Some((section, key)) = rest.split_once("__") else {
+        return Ok(()); // not a setting (e.g. LIFELORA_LOG used by something else)
+    };
+    let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+    let unknown = || ConfigError::Invalid {
+        key: name.to_string(),
+        message: format!("no setting {section}.{key}"),
+    };
+    let table = root.get_mut(&section).and_then(|v| v.as_table_mut()).ok_or_else(unknown)?;
+    let default = table.get(&key).ok_or_else(unknown)?;
+    let value = match default {
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        _ => {
+            let parsed = format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .filter(|v| v.same_type(default))
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: name.to_string(),
+                    message: format!("expected a {} value, got {raw:?}", default.type_str()),
+                })?;
+            parsed
+        }
+    };
+    table.insert(key, value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load_with_env(None, Vec::new()).unwrap();
+        assert_eq!(s.server.port, 8080);
+        assert_eq!(s.storage.adapters_dir, "adapters");
+        assert_eq!(s.storage.database, "data/lifelora.db");
+    }
+
+    #[test]
+    fn env_overrides_any_key_with_its_type() {
+        let env = vec![
+            ("LIFELORA_SERVER__PORT".to_string(), "9001".to_string()),
+            ("LIFELORA_MODEL__PATH".to_string(), "/m".to_string()),
+        ];
+        let s = Settings::load_with_env(None, env).unwrap();
+        assert_eq!(s.server.port, 9001);
+        assert_eq!(s.model.path, "/m");
+    }
+
+    #[test]
+    fn env_with_wrong_type_or_unknown_key_is_refused() {
+        let env = vec![("LIFELORA_SERVER__PORT".to_string(), "abc".to_string())];
+        assert!(Settings::load_with_env(None, env).is_err());
+        let env = vec![("LIFELORA_SERVER__NOPE".to_string(), "1".to_string())];
+        assert!(Settings::load_with_env(None, env).is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! lifelora: one frozen base LLM served to many tenants over an
+//! OpenAI-compatible API, with continuous batching.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod model;

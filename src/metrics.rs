@@ -1,0 +1,121 @@
+//! Prometheus registry and the metric names, shared by the API and the engine.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the server exports. Cheap to clone handles live inside.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_latency: HistogramVec,
+    pub time_to_first_token: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub running_sequences: IntGauge,
+    pub waiting_sequences: IntGauge,
+    pub batch_size: Histogram,
+    pub step_tokens: Histogram,
+    pub kv_cache_bytes: IntGauge,
+    pub kv_cache_capacity_bytes: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers all metrics; names are prefixed `lifelora_`.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("lifelora".into()), None)
+            .expect("static registry prefix is valid");
+        let requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by route and status"),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let request_latency = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
+                .buckets(exp_buckets(0.001, 2.0, 18)),
+            &["route"],
+        )
+        .expect("valid metric");
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new("time_to_first_token_seconds", "Time from request to first token")
+                .buckets(exp_buckets(0.001, 2.0, 16)),
+        )
+        .expect("valid metric");
+        let prompt_tokens =
+            IntCounter::new("prompt_tokens_total", "Prompt tokens processed").expect("valid metric");
+        let generated_tokens =
+            IntCounter::new("generated_tokens_total", "Tokens generated").expect("valid metric");
+        let running_sequences =
+            IntGauge::new("running_sequences", "Sequences in the running batch").expect("valid metric");
+        let waiting_sequences =
+            IntGauge::new("waiting_sequences", "Sequences waiting for admission").expect("valid metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("batch_size", "Sequences per engine step")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )
+        .expect("valid metric");
+        let step_tokens = Histogram::with_opts(
+            HistogramOpts::new("step_tokens", "Tokens per engine step")
+                .buckets(exp_buckets(1.0, 2.0, 14)),
+        )
+        .expect("valid metric");
+        let kv_cache_bytes =
+            IntGauge::new("kv_cache_bytes", "KV cache bytes reserved by admitted sequences")
+                .expect("valid metric");
+        let kv_cache_capacity_bytes =
+            IntGauge::new("kv_cache_capacity_bytes", "KV cache budget in bytes").expect("valid metric");
+        let m = Metrics {
+            registry,
+            requests,
+            request_latency,
+            time_to_first_token,
+            prompt_tokens,
+            generated_tokens,
+            running_sequences,
+            waiting_sequences,
+            batch_size,
+            step_tokens,
+            kv_cache_bytes,
+            kv_cache_capacity_bytes,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.request_latency.clone()),
+            Box::new(m.time_to_first_token.clone()),
+            Box::new(m.prompt_tokens.clone()),
+            Box::new(m.generated_tokens.clone()),
+            Box::new(m.running_sequences.clone()),
+            Box::new(m.waiting_sequences.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.step_tokens.clone()),
+            Box::new(m.kv_cache_bytes.clone()),
+            Box::new(m.kv_cache_capacity_bytes.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn exp_buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    prometheus::exponential_buckets(start, factor, count).unwrap_or_else(|_| vec![start])
+}

@@ -1,0 +1,66 @@
+//! Rotary position embedding tables (rotate-half layout, as Hugging Face
+//! stores q/k), with Llama 3 frequency scaling.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+
+/// Precomputed cos/sin, `[max_positions, head_dim / 2]`, gathered per token.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTable {
+    /// Builds the table for every position the model accepts.
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64);
+                scale_frequency(cfg, f) as f32
+            })
+            .collect();
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(RopeTable {
+            cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x` (`[T, heads, head_dim]`) at the given per-token positions.
+    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        let x4 = x.unsqueeze(0)?.contiguous()?;
+        candle_nn::rotary_emb::rope_thd(&x4, &cos, &sin)?.squeeze(0)
+    }
+}
+
+/// Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept,
+/// a smooth blend between.
+fn scale_frequency(cfg: &ModelConfig, freq: f64) -> f64 {
+    let Some(s) = &cfg.rope_scaling else { return freq };
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
