@@ -1,1 +1,127 @@
-fn main(){}
+//! The `lifelora` command line: `serve` and `bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lifelora::config::Settings;
+
+#[derive(Parser)]
+#[command(name = "lifelora", version, about = "Serve one frozen LLM to many tenants over an OpenAI-compatible API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the HTTP server (the built-in demo model unless --model is given).
+    Serve {
+        /// A Hugging Face model directory (overrides model.path).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The id clients use for the model (default: the directory's name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        /// 0 picks a free port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// A TOML settings file layered over config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Weight dtype: f32, bf16, f16.
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// Drive a running server with concurrent streaming clients.
+    Bench {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Model id (default: the first listed by the server).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 64)]
+        requests: usize,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, default_value = "Once upon a time, in a small village by the sea,")]
+        prompt: String,
+        /// Generate max_tokens even past EOS (steady-state throughput).
+        #[arg(long, default_value_t = true)]
+        ignore_eos: bool,
+    },
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if settings.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { model, served_model_name, host, port, config, dtype } => {
+            let mut settings = match Settings::load(config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(m) = model {
+                settings.model.path = m.display().to_string();
+            }
+            if let Some(n) = served_model_name {
+                settings.model.served_model_name = n;
+            }
+            if let Some(h) = host {
+                settings.server.host = h;
+            }
+            if let Some(p) = port {
+                settings.server.port = p;
+            }
+            if let Some(d) = dtype {
+                settings.model.dtype = d;
+            }
+            if let Err(e) = settings.validate() {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            init_logging(&settings);
+            let result = lifelora::serve::serve(settings, |addr| {
+                // A stable line on stdout that scripts and tests wait for.
+                println!("lifelora listening on http://{addr}");
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Bench { url, model, concurrency, requests, max_tokens, prompt, ignore_eos } => {
+            let spec = lifelora::loadgen::LoadSpec { base_url: url, model, concurrency, requests, max_tokens, prompt, ignore_eos };
+            match lifelora::loadgen::run(&spec) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,17 @@
-//! HTTP API
+//! The HTTP edge: OpenAI wire types, handlers, and the mapping of every
+//! error to OpenAI's error object. No tensors here.
+
+pub mod body;
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod generate;
+pub mod models;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod types;
+pub mod validate;
+
+pub use error::ApiError;
+pub use state::AppState;

@@ -38,7 +38,7 @@ pub fn builtin_config() -> ModelConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         rope_scaling: None,
-        tie_word_embeddings: true,
+        tie_word_embeddings: false,
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
@@ -100,7 +100,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<H
     }
     put("model.norm.weight".into(), &[h], 0.1, 1.0, &mut rng)?;
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[cfg.vocab_size, h], s, 0.0, &mut rng)?;
+        put("lm_head.weight".into(), &[cfg.vocab_size, h], 0.3, 0.0, &mut rng)?;
     }
     Ok(out)
 }

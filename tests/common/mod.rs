@@ -20,3 +20,115 @@ pub fn shared_dir() -> Option<PathBuf> {
 pub fn stories_dir() -> Option<PathBuf> {
     shared_dir().map(|d| d.join("models/stories260K"))
 }
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `lifelora serve` child process on an ephemeral port; killed on drop.
+pub struct TestServer {
+    child: Child,
+    pub base: String,
+    pub model: String,
+}
+
+impl TestServer {
+    /// Serves `model_dir` (None: the built-in model) with extra env settings.
+    pub fn start(model_dir: Option<&std::path::Path>, env: &[(&str, &str)]) -> TestServer {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifelora"));
+        cmd.args(["serve", "--port", "0", "--host", "127.0.0.1"]);
+        if let Some(d) = model_dir {
+            cmd.arg("--model").arg(d);
+        }
+        cmd.env("LIFELORA_LOG__LEVEL", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn lifelora");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = loop {
+            let line = lines.next().expect("server exited before listening").expect("read stdout");
+            if let Some(url) = line.strip_prefix("lifelora listening on ") {
+                break url.trim().to_string();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let models: serde_json::Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
+        let model = models["data"][0]["id"].as_str().unwrap().to_string();
+        TestServer { child, base, model }
+    }
+
+    /// POSTs JSON; returns (status, body) for success and error statuses alike.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.post_raw(path, &body.to_string())
+    }
+
+    /// POSTs a raw body.
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let r = ureq::post(&format!("{}{path}", self.base))
+            .set("content-type", "application/json")
+            .timeout(Duration::from_secs(120))
+            .send_string(body);
+        response_json(r)
+    }
+
+    /// GETs a path.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&format!("{}{path}", self.base)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// POSTs a streaming request and returns every `data:` payload in order.
+    pub fn stream(&self, path: &str, body: &serde_json::Value) -> Vec<String> {
+        let r = ureq::post(&format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(120))
+            .send_json(body.clone())
+            .expect("stream request");
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        BufReader::new(r.into_reader())
+            .lines()
+            .map(|l| l.unwrap())
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    /// The value of a Prometheus metric line (first sample whose name matches).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not found"))
+    }
+}
+
+/// Status and JSON body of a ureq result.
+pub fn response_json(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    match r {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(serde_json::Value::Null)),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(serde_json::Value::Null)),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+/// Asserts an OpenAI error object with the given status.
+pub fn assert_openai_error(status: u16, body: &serde_json::Value, expected: u16) {
+    assert_eq!(status, expected, "body: {body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "no message: {body}");
+    assert!(e["type"].as_str().is_some(), "no type: {body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "param/code missing: {body}");
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,37 @@
+//! `GET /v1/models`, `GET /health`, `GET /metrics`.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::state::AppState;
+use super::types::ModelCard;
+
+/// The note the built-in model carries in its card and log line.
+pub const BUILTIN_NOTE: &str = "built-in demo model: random weights and a byte tokenizer, so its text is noise. \
+Serve a real model with `lifelora serve --model /path/to/hf-model-dir` (or set model.path).";
+
+/// Lists the served model.
+pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+    let m = &state.model;
+    let card = ModelCard {
+        id: m.id.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "lifelora".into(),
+        root: m.id.clone(),
+        parent: None,
+        max_model_len: m.model.config.max_position_embeddings,
+        description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
+    };
+    HttpResponse::Ok().json(json!({"object": "list", "data": [card]}))
+}
+
+/// Liveness and readiness: the server listens only once the model is loaded.
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok", "model": state.model.id, "builtin": state.model.builtin}))
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}

@@ -1,0 +1,62 @@
+//! The actix application: routes, request metrics, and the OpenAI-shaped
+//! answers for unknown routes and methods.
+
+use std::time::Instant;
+
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+
+use super::error::ApiError;
+use super::state::AppState;
+use super::{chat, completions, models};
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::route_not_found(req.path()))
+}
+
+/// Registers every route on an actix app config.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/completions", web::post().to(completions::create))
+        .route("/v1/chat/completions", web::post().to(chat::create))
+        .route("/v1/models", web::get().to(models::list))
+        .route("/health", web::get().to(models::health))
+        .route("/metrics", web::get().to(models::metrics));
+}
+
+/// Binds and runs the HTTP server until it is stopped. `on_bound` learns the
+/// bound address (port 0 picks a free one).
+pub async fn run(state: AppState, on_bound: impl FnOnce(std::net::SocketAddr)) -> std::io::Result<()> {
+    let host = state.settings.server.host.clone();
+    let port = state.settings.server.port;
+    let workers = match state.settings.server.workers {
+        0 => num_cpus::get().clamp(1, 4),
+        n => n,
+    };
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        let metrics = data.metrics.clone();
+        App::new()
+            .app_data(data.clone())
+            .wrap_fn(move |req, srv| {
+                let started = Instant::now();
+                let metrics = metrics.clone();
+                let fut = srv.call(req);
+                async move {
+                    let res: ServiceResponse = fut.await?;
+                    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let status = res.status().as_u16().to_string();
+                    metrics.requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
+                    metrics.request_latency.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+                    Ok(res)
+                }
+            })
+            .configure(configure)
+            .default_service(web::to(not_found))
+    })
+    .workers(workers)
+    .bind((host.as_str(), port))?;
+    if let Some(addr) = server.addrs().first() {
+        on_bound(*addr);
+    }
+    server.run().await
+}

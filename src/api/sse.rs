@@ -1,0 +1,91 @@
+//! OpenAI's server-sent events framing: `data: {json}\n\n` chunks, a usage
+//! chunk when `stream_options.include_usage` asks, then `data: [DONE]`.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use actix_web::web::Bytes;
+use actix_web::HttpResponse;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::Value;
+
+use crate::engine::Event;
+
+use super::error::ApiError;
+use super::types::Usage;
+
+/// Turns one endpoint's events into its chunk objects.
+pub trait ChunkFormatter: Send + 'static {
+    /// Chunks for one event of choice `index` (of prompt `prompt_index`).
+    fn on_event(&mut self, index: usize, prompt_index: usize, event: Event) -> Vec<Value>;
+    /// The final chunk that carries `usage`.
+    fn usage_chunk(&self, usage: Usage) -> Value;
+}
+
+struct State<S, F> {
+    events: S,
+    formatter: F,
+    queue: VecDeque<Bytes>,
+    include_usage: bool,
+    prompt_tokens: BTreeMap<usize, usize>,
+    completion_tokens: usize,
+    done: bool,
+}
+
+fn frame(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Streams `events` as an SSE response.
+pub fn respond<S, F>(events: S, formatter: F, include_usage: bool) -> HttpResponse
+where
+    S: Stream<Item = (usize, usize, Event)> + Unpin + 'static,
+    F: ChunkFormatter,
+{
+    let state = State {
+        events,
+        formatter,
+        queue: VecDeque::new(),
+        include_usage,
+        prompt_tokens: BTreeMap::new(),
+        completion_tokens: 0,
+        done: false,
+    };
+    let body = stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(b) = st.queue.pop_front() {
+                return Some((Ok::<Bytes, actix_web::Error>(b), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.events.next().await {
+                Some((index, prompt_index, event)) => {
+                    if let Event::Done { prompt_tokens, completion_tokens, .. } = &event {
+                        st.prompt_tokens.insert(prompt_index, *prompt_tokens);
+                        st.completion_tokens += completion_tokens;
+                    }
+                    if let Event::Error(message) = &event {
+                        st.queue.push_back(frame(&ApiError::internal(message.clone()).body()));
+                        continue;
+                    }
+                    for chunk in st.formatter.on_event(index, prompt_index, event) {
+                        st.queue.push_back(frame(&chunk));
+                    }
+                }
+                None => {
+                    if st.include_usage {
+                        let usage = Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
+                        st.queue.push_back(frame(&st.formatter.usage_chunk(usage)));
+                    }
+                    st.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    st.done = true;
+                }
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body.boxed_local())
+}

@@ -1,0 +1,46 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::model::LoadedModel;
+
+use super::error::ApiError;
+
+/// Shared by all workers; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub model: Arc<LoadedModel>,
+    pub engine: EngineHandle,
+    pub metrics: Metrics,
+    pub settings: Arc<Settings>,
+    /// When the model was loaded (`created` of `/v1/models`).
+    pub created: u64,
+}
+
+impl AppState {
+    /// Resolves a request's `model` to the served base model.
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model.id {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model))
+        }
+    }
+
+    /// The context length in tokens.
+    pub fn context(&self) -> usize {
+        self.model.model.config.max_position_embeddings
+    }
+
+    /// Checks client-supplied token ids against the vocabulary.
+    pub fn check_token_ids(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
+        let vocab = self.model.model.config.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(ApiError::invalid(format!("token id {bad} in '{param}' is out of range (vocabulary size {vocab})"), Some(param)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! Starting a server process: logging, the model (or the built-in demo),
+//! the engine thread and the HTTP edge, and a clean stop.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::api::{server, AppState};
+use crate::config::Settings;
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::model::loader::{load_hf_dir, parse_device, parse_dtype, LoadedModel};
+use crate::model::{builtin, ModelError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Loads the configured model, or the built-in one when none is set.
+pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
+    let dtype = parse_dtype(&settings.model.dtype)?;
+    let device = parse_device(&settings.model.device)?;
+    if settings.model.path.is_empty() {
+        tracing::warn!("no model configured: serving the {}", crate::api::models::BUILTIN_NOTE);
+        return builtin::load_builtin(dtype, &device);
+    }
+    let path = Path::new(&settings.model.path);
+    if !path.is_dir() {
+        return Err(ModelError::MissingFile(format!("{} is not a model directory", path.display())));
+    }
+    let name = Some(settings.model.served_model_name.as_str()).filter(|s| !s.is_empty());
+    load_hf_dir(path, name, dtype, &device)
+}
+
+/// Runs the server until SIGINT/SIGTERM; `on_bound` learns the address.
+pub fn serve(settings: Settings, on_bound: impl FnOnce(std::net::SocketAddr) + Send + 'static) -> Result<(), ServeError> {
+    if settings.engine.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", settings.engine.threads.to_string());
+    }
+    let started = std::time::Instant::now();
+    let model = Arc::new(load_model(&settings)?);
+    let cfg = &model.model.config;
+    tracing::info!(
+        model = %model.id, layers = cfg.num_hidden_layers, hidden = cfg.hidden_size, vocab = cfg.vocab_size,
+        context = cfg.max_position_embeddings, dtype = %settings.model.dtype, secs = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let metrics = Metrics::new();
+    let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
+    let state = AppState {
+        model,
+        engine: engine.clone(),
+        metrics,
+        settings: Arc::new(settings),
+        created: crate::api::generate::unix_now(),
+    };
+    let result = actix_web::rt::System::new().block_on(async move {
+        server::run(state, |addr| {
+            tracing::info!(%addr, "listening");
+            on_bound(addr)
+        })
+        .await
+    });
+    engine.shutdown();
+    Ok(result?)
+}
