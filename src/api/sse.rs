@@ -21,6 +21,10 @@ pub trait ChunkFormatter: Send + 'static {
     fn usage_chunk(&self, usage: Usage) -> Value;
 }
 
+/// Longest silence before a keep-alive comment.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+const KEEPALIVE_FRAME: &[u8] = b": keep-alive\n\n";
+
 struct State<S, F> {
     events: S,
     formatter: F,
@@ -58,7 +62,16 @@ where
             if st.done {
                 return None;
             }
-            match st.events.next().await {
+            // A comment line now and then: actix notices a gone client only
+            // when a write fails, and clients ignore SSE comments.
+            let next = match tokio::time::timeout(KEEPALIVE, st.events.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    st.queue.push_back(Bytes::from_static(KEEPALIVE_FRAME));
+                    continue;
+                }
+            };
+            match next {
                 Some((index, prompt_index, event)) => {
                     if let Event::Done { prompt_tokens, completion_tokens, .. } = &event {
                         st.prompt_tokens.insert(prompt_index, *prompt_tokens);
@@ -68,7 +81,12 @@ where
                         st.queue.push_back(frame(&ApiError::internal(message.clone()).body()));
                         continue;
                     }
-                    for chunk in st.formatter.on_event(index, prompt_index, event) {
+                    let chunks = st.formatter.on_event(index, prompt_index, event);
+                    if chunks.is_empty() {
+                        // Held-back text: still write something so a gone client is noticed.
+                        st.queue.push_back(Bytes::from_static(KEEPALIVE_FRAME));
+                    }
+                    for chunk in chunks {
                         st.queue.push_back(frame(&chunk));
                     }
                 }

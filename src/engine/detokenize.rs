@@ -6,6 +6,8 @@ use crate::model::TextTokenizer;
 
 /// How many tokens of context a window keeps before the unread ones.
 const CONTEXT: usize = 6;
+/// Most tokens one character can span (UTF-8 bytes as byte-fallback tokens).
+const MAX_CHAR_TOKENS: usize = 4;
 
 /// Decodes a growing token list into appended text.
 #[derive(Debug, Clone)]
@@ -27,7 +29,9 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
         let full = tokenizer.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(prefix.as_str()) {
+        // A character is at most 4 byte tokens: past that, U+FFFD is the real text.
+        let stuck = self.ids.len() - self.read_offset > MAX_CHAR_TOKENS;
+        if full.len() > prefix.len() && (stuck || !full.ends_with('\u{FFFD}')) && full.starts_with(prefix.as_str()) {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -53,5 +57,33 @@ impl IncrementalDecoder {
             self.read_offset -= self.prefix_offset;
             self.prefix_offset = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::builtin::byte_tokenizer;
+
+    fn tok() -> TextTokenizer {
+        TextTokenizer::new(byte_tokenizer().unwrap(), Some("<s>".into()), Some("</s>".into()), true, &[])
+    }
+
+    #[test]
+    fn a_multibyte_character_is_released_whole() {
+        let t = tok();
+        let mut d = IncrementalDecoder::new(&[1]);
+        let ids = t.encode_chat("é").unwrap();
+        let out: Vec<String> = ids[1..].iter().map(|&id| d.push(&t, id)).collect();
+        assert_eq!(out, vec!["".to_string(), "é".to_string()]);
+    }
+
+    #[test]
+    fn invalid_bytes_do_not_hold_text_forever() {
+        let t = tok();
+        let mut d = IncrementalDecoder::new(&[1]);
+        let bad = 0xFF + 3; // byte 0xFF never starts a valid character
+        let emitted: String = (0..6).map(|_| d.push(&t, bad)).collect();
+        assert!(!emitted.is_empty());
     }
 }
