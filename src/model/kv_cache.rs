@@ -93,6 +93,13 @@ impl KvCache {
         Ok((kc.narrow(1, 0, self.len + new)?, vc.narrow(1, 0, self.len + new)?))
     }
 
+    /// The full cache tensors of `layer`, `[kv_heads, capacity, head_dim]`;
+    /// positions past `len()` plus the uncommitted ones are garbage.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
     /// Commits `n` appended positions after every layer has written them.
     pub fn advance(&mut self, n: usize) {
         self.len += n;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
+use super::attention::{self, AttentionShape};
 use super::rope::RopeTable;
 use super::ModelError;
 
@@ -29,31 +30,72 @@ pub struct SequenceInput<'a> {
     pub logits: LogitsWanted,
 }
 
-/// One transformer block's weights.
+/// One transformer block's weights. q/k/v and gate/up are fused into one
+/// matmul each (fewer, larger ops); LoRA sites address slices of them.
 #[derive(Debug, Clone)]
 pub struct Block {
     pub input_norm: Tensor,
     pub post_attention_norm: Tensor,
-    pub q: Projection,
-    pub k: Projection,
-    pub v: Projection,
-    pub o: Projection,
-    pub gate: Projection,
-    pub up: Projection,
-    pub down: Projection,
+    qkv: Projection,
+    o: Projection,
+    gate_up: Projection,
+    down: Projection,
+    q_dim: usize,
+    kv_dim: usize,
+    intermediate: usize,
 }
 
 impl Block {
-    /// The projection at `site`.
-    pub fn projection(&self, site: Site) -> &Projection {
+    /// Fuses the seven projections of a block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        input_norm: Tensor,
+        post_attention_norm: Tensor,
+        q: Projection,
+        k: Projection,
+        v: Projection,
+        o: Projection,
+        gate: Projection,
+        up: Projection,
+        down: Projection,
+    ) -> candle_core::Result<Self> {
+        let (q_dim, kv_dim, intermediate) = (q.out_features(), k.out_features(), gate.out_features());
+        Ok(Block {
+            input_norm,
+            post_attention_norm,
+            qkv: Projection::concat(&[&q, &k, &v])?,
+            o,
+            gate_up: Projection::concat(&[&gate, &up])?,
+            down,
+            q_dim,
+            kv_dim,
+            intermediate,
+        })
+    }
+
+    /// `(in, out)` features of the projection at `site`.
+    pub fn site_shape(&self, site: Site) -> (usize, usize) {
+        let hidden = self.qkv.in_features();
         match site {
-            Site::Q => &self.q,
-            Site::K => &self.k,
-            Site::V => &self.v,
-            Site::O => &self.o,
-            Site::Gate => &self.gate,
-            Site::Up => &self.up,
-            Site::Down => &self.down,
+            Site::Q => (hidden, self.q_dim),
+            Site::K | Site::V => (hidden, self.kv_dim),
+            Site::O => (self.q_dim, hidden),
+            Site::Gate | Site::Up => (hidden, self.intermediate),
+            Site::Down => (self.intermediate, hidden),
+        }
+    }
+
+    /// The dense weight `[out, in]` of `site` (tests, merges).
+    pub fn site_weight(&self, site: Site) -> candle_core::Result<Tensor> {
+        let (q, kv, i) = (self.q_dim, self.kv_dim, self.intermediate);
+        match site {
+            Site::Q => self.qkv.weight().narrow(0, 0, q),
+            Site::K => self.qkv.weight().narrow(0, q, kv),
+            Site::V => self.qkv.weight().narrow(0, q + kv, kv),
+            Site::O => Ok(self.o.weight().clone()),
+            Site::Gate => self.gate_up.weight().narrow(0, 0, i),
+            Site::Up => self.gate_up.weight().narrow(0, i, i),
+            Site::Down => Ok(self.down.weight().clone()),
         }
     }
 }
@@ -168,10 +210,18 @@ impl Llama {
         candle_nn::ops::rms_norm(x, weight, self.config.rms_norm_eps as f32)
     }
 
-    /// Where a LoRA delta will be added per row group (next issue): every
-    /// projection goes through here.
-    fn project(&self, block: &Block, site: Site, x: &Tensor) -> candle_core::Result<Tensor> {
-        block.projection(site).forward(x)
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Every projection goes through here: where the next issue adds each
+    /// row group's LoRA delta.
+    fn project(&self, proj: &Projection, x: &Tensor) -> candle_core::Result<Tensor> {
+        proj.forward(x)
     }
 
     fn block_forward(
@@ -185,62 +235,79 @@ impl Llama {
         let cfg = &self.config;
         let t = x.dim(0)?;
         let h = self.rms_norm(x, &block.input_norm)?;
-        let q = self.project(block, Site::Q, &h)?.reshape((t, cfg.num_attention_heads, cfg.head_dim))?;
-        let k = self.project(block, Site::K, &h)?.reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
-        let v = self.project(block, Site::V, &h)?.reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
+        let qkv = self.project(&block.qkv, &h)?;
+        let (qd, kvd) = (block.q_dim, block.kv_dim);
+        let q = qkv.narrow(1, 0, qd)?.reshape((t, cfg.num_attention_heads, cfg.head_dim))?;
+        let k = qkv.narrow(1, qd, kvd)?.reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
+        let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?.reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
         let q = self.rope.apply(&q, positions)?;
         let k = self.rope.apply(&k, positions)?;
-        let mut outputs = Vec::with_capacity(batch.len());
-        let mut offset = 0;
-        for s in batch.iter_mut() {
-            let len = s.tokens.len();
-            if len == 0 {
-                continue;
-            }
-            let past = s.cache.len();
-            let (k_all, v_all) = s.cache.append(layer, &k.narrow(0, offset, len)?, &v.narrow(0, offset, len)?)?;
-            outputs.push(self.attention(&q.narrow(0, offset, len)?, &k_all, &v_all, past)?);
-            offset += len;
-        }
-        let attn = if outputs.len() == 1 { outputs.pop().expect("one output") } else { Tensor::cat(&outputs, 0)? };
-        let x = (x + self.project(block, Site::O, &attn)?)?;
+        let attn = self.attend(layer, &q, &k, &v, batch)?;
+        let x = (x + self.project(&block.o, &attn)?)?;
         let h = self.rms_norm(&x, &block.post_attention_norm)?;
-        let gate = candle_nn::ops::silu(&self.project(block, Site::Gate, &h)?)?;
-        let up = self.project(block, Site::Up, &h)?;
-        let mlp = self.project(block, Site::Down, &(gate * up)?)?;
+        let gate_up = self.project(&block.gate_up, &h)?;
+        let i = block.intermediate;
+        let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
+        let mlp = self.project(&block.down, &act)?;
         Ok((x + mlp)?)
     }
 
-    /// Causal GQA attention of one sequence's `len` new queries over its
-    /// `past + len` cached keys. Returns `[len, heads * head_dim]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let len = q.dim(0)?;
-        let kvh = cfg.num_key_value_heads;
-        let rep = cfg.num_attention_heads / kvh;
-        let hd = cfg.head_dim;
-        let total = past + len;
-        // [len, kvh, rep, hd] -> [kvh, rep * len, hd]: query head h reads kv head h / rep.
-        let q = q
-            .reshape((len, kvh, rep, hd))?
-            .permute((1, 2, 0, 3))?
-            .contiguous()?
-            .reshape((kvh, rep * len, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if len > 1 {
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (len, total), q.device())?.to_dtype(scores.dtype())?;
-            scores = scores.reshape((kvh, rep, len, total))?.broadcast_add(&mask)?.reshape((kvh, rep * len, total))?;
+    /// Writes each sequence's new keys/values to its cache and attends.
+    /// Returns `[T, heads * head_dim]` in packed row order.
+    fn attend(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, batch: &mut [SequenceInput<'_>]) -> Result<Tensor, ModelError> {
+        let shape = self.attention_shape();
+        let mut offset = 0;
+        let mut spans = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            let len = s.tokens.len();
+            if len > 0 {
+                s.cache.append(layer, &k.narrow(0, offset, len)?, &v.narrow(0, offset, len)?)?;
+            }
+            spans.push((offset, len));
+            offset += len;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?; // [kvh, rep * len, hd]
-        out.reshape((kvh, rep, len, hd))?
-            .permute((2, 0, 1, 3))?
-            .contiguous()?
-            .reshape((len, kvh * rep * hd))
+        let width = shape.heads * shape.head_dim;
+        // Single-token (decode) rows through the direct kernel, in one call.
+        let mut decoded: Option<Vec<f32>> = None;
+        let decode_rows = spans.iter().filter(|(_, len)| *len == 1).count();
+        if decode_rows > 0 && attention::kernel_applies(q) {
+            let q_rows = q.flatten_from(1)?.contiguous()?;
+            let (guard, _) = q_rows.storage_and_layout();
+            if let candle_core::Storage::Cpu(cpu) = &*guard {
+                let qs = cpu.as_slice::<f32>()?;
+                let queries: Vec<attention::DecodeQuery> = batch
+                    .iter()
+                    .zip(&spans)
+                    .filter(|(_, (_, len))| *len == 1)
+                    .map(|(s, (off, _))| {
+                        let (kc, vc) = s.cache.layer(layer);
+                        attention::DecodeQuery { q: &qs[off * width..(off + 1) * width], k: kc, v: vc, len: s.cache.len() + 1 }
+                    })
+                    .collect();
+                decoded = attention::decode_batch(shape, &queries);
+            }
+        }
+        if let (Some(out), true) = (&decoded, decode_rows == spans.len()) {
+            return Ok(Tensor::from_slice(out, (decode_rows, width), q.device())?);
+        }
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut next_decoded = 0;
+        for (s, &(off, len)) in batch.iter().zip(&spans) {
+            if len == 0 {
+                continue;
+            }
+            if let (Some(out), 1) = (&decoded, len) {
+                let row = &out[next_decoded * width..(next_decoded + 1) * width];
+                next_decoded += 1;
+                outputs.push(Tensor::from_slice(row, (1, width), q.device())?);
+                continue;
+            }
+            let past = s.cache.len();
+            let (kc, vc) = s.cache.layer(layer);
+            let (kc, vc) = (kc.narrow(1, 0, past + len)?, vc.narrow(1, 0, past + len)?);
+            outputs.push(attention::prefill(shape, &q.narrow(0, off, len)?, &kc, &vc, past)?);
+        }
+        Ok(if outputs.len() == 1 { outputs.pop().expect("one output") } else { Tensor::cat(&outputs, 0)? })
     }
 }
 

@@ -192,17 +192,17 @@ pub fn build_llama(
     let mut blocks = Vec::with_capacity(config.num_hidden_layers);
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        blocks.push(Block {
-            input_norm: need(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_norm: need(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            q: proj(&format!("{p}.self_attn.q_proj"), qd, h, config.qkv_bias)?,
-            k: proj(&format!("{p}.self_attn.k_proj"), kvd, h, config.qkv_bias)?,
-            v: proj(&format!("{p}.self_attn.v_proj"), kvd, h, config.qkv_bias)?,
-            o: proj(&format!("{p}.self_attn.o_proj"), h, qd, config.o_bias)?,
-            gate: proj(&format!("{p}.mlp.gate_proj"), i, h, config.mlp_bias)?,
-            up: proj(&format!("{p}.mlp.up_proj"), i, h, config.mlp_bias)?,
-            down: proj(&format!("{p}.mlp.down_proj"), h, i, config.mlp_bias)?,
-        });
+        blocks.push(Block::new(
+            need(&format!("{p}.input_layernorm.weight"), &[h])?,
+            need(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            proj(&format!("{p}.self_attn.q_proj"), qd, h, config.qkv_bias)?,
+            proj(&format!("{p}.self_attn.k_proj"), kvd, h, config.qkv_bias)?,
+            proj(&format!("{p}.self_attn.v_proj"), kvd, h, config.qkv_bias)?,
+            proj(&format!("{p}.self_attn.o_proj"), h, qd, config.o_bias)?,
+            proj(&format!("{p}.mlp.gate_proj"), i, h, config.mlp_bias)?,
+            proj(&format!("{p}.mlp.up_proj"), i, h, config.mlp_bias)?,
+            proj(&format!("{p}.mlp.down_proj"), h, i, config.mlp_bias)?,
+        )?);
     }
     let embed = need("model.embed_tokens.weight", &[config.vocab_size, h])?;
     let final_norm = need("model.norm.weight", &[h])?;

@@ -1,6 +1,7 @@
 //! The frozen base model: configuration, weights, our batched forward pass,
 //! tokenizer and chat template.
 
+pub mod attention;
 pub mod builtin;
 pub mod chat;
 pub mod config;

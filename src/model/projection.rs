@@ -46,6 +46,28 @@ impl Projection {
         Projection { weight, bias }
     }
 
+    /// Stacks projections that read the same input into one (rows concatenated).
+    pub fn concat(parts: &[&Projection]) -> candle_core::Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if parts.iter().any(|p| p.bias.is_some()) {
+            let filled = parts
+                .iter()
+                .map(|p| match &p.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(p.out_features(), p.weight.dtype(), p.weight.device()),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&filled, 0)?)
+        } else {
+            None
+        };
+        Ok(Projection { weight, bias })
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]

@@ -1,0 +1,108 @@
+//! Causal attention of one sequence over its KV cache.
+//!
+//! Decode steps (one new query per sequence) take a direct CPU kernel:
+//! per-op overhead of a dozen small candle ops per sequence per layer
+//! dominates a decode step at batch 8+, and the arithmetic is tiny. Prefill
+//! chunks and non-f32/non-CPU tensors take the matmul path.
+
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Shapes shared by every call in a model.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One decode query and where its keys and values live.
+pub struct DecodeQuery<'a> {
+    /// `[heads * head_dim]` of the query row, already rotated.
+    pub q: &'a [f32],
+    /// Cache tensors `[kv_heads, capacity, head_dim]` (contiguous) and the valid length.
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub len: usize,
+}
+
+/// Whether the direct kernel can read these tensors.
+pub fn kernel_applies(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Option<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|s| &s[t.layout().start_offset()..]),
+        _ => None,
+    }
+}
+
+/// Attention for many single-token queries at once; returns
+/// `[queries, heads * head_dim]` row-major, or `None` if a tensor is not CPU f32.
+pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Option<Vec<f32>> {
+    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let rep = heads / kv_heads;
+    let width = heads * head_dim;
+    let guards: Vec<_> = queries.iter().map(|q| (q.k.storage_and_layout().0, q.v.storage_and_layout().0)).collect();
+    let mut slices = Vec::with_capacity(queries.len());
+    for (q, (ks, vs)) in queries.iter().zip(&guards) {
+        let k = cpu_f32(ks, q.k)?;
+        let v = cpu_f32(vs, q.v)?;
+        let cap = q.k.dims()[1];
+        slices.push((q.q, k, v, q.len, cap));
+    }
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; queries.len() * width];
+    // One task per (query, head): enough parallelism at batch 1 too.
+    out.par_chunks_mut(head_dim).enumerate().for_each(|(task, dst)| {
+        let (qi, h) = (task / heads, task % heads);
+        let (q, k, v, len, cap) = slices[qi];
+        let kvh = h / rep;
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        let base = kvh * cap * head_dim;
+        let mut scores: Vec<f32> = (0..len)
+            .map(|j| {
+                let kj = &k[base + j * head_dim..base + (j + 1) * head_dim];
+                qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        dst.iter_mut().for_each(|d| *d = 0.0);
+        for (j, p) in scores.iter().enumerate() {
+            let w = p / total;
+            let vj = &v[base + j * head_dim..base + (j + 1) * head_dim];
+            dst.iter_mut().zip(vj).for_each(|(d, x)| *d += w * x);
+        }
+    });
+    Some(out)
+}
+
+/// Causal attention of `len` new queries `[len, heads, head_dim]` over
+/// `past + len` keys/values `[kv_heads, past + len, head_dim]`, with candle
+/// ops. Returns `[len, heads * head_dim]`.
+pub fn prefill(shape: AttentionShape, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> candle_core::Result<Tensor> {
+    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let len = q.dim(0)?;
+    let rep = heads / kv_heads;
+    let total = past + len;
+    // [len, kvh, rep, hd] -> [kvh, rep * len, hd]: query head h reads kv head h / rep.
+    let q = q.reshape((len, kv_heads, rep, head_dim))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv_heads, rep * len, head_dim))?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if len > 1 {
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, total), q.device())?.to_dtype(scores.dtype())?;
+        scores = scores.reshape((kv_heads, rep, len, total))?.broadcast_add(&mask)?.reshape((kv_heads, rep * len, total))?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.reshape((kv_heads, rep, len, head_dim))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((len, heads * head_dim))
+}
