@@ -90,19 +90,62 @@ pub fn prefill(shape: AttentionShape, q: &Tensor, k: &Tensor, v: &Tensor, past: 
     let AttentionShape { heads, kv_heads, head_dim } = shape;
     let len = q.dim(0)?;
     let rep = heads / kv_heads;
-    let total = past + len;
     // [len, kvh, rep, hd] -> [kvh, rep * len, hd]: query head h reads kv head h / rep.
     let q = q.reshape((len, kv_heads, rep, head_dim))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv_heads, rep * len, head_dim))?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    let q = (q * scale)?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = if kernel_applies(&scores) && scores.is_contiguous() {
+        scores.apply_op1_no_bwd(&CausalSoftmax { past, len })?
+    } else {
+        masked_softmax(scores, past, len, kv_heads, rep)?
+    };
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.reshape((kv_heads, rep, len, head_dim))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((len, heads * head_dim))
+}
+
+/// The portable path: an explicit mask, then softmax.
+fn masked_softmax(mut scores: Tensor, past: usize, len: usize, kv_heads: usize, rep: usize) -> candle_core::Result<Tensor> {
+    let total = past + len;
     if len > 1 {
         let mask: Vec<f32> = (0..len)
             .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
-        let mask = Tensor::from_vec(mask, (len, total), q.device())?.to_dtype(scores.dtype())?;
+        let mask = Tensor::from_vec(mask, (len, total), scores.device())?.to_dtype(scores.dtype())?;
         scores = scores.reshape((kv_heads, rep, len, total))?.broadcast_add(&mask)?.reshape((kv_heads, rep * len, total))?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    out.reshape((kv_heads, rep, len, head_dim))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((len, heads * head_dim))
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// Causal mask and softmax in one pass over `[groups, len, past + len]`
+/// scores (rows cycle through the `len` queries): query `i` sees keys
+/// `0..=past + i`, later keys get probability 0.
+struct CausalSoftmax {
+    past: usize,
+    len: usize,
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let src = storage.as_slice::<f32>()?;
+        let src = &src[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
+        let total = self.past + self.len;
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(row, (d, s))| {
+            let visible = self.past + row % self.len + 1;
+            let max = s[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (o, x) in d[..visible].iter_mut().zip(&s[..visible]) {
+                *o = (x - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            d[..visible].iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
+    }
 }
