@@ -35,6 +35,16 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Write a model with random weights as a Hugging Face directory (for benchmarks).
+    GenerateModel {
+        /// `llama-110m` (hidden 768, 12 layers, vocab 32000) or `demo` (the built-in shape).
+        #[arg(long, default_value = "llama-110m")]
+        shape: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Drive a running server with concurrent streaming clients.
     Bench {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -104,6 +114,26 @@ fn main() -> ExitCode {
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::GenerateModel { shape, seed, out } => {
+            let cfg = match shape.as_str() {
+                "llama-110m" => lifelora::model::builtin::llama_110m_config(),
+                "demo" => lifelora::model::builtin::builtin_config(),
+                other => {
+                    eprintln!("error: unknown shape {other:?} (llama-110m, demo)");
+                    return ExitCode::from(2);
+                }
+            };
+            match lifelora::model::builtin::write_hf_dir(&cfg, seed, &out) {
+                Ok(()) => {
+                    println!("wrote {}", out.display());
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE

@@ -117,12 +117,24 @@ pub fn random_llama(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device)
 /// A byte-level tokenizer: `<unk>`, `<s>`, `</s>`, then the 256 bytes as
 /// `<0xNN>` tokens; text encodes one token per UTF-8 byte.
 pub fn byte_tokenizer() -> Result<Tokenizer, ModelError> {
+    byte_tokenizer_with_vocab(BYTE_VOCAB)
+}
+
+/// Specials plus the 256 byte tokens.
+const BYTE_VOCAB: usize = 259;
+
+/// The byte tokenizer padded to `vocab` ids: ids past the bytes decode to
+/// ` tN` words, so every id a random model emits turns into visible text.
+pub fn byte_tokenizer_with_vocab(vocab_size: usize) -> Result<Tokenizer, ModelError> {
     let mut vocab = serde_json::Map::new();
     for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
         vocab.insert((*t).into(), i.into());
     }
     for b in 0..=255u32 {
         vocab.insert(format!("<0x{b:02X}>"), (b + 3).into());
+    }
+    for id in BYTE_VOCAB..vocab_size {
+        vocab.insert(format!("\u{2581}t{id}"), id.into());
     }
     let special = |id: u32, content: &str| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
@@ -136,12 +148,40 @@ pub fn byte_tokenizer() -> Result<Tokenizer, ModelError> {
         "normalizer": null,
         "pre_tokenizer": null,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
         "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": []}
     });
     json.to_string().parse::<Tokenizer>().map_err(|e| ModelError::Tokenizer(e.to_string()))
+}
+
+/// Writes a random model of shape `cfg` as a Hugging Face directory
+/// (config.json, model.safetensors, byte tokenizer), so benchmarks and
+/// tests can serve a model of any shape through the real loader.
+pub fn write_hf_dir(cfg: &ModelConfig, seed: u64, dir: &std::path::Path) -> Result<(), ModelError> {
+    let io = |e: std::io::Error| ModelError::Io { path: dir.display().to_string(), message: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": cfg.architecture,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "torch_dtype": "float32",
+    });
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(io);
+    write("config.json", serde_json::to_string_pretty(&config).unwrap_or_default())?;
+    let tok_cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": true});
+    write("tokenizer_config.json", tok_cfg.to_string())?;
+    let tokenizer = byte_tokenizer_with_vocab(cfg.vocab_size.max(BYTE_VOCAB))?.to_string(false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    write("tokenizer.json", tokenizer)?;
+    let weights = random_weights(cfg, seed, &Device::Cpu)?;
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
+    Ok(())
 }
 
 /// The built-in demo model, ready to serve.
