@@ -64,3 +64,24 @@ fn greedy_stories_equal_golden_alone_and_sixteen_at_once() {
         }
     });
 }
+
+#[test]
+fn chunked_prefill_gives_the_same_greedy_stories() {
+    let Some(dir) = common::stories_dir() else { return };
+    // 16-token steps: every prompt is read in several chunks beside other sequences' decodes.
+    let server = TestServer::start(Some(&dir), &[("LIFELORA_ENGINE__MAX_TOKENS_PER_STEP", "16")]);
+    let cases = cases(&dir);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(prompt, expected)| {
+                let server = &server;
+                s.spawn(move || (greedy(server, prompt, expected.len()), until_eos(expected)))
+            })
+            .collect();
+        for h in handles {
+            let (got, want) = h.join().unwrap();
+            assert_eq!(got, want);
+        }
+    });
+}

@@ -78,3 +78,60 @@ fn a_packed_mixed_batch_equals_each_sequence_alone() {
     assert!(max_diff(&mixed.narrow(0, 0, 1).unwrap(), &ra.narrow(0, 8, 1).unwrap()) < 1e-5);
     assert!(max_diff(&mixed.narrow(0, 1, 23).unwrap(), &rb) < 1e-5);
 }
+
+const QWEN2: &str = r#"{"model_type":"qwen2","hidden_size":64,"intermediate_size":160,"num_hidden_layers":2,
+"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":200,"max_position_embeddings":128,
+"sliding_window":128,"max_window_layers":2,"use_sliding_window":false,"hidden_act":"silu",
+"rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":true}"#;
+
+#[test]
+fn qwen2_with_qkv_biases_matches_candle_transformers() {
+    use candle_transformers::models::qwen2;
+    let cfg = ModelConfig::from_hf_json(QWEN2).unwrap();
+    assert!(cfg.qkv_bias);
+    let weights = random_weights(&cfg, 5, &Device::Cpu).unwrap();
+    assert!(weights.contains_key("model.layers.0.self_attn.q_proj.bias"));
+    let get = |n: &str| Ok(weights.get(n).cloned());
+    let ours = build_llama(cfg, &get).unwrap();
+    let rcfg: qwen2::Config = serde_json::from_str(QWEN2).unwrap();
+    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+    let mut theirs = qwen2::ModelForCausalLM::new(&rcfg, vb).unwrap();
+    let mut cache = ours.new_cache();
+    let mut ids: Vec<u32> = (0..12).map(|i| (i * 13 % 200) as u32).collect();
+    let mut pos = 0;
+    for step in 0..5 {
+        let input = if step == 0 { ids.clone() } else { vec![*ids.last().unwrap()] };
+        let t = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let want = theirs.forward(&t, pos).unwrap().flatten_all().unwrap();
+        let got = ours
+            .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-4, "step {step}: max abs diff {d}");
+        pos += input.len();
+        ids.push(want.argmax(0).unwrap().to_scalar::<u32>().unwrap());
+    }
+}
+
+#[test]
+fn bf16_weights_load_and_track_f32_logits() {
+    let cfg = ModelConfig::from_hf_json(CONFIG).unwrap();
+    let weights = random_weights(&cfg, 99, &Device::Cpu).unwrap();
+    let build = |dtype: DType| {
+        let get = |n: &str| weights.get(n).map(|t| t.to_dtype(dtype)).transpose().map_err(Into::into);
+        build_llama(cfg.clone(), &get).unwrap()
+    };
+    let (f32m, bf16m) = (build(DType::F32), build(DType::BF16));
+    assert_eq!(bf16m.dtype(), DType::BF16);
+    let tokens: Vec<u32> = (0..10).collect();
+    let run = |m: &Llama| {
+        let mut c = m.new_cache();
+        m.forward(&mut [SequenceInput { tokens: &tokens, cache: &mut c, logits: LogitsWanted::Last }]).unwrap()
+    };
+    let (a, b) = (run(&f32m), run(&bf16m));
+    assert_eq!(b.dtype(), DType::F32, "logits come back as f32");
+    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(max_diff(&a, &b) < 0.05 * scale.max(1.0), "bf16 drifted: {}", max_diff(&a, &b));
+}

@@ -74,6 +74,8 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
 }
@@ -128,6 +130,14 @@ impl ModelConfig {
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let qwen = arch == "qwen2";
+        // Sliding-window attention is not implemented: serve only the context
+        // where full attention is exact (the window), never silently more.
+        let window = match (arch.as_str(), raw.sliding_window, raw.use_sliding_window) {
+            ("mistral", Some(w), _) | ("qwen2", Some(w), Some(true)) => Some(w),
+            _ => None,
+        };
+        let max_positions = raw.max_position_embeddings.unwrap_or(2048);
+        let max_positions = window.map_or(max_positions, |w| w.min(max_positions));
         Ok(ModelConfig {
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -136,7 +146,7 @@ impl ModelConfig {
             num_key_value_heads: kv_heads,
             head_dim,
             vocab_size: raw.vocab_size,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings: max_positions,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rope_scaling,
@@ -182,6 +192,16 @@ mod tests {
         assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
         let e = ModelConfig::from_hf_json(&format!(r#"{{{base},"rope_scaling":{{"type":"yarn","factor":2.0}}}}"#));
         assert!(matches!(e, Err(ModelError::Unsupported(_))));
+    }
+
+    #[test]
+    fn mistral_context_is_capped_at_its_sliding_window() {
+        let c = ModelConfig::from_hf_json(
+            r#"{"model_type":"mistral","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,"max_position_embeddings":32768,"sliding_window":4096}"#,
+        )
+        .unwrap();
+        assert_eq!(c.max_position_embeddings, 4096);
     }
 
     #[test]
