@@ -45,6 +45,7 @@ pub struct ServerSettings {
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub path: String,
+    pub cache_dir: String,
     pub served_model_name: String,
     pub dtype: String,
     pub device: String,

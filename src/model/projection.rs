@@ -1,6 +1,9 @@
-//! A frozen linear projection of the base model, and the names of the sites
-//! where LoRA adapters attach.
+//! A frozen linear projection of the base model (dense or quantized), and
+//! the names of the sites where LoRA adapters attach.
 
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Module, Tensor};
 
 /// The seven projections of a Llama block, in PEFT's module names.
@@ -33,60 +36,158 @@ impl Site {
     }
 }
 
-/// `y = x Wᵀ (+ b)` over packed rows `[T, in]`.
+/// How a projection's weight is held.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in]` in the model's dtype.
+    Dense(Tensor),
+    /// GGUF blocks, multiplied without expanding (candle's quantized matmul).
+    Quantized(Arc<QTensor>),
+    /// Parts that read the same input but could not be fused (mixed quant
+    /// types); their outputs are concatenated.
+    Stacked(Vec<Projection>),
+}
+
+/// `y = x Wᵀ (+ b)` over packed rows `[T, in]`; one type for dense and
+/// quantized weights so everything above works the same on both.
 #[derive(Debug, Clone)]
 pub struct Projection {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+    in_features: usize,
+    out_features: usize,
 }
 
 impl Projection {
-    /// Wraps a weight `[out, in]` and an optional bias `[out]`.
+    /// Wraps a dense weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Projection { weight, bias }
+        let (out_features, in_features) = weight.dims2().unwrap_or((0, 0));
+        Projection { weight: Weight::Dense(weight), bias, in_features, out_features }
     }
 
-    /// Stacks projections that read the same input into one (rows concatenated).
+    /// Wraps a quantized weight of shape `(out, in)`.
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let (out_features, in_features) = weight.shape().dims2()?;
+        Ok(Projection { weight: Weight::Quantized(weight), bias, in_features, out_features })
+    }
+
+    /// Whether the weight stays quantized.
+    pub fn is_quantized(&self) -> bool {
+        match &self.weight {
+            Weight::Quantized(_) => true,
+            Weight::Dense(_) => false,
+            Weight::Stacked(parts) => parts.iter().any(Projection::is_quantized),
+        }
+    }
+
+    /// Stacks projections that read the same input into one (rows
+    /// concatenated): one matmul instead of several when the weights allow.
     pub fn concat(parts: &[&Projection]) -> candle_core::Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-        let weight = Tensor::cat(&weights, 0)?;
-        let bias = if parts.iter().all(|p| p.bias.is_some()) {
-            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
-            Some(Tensor::cat(&biases, 0)?)
-        } else if parts.iter().any(|p| p.bias.is_some()) {
-            let filled = parts
-                .iter()
-                .map(|p| match &p.bias {
-                    Some(b) => Ok(b.clone()),
-                    None => Tensor::zeros(p.out_features(), p.weight.dtype(), p.weight.device()),
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(Tensor::cat(&filled, 0)?)
-        } else {
-            None
-        };
-        Ok(Projection { weight, bias })
+        let in_features = parts.first().map_or(0, |p| p.in_features);
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        let bias = Self::concat_bias(parts)?;
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Dense(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if let Some(ws) = dense {
+            return Ok(Projection { weight: Weight::Dense(Tensor::cat(&ws, 0)?), bias, in_features, out_features });
+        }
+        let quant: Option<Vec<&Arc<QTensor>>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Quantized(q) => Some(q),
+                _ => None,
+            })
+            .collect();
+        if let Some(qs) = quant {
+            let dtype = qs[0].dtype();
+            let device = qs[0].device();
+            if qs.iter().all(|q| q.dtype() == dtype) && device.is_cpu() {
+                // Rows of a GGUF matrix are contiguous runs of blocks: fusing is byte concatenation.
+                let mut bytes = Vec::new();
+                for q in &qs {
+                    bytes.extend_from_slice(&q.data()?);
+                }
+                let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
+                let fused = QTensor::new(storage, (out_features, in_features))?;
+                return Ok(Projection { weight: Weight::Quantized(Arc::new(fused)), bias, in_features, out_features });
+            }
+        }
+        let stacked = parts.iter().map(|p| Projection { bias: None, ..(*p).clone() }).collect();
+        Ok(Projection { weight: Weight::Stacked(stacked), bias, in_features, out_features })
+    }
+
+    fn concat_bias(parts: &[&Projection]) -> candle_core::Result<Option<Tensor>> {
+        if parts.iter().all(|p| p.bias.is_none()) {
+            return Ok(None);
+        }
+        let filled = parts
+            .iter()
+            .map(|p| match &p.bias {
+                Some(b) => Ok(b.clone()),
+                None => {
+                    let dtype = parts.iter().find_map(|q| q.bias.as_ref()).map_or(candle_core::DType::F32, |b| b.dtype());
+                    Tensor::zeros(p.out_features, dtype, p.bias_device())
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&filled, 0)?))
+    }
+
+    fn bias_device(&self) -> &candle_core::Device {
+        match &self.weight {
+            Weight::Dense(w) => w.device(),
+            _ => self.bias.as_ref().map_or(&candle_core::Device::Cpu, |b| b.device()),
+        }
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.out_features
     }
 
     /// Input features.
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.in_features
     }
 
-    /// The weight `[out, in]` (used by tests and merges).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight `[out, in]` as a dense f32-or-model-dtype tensor (tests,
+    /// merges, and the learner's reference; never the serving path).
+    pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quantized(q) => q.dequantize(&q.device()),
+            Weight::Stacked(parts) => {
+                let ws = parts.iter().map(Projection::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ws, 0)
+            }
+        }
+    }
+
+    /// Bytes the weight takes in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.storage_size_in_bytes(),
+            Weight::Stacked(parts) => parts.iter().map(Projection::weight_bytes).sum(),
+        }
     }
 }
 
 impl Module for Projection {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
+            Weight::Stacked(parts) => {
+                let ys = parts.iter().map(|p| p.forward(x)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ys, 1)?
+            }
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -19,7 +19,8 @@ impl RopeTable {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let f = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64);
-                scale_frequency(cfg, f) as f32
+                let divisor = cfg.rope_freq_factors.as_ref().and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
+                (scale_frequency(cfg, f) / divisor) as f32
             })
             .collect();
         let n = cfg.max_position_embeddings;

@@ -132,3 +132,23 @@ impl Drop for TestServer {
         let _ = self.child.wait();
     }
 }
+
+/// The SmolLM2 GGUF fetched by `lifelora fetch smollm2` (scripts/test does
+/// it). Missing: fail under CI, skip elsewhere.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{} is missing and CI is set: run `lifelora fetch smollm2` (scripts/test does)", path.display());
+    }
+    eprintln!("skipping: {} not fetched (lifelora fetch smollm2)", path.display());
+    None
+}
+
+/// llama.cpp's reference for the SmolLM2 GGUF.
+pub fn smollm2_reference() -> Option<serde_json::Value> {
+    let path = shared_dir()?.join("fixtures/smollm2/llamacpp_reference.json");
+    Some(serde_json::from_str(&std::fs::read_to_string(path).expect("reference json")).expect("valid json"))
+}
