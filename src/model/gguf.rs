@@ -19,6 +19,7 @@ use super::gguf_tokenizer;
 use super::llama::{Block, Embedding, Llama};
 use super::loader::LoadedModel;
 use super::projection::Projection;
+use super::quant_kernels::QuantMatrix;
 use super::tokenizer::TextTokenizer;
 use super::ModelError;
 
@@ -200,6 +201,8 @@ pub fn load_gguf(path: &Path, served_name: Option<&str>, device: &Device) -> Res
     let embed_q = reader.qtensor("token_embd.weight", &[config.vocab_size, h])?;
     let embed = if matches!(embed_q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
         Embedding::Dense(embed_q.dequantize(device)?.to_dtype(DType::F32)?)
+    } else if let (true, Some(native)) = (device.is_cpu(), QuantMatrix::from_qtensor(&embed_q)) {
+        Embedding::Native(Arc::new(native))
     } else {
         Embedding::Quantized(Arc::new(embed_q))
     };

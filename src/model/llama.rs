@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
+use super::quant_kernels::QuantMatrix;
 use super::attention::{self, AttentionShape};
 use super::rope::RopeTable;
 use super::ModelError;
@@ -114,6 +115,8 @@ impl Block {
 pub enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    /// Shared with a tied output head that uses our quantized kernels.
+    Native(Arc<QuantMatrix>),
 }
 
 impl Embedding {
@@ -121,6 +124,13 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => t.index_select(ids, 0),
             Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Native(q) => {
+                let ids_v = ids.to_vec1::<u32>()?;
+                let rows = q
+                    .dequantize_rows(&ids_v)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("token id out of range (vocabulary {})", q.rows())))?;
+                Tensor::from_vec(rows, (ids_v.len(), q.cols()), ids.device())
+            }
         }
     }
 
@@ -129,6 +139,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => Ok(Projection::new(t.clone(), None)),
             Embedding::Quantized(q) => Projection::quantized(q.clone(), None),
+            Embedding::Native(q) => Ok(Projection::native(q.clone(), None)),
         }
     }
 }
@@ -194,6 +205,7 @@ impl Llama {
         let embed = match &self.embed {
             Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Embedding::Quantized(q) => q.storage_size_in_bytes(),
+            Embedding::Native(q) => q.bytes(),
         };
         blocks + embed + self.lm_head.weight_bytes()
     }

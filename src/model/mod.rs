@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod loader;
 pub mod projection;
+pub mod quant_kernels;
 pub mod rope;
 pub mod tokenizer;
 

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Module, Tensor};
 
+use super::quant_kernels::QuantMatrix;
+
 /// The seven projections of a Llama block, in PEFT's module names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Site {
@@ -43,6 +45,8 @@ enum Weight {
     Dense(Tensor),
     /// GGUF blocks, multiplied without expanding (candle's quantized matmul).
     Quantized(Arc<QTensor>),
+    /// GGUF blocks with our own CPU kernels (llama.cpp numerics).
+    Native(Arc<QuantMatrix>),
     /// Parts that read the same input but could not be fused (mixed quant
     /// types); their outputs are concatenated.
     Stacked(Vec<Projection>),
@@ -65,16 +69,28 @@ impl Projection {
         Projection { weight: Weight::Dense(weight), bias, in_features, out_features }
     }
 
-    /// Wraps a quantized weight of shape `(out, in)`.
+    /// Wraps a quantized weight of shape `(out, in)`: our kernels on CPU
+    /// for the types they cover, candle's quantized matmul otherwise.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
+        if weight.device().is_cpu() {
+            if let Some(native) = QuantMatrix::from_qtensor(&weight) {
+                return Ok(Self::native(Arc::new(native), bias));
+            }
+        }
         Ok(Projection { weight: Weight::Quantized(weight), bias, in_features, out_features })
+    }
+
+    /// Wraps a matrix for our quantized kernels.
+    pub fn native(weight: Arc<QuantMatrix>, bias: Option<Tensor>) -> Self {
+        let (out_features, in_features) = (weight.rows(), weight.cols());
+        Projection { weight: Weight::Native(weight), bias, in_features, out_features }
     }
 
     /// Whether the weight stays quantized.
     pub fn is_quantized(&self) -> bool {
         match &self.weight {
-            Weight::Quantized(_) => true,
+            Weight::Quantized(_) | Weight::Native(_) => true,
             Weight::Dense(_) => false,
             Weight::Stacked(parts) => parts.iter().any(Projection::is_quantized),
         }
@@ -95,6 +111,16 @@ impl Projection {
             .collect();
         if let Some(ws) = dense {
             return Ok(Projection { weight: Weight::Dense(Tensor::cat(&ws, 0)?), bias, in_features, out_features });
+        }
+        let native: Option<Vec<&QuantMatrix>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Native(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(fused) = native.and_then(|ms| QuantMatrix::concat(&ms)) {
+            return Ok(Projection { weight: Weight::Native(Arc::new(fused)), bias, in_features, out_features });
         }
         let quant: Option<Vec<&Arc<QTensor>>> = parts
             .iter()
@@ -161,6 +187,7 @@ impl Projection {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quantized(q) => q.dequantize(&q.device()),
+            Weight::Native(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &candle_core::Device::Cpu),
             Weight::Stacked(parts) => {
                 let ws = parts.iter().map(Projection::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&ws, 0)
@@ -173,6 +200,7 @@ impl Projection {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
+            Weight::Native(q) => q.bytes(),
             Weight::Stacked(parts) => parts.iter().map(Projection::weight_bytes).sum(),
         }
     }
@@ -183,6 +211,11 @@ impl Module for Projection {
         let y = match &self.weight {
             Weight::Dense(w) => x.matmul(&w.t()?)?,
             Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
+            Weight::Native(q) => {
+                let m = x.dim(0)?;
+                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(q.matmul(&xs, m), (m, q.rows()), x.device())?.to_dtype(x.dtype())?
+            }
             Weight::Stacked(parts) => {
                 let ys = parts.iter().map(|p| p.forward(x)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&ys, 1)?

@@ -1,0 +1,482 @@
+//! Quantized matrix × f32 activations for GGUF weights (Q4_0, Q4_1, Q8_0),
+//! with llama.cpp's numerics: activations are quantized per 32-block to
+//! Q8_0/Q8_1 exactly as ggml does (scale 127/amax, round half to even),
+//! block dot products are exact integer sums scaled and accumulated in
+//! the same order as ggml's AVX2 code. A small model amplifies tiny
+//! rounding differences, so matching the reference server needs this.
+//! Other quant types go through candle's quantized matmul.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per block for every type here.
+const QK: usize = 32;
+
+/// The weight formats with native kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QuantKind {
+    fn from_ggml(d: GgmlDType) -> Option<Self> {
+        match d {
+            GgmlDType::Q4_0 => Some(QuantKind::Q4_0),
+            GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
+            GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes per block in the GGUF layout.
+    fn block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q4_0 => 18,
+            QuantKind::Q4_1 => 20,
+            QuantKind::Q8_0 => 34,
+        }
+    }
+}
+
+/// A `(rows, cols)` weight matrix in GGUF block layout, rows contiguous.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    kind: QuantKind,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+/// Activations quantized per block: values, and per-block scale `d` and
+/// (for Q8_1) `s = d · Σq`, both already rounded through f16 as ggml stores them.
+struct QuantizedActivations {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    blocks_per_row: usize,
+}
+
+fn f16_bits(b: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+/// ggml's `quantize_row_q8_0` / `quantize_row_q8_1` (AVX2 variant).
+fn quantize_activations(x: &[f32], rows: usize, cols: usize, with_sum: bool) -> QuantizedActivations {
+    let nb = cols / QK;
+    let mut qs = vec![0i8; rows * cols];
+    let mut d = vec![0f32; rows * nb];
+    let mut s = if with_sum { vec![0f32; rows * nb] } else { Vec::new() };
+    for b in 0..rows * nb {
+        let src = &x[b * QK..(b + 1) * QK];
+        let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qs[b * QK..(b + 1) * QK].iter_mut().zip(src) {
+            let r = (v * inv).round_ties_even() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        d[b] = f16::from_f32(scale).to_f32();
+        if with_sum {
+            s[b] = f16::from_f32(scale * sum as f32).to_f32();
+        }
+    }
+    QuantizedActivations { qs, d, s, blocks_per_row: nb }
+}
+
+impl QuantMatrix {
+    /// Takes a GGUF tensor of a supported type; `None` for other types.
+    pub fn from_qtensor(q: &QTensor) -> Option<Self> {
+        let kind = QuantKind::from_ggml(q.dtype())?;
+        let (rows, cols) = q.shape().dims2().ok()?;
+        if cols % QK != 0 {
+            return None;
+        }
+        let data = q.data().ok()?.into_owned();
+        if data.len() != rows * cols / QK * kind.block_bytes() {
+            return None;
+        }
+        Some(QuantMatrix { kind, rows, cols, data })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Dequantized `[rows, cols]` values (tests, reference paths).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let bb = self.kind.block_bytes();
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for blk in self.data.chunks_exact(bb) {
+            match self.kind {
+                QuantKind::Q4_0 => {
+                    let d = f16_bits(&blk[0..2]);
+                    let q = &blk[2..18];
+                    out.extend(q.iter().map(|b| d * ((b & 0x0F) as i32 - 8) as f32));
+                    out.extend(q.iter().map(|b| d * ((b >> 4) as i32 - 8) as f32));
+                }
+                QuantKind::Q4_1 => {
+                    let (d, m) = (f16_bits(&blk[0..2]), f16_bits(&blk[2..4]));
+                    let q = &blk[4..20];
+                    out.extend(q.iter().map(|b| d * (b & 0x0F) as f32 + m));
+                    out.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
+                }
+                QuantKind::Q8_0 => {
+                    let d = f16_bits(&blk[0..2]);
+                    out.extend(blk[2..34].iter().map(|&b| d * (b as i8) as f32));
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows `ids` dequantized, `[ids.len(), cols]` (embedding lookups).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Option<Vec<f32>> {
+        let row_bytes = self.cols / QK * self.kind.block_bytes();
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                return None;
+            }
+            let one = QuantMatrix { kind: self.kind, rows: 1, cols: self.cols, data: self.data[id * row_bytes..(id + 1) * row_bytes].to_vec() };
+            out.extend(one.dequantize());
+        }
+        Some(out)
+    }
+
+    /// Stacks matrices of the same kind and width (fused projections).
+    pub fn concat(parts: &[&QuantMatrix]) -> Option<QuantMatrix> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.kind != first.kind || p.cols != first.cols) {
+            return None;
+        }
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Some(QuantMatrix { kind: first.kind, rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
+    }
+
+    /// `y = x Wᵀ` for `x` of `m` rows: returns `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let act = quantize_activations(x, m, self.cols, self.kind == QuantKind::Q4_1);
+        let n = self.rows;
+        // Chunks of output features; each task unpacks a weight row once and
+        // dots it with every activation row.
+        let chunk = (n / (rayon::current_num_threads() * 8)).clamp(4, 256);
+        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let (start, end) = (c * chunk, ((c + 1) * chunk).min(n));
+                let w = end - start;
+                let mut local = vec![0f32; m * w];
+                for r in start..end {
+                    let mut i = 0;
+                    // Four activation rows share each weight block's unpacking.
+                    while i + 4 <= m {
+                        let out = self.dot_rows4(r, &act, i);
+                        for (k, v) in out.iter().enumerate() {
+                            local[(i + k) * w + (r - start)] = *v;
+                        }
+                        i += 4;
+                    }
+                    for i in i..m {
+                        local[i * w + (r - start)] = self.dot_row(r, &act, i);
+                    }
+                }
+                (start, local)
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for (start, local) in parts {
+            let w = local.len() / m.max(1);
+            for i in 0..m {
+                y[i * n + start..i * n + start + w].copy_from_slice(&local[i * w..(i + 1) * w]);
+            }
+        }
+        y
+    }
+
+    /// The row's quantized integers in element order (nibbles unsigned for
+    /// Q4_1, offset by -8 for Q4_0, as ggml's dot products use them).
+    fn unpack_row(&self, r: usize, out: &mut [i8]) {
+        let bb = self.kind.block_bytes();
+        let nb = self.cols / QK;
+        let row = &self.data[r * nb * bb..(r + 1) * nb * bb];
+        for (b, blk) in row.chunks_exact(bb).enumerate() {
+            let dst = &mut out[b * QK..(b + 1) * QK];
+            match self.kind {
+                QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                    let q = if self.kind == QuantKind::Q4_0 { &blk[2..18] } else { &blk[4..20] };
+                    let off = if self.kind == QuantKind::Q4_0 { 8 } else { 0 };
+                    for j in 0..16 {
+                        dst[j] = ((q[j] & 0x0F) as i32 - off) as i8;
+                        dst[j + 16] = ((q[j] >> 4) as i32 - off) as i8;
+                    }
+                }
+                QuantKind::Q8_0 => {
+                    for (d, &s) in dst.iter_mut().zip(&blk[2..34]) {
+                        *d = s as i8;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Four consecutive activation rows `i..i+4` against weight row `r`;
+    /// each result is computed exactly as [`Self::dot_row`] would.
+    fn dot_rows4(&self, r: usize, act: &QuantizedActivations, i: usize) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd_available() {
+                let bb = self.kind.block_bytes();
+                let nb = act.blocks_per_row;
+                let row = &self.data[r * nb * bb..(r + 1) * nb * bb];
+                let xq = &act.qs[i * self.cols..(i + 4) * self.cols];
+                let xd = &act.d[i * nb..(i + 4) * nb];
+                let xs = if act.s.is_empty() { &[][..] } else { &act.s[i * nb..(i + 4) * nb] };
+                // SAFETY: features detected; slices hold 4 rows of nb blocks.
+                return unsafe { avx2::dot4(self.kind, row, bb, xq, xd, xs, self.cols) };
+            }
+        }
+        [self.dot_row(r, act, i), self.dot_row(r, act, i + 1), self.dot_row(r, act, i + 2), self.dot_row(r, act, i + 3)]
+    }
+
+    fn dot_row(&self, r: usize, act: &QuantizedActivations, i: usize) -> f32 {
+        let bb = self.kind.block_bytes();
+        let nb = act.blocks_per_row;
+        let row = &self.data[r * nb * bb..(r + 1) * nb * bb];
+        let xq = &act.qs[i * self.cols..(i + 1) * self.cols];
+        let xd = &act.d[i * nb..(i + 1) * nb];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd_available() {
+                // SAFETY: the features were detected at run time; slices have nb*32 elements.
+                return unsafe { avx2::dot(self.kind, row, bb, xq, xd, if act.s.is_empty() { &[] } else { &act.s[i * nb..(i + 1) * nb] }) };
+            }
+        }
+        let mut w = vec![0i8; self.cols];
+        self.unpack_row(r, &mut w);
+        scalar_dot(self.kind, row, bb, &w, xq, xd, if act.s.is_empty() { &[] } else { &act.s[i * nb..(i + 1) * nb] })
+    }
+}
+
+/// AVX2 + FMA + F16C, detected once.
+#[cfg(target_arch = "x86_64")]
+fn simd_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Portable version of the same arithmetic (lane order as AVX2's).
+fn scalar_dot(kind: QuantKind, row: &[u8], bb: usize, w: &[i8], xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut summs = 0f32;
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        let dw = f16_bits(&blk[0..2]);
+        let scale = dw * xd[b];
+        if kind == QuantKind::Q4_1 {
+            summs += f16_bits(&blk[2..4]) * xs[b];
+        }
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let mut acc = 0i32;
+            for k in 0..4 {
+                let e = b * QK + l * 4 + k;
+                acc += w[e] as i32 * xq[e] as i32;
+            }
+            *lane = scale.mul_add(acc as f32, *lane);
+        }
+    }
+    hsum8(&lanes) + summs
+}
+
+/// ggml's `hsum_float_8` order: high half + low half, then pairs, then the last two.
+fn hsum8(l: &[f32; 8]) -> f32 {
+    let r = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
+    let r = [r[0] + r[2], r[1] + r[3]];
+    r[0] + r[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{QuantKind, QK};
+    use std::arch::x86_64::*;
+
+    /// 32 nibbles as bytes: low nibbles are elements 0..16, high 16..32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
+        let tmp = _mm_loadu_si128(p as *const __m128i);
+        let bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+        _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
+    }
+
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn half(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let mut r = _mm_add_ps(hi, _mm256_castps256_ps128(acc));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// [`dot`] for four activation rows at once (rows `cols` apart).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4(kind: QuantKind, row: &[u8], bb: usize, xq: &[i8], xd: &[f32], xs: &[f32], cols: usize) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        let ones = _mm256_set1_epi16(1);
+        let nb = row.len() / bb;
+        let base = row.as_ptr();
+        for b in 0..nb {
+            let blk = base.add(b * bb);
+            let dw = half(blk);
+            let (qx, unsigned) = match kind {
+                QuantKind::Q4_1 => (bytes_from_nibbles_32(blk.add(4)), true),
+                QuantKind::Q4_0 => (_mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8)), false),
+                QuantKind::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), false),
+            };
+            let ax = _mm256_sign_epi8(qx, qx);
+            let m = if unsigned { half(blk.add(2)) } else { 0.0 };
+            for k in 0..4 {
+                let qy = _mm256_loadu_si256(xq.as_ptr().add(k * cols + b * QK) as *const __m256i);
+                let prod = if unsigned {
+                    summs[k] += m * *xs.get_unchecked(k * nb + b);
+                    _mm256_maddubs_epi16(qx, qy)
+                } else {
+                    _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx))
+                };
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                let d = _mm256_set1_ps(dw * *xd.get_unchecked(k * nb + b));
+                acc[k] = _mm256_fmadd_ps(d, sums, acc[k]);
+            }
+        }
+        [hsum(acc[0]) + summs[0], hsum(acc[1]) + summs[1], hsum(acc[2]) + summs[2], hsum(acc[3]) + summs[3]]
+    }
+
+    /// One weight row (raw GGUF blocks) · one quantized activation row, as
+    /// ggml's AVX2 `vec_dot_q4_0_q8_0` / `q4_1_q8_1` / `q8_0_q8_0`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(kind: QuantKind, row: &[u8], bb: usize, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        let ones = _mm256_set1_epi16(1);
+        let nb = row.len() / bb;
+        let base = row.as_ptr();
+        for b in 0..nb {
+            let blk = base.add(b * bb);
+            let dw = half(blk);
+            let qy = _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i);
+            let prod = match kind {
+                QuantKind::Q4_1 => {
+                    summs += half(blk.add(2)) * *xs.get_unchecked(b);
+                    _mm256_maddubs_epi16(bytes_from_nibbles_32(blk.add(4)), qy)
+                }
+                QuantKind::Q4_0 => {
+                    let qx = _mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8));
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
+                }
+                QuantKind::Q8_0 => {
+                    let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
+                }
+            };
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+            let d = _mm256_set1_ps(dw * *xd.get_unchecked(b));
+            acc = _mm256_fmadd_ps(d, sums, acc);
+        }
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let mut r = _mm_add_ps(hi, _mm256_castps256_ps128(acc));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r) + summs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn matrix(dtype: GgmlDType) -> (QuantMatrix, Vec<f32>) {
+        let (rows, cols) = (48, 128);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let m = QuantMatrix::from_qtensor(&q).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (m, deq)
+    }
+
+    #[test]
+    fn dequantize_matches_candle_and_matmul_tracks_the_exact_product() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, deq) = matrix(dtype);
+            assert_eq!(m.dequantize(), deq, "{dtype:?}");
+            let x: Vec<f32> = (0..3 * m.cols()).map(|i| (i * 31 % 97) as f32 / 48.0 - 1.0).collect();
+            let y = m.matmul(&x, 3);
+            for i in 0..3 {
+                for r in 0..m.rows() {
+                    let exact: f32 = (0..m.cols()).map(|c| x[i * m.cols() + c] * deq[r * m.cols() + c]).sum();
+                    let got = y[i * m.rows() + r];
+                    assert!((got - exact).abs() < 0.02 * (1.0 + exact.abs()), "{dtype:?} row {r}: {got} vs {exact}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_paths_agree_exactly() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, _) = matrix(dtype);
+            let x: Vec<f32> = (0..m.cols()).map(|i| (i as f32 * 0.37).sin()).collect();
+            let act = quantize_activations(&x, 1, m.cols(), m.kind == QuantKind::Q4_1);
+            let mut w = vec![0i8; m.cols()];
+            for r in 0..m.rows() {
+                m.unpack_row(r, &mut w);
+                let nb = m.cols() / QK;
+                let bb = m.kind.block_bytes();
+                let row = &m.data[r * nb * bb..(r + 1) * nb * bb];
+                let s = scalar_dot(m.kind, row, bb, &w, &act.qs, &act.d, &act.s);
+                assert_eq!(s, m.dot_row(r, &act, 0), "{dtype:?} row {r}");
+            }
+            // Four rows at once give each row's single-row result exactly.
+            let x4: Vec<f32> = (0..4 * m.cols()).map(|i| (i as f32 * 0.11).cos()).collect();
+            let act4 = quantize_activations(&x4, 4, m.cols(), m.kind == QuantKind::Q4_1);
+            for r in 0..m.rows() {
+                let four = m.dot_rows4(r, &act4, 0);
+                for k in 0..4 {
+                    assert_eq!(four[k], m.dot_row(r, &act4, k), "{dtype:?} row {r} lane {k}");
+                }
+            }
+        }
+    }
+}
