@@ -21,7 +21,13 @@ fn bench_step(c: &mut Criterion) {
         let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
         let prompt: Vec<u32> = (0..CONTEXT as u32).map(|i| (i * 101) % 32000).collect();
         for cache in caches.iter_mut() {
-            model.forward(&mut [SequenceInput { tokens: &prompt, cache, logits: LogitsWanted::Last }]).expect("prefill");
+            model
+                .forward(&mut [SequenceInput {
+                    tokens: &prompt,
+                    cache,
+                    logits: LogitsWanted::Last,
+                }])
+                .expect("prefill");
         }
         let token = [42u32];
         group.throughput(Throughput::Elements(batch as u64));
@@ -31,7 +37,11 @@ fn bench_step(c: &mut Criterion) {
                     .iter_mut()
                     .map(|cache| {
                         cache.truncate(CONTEXT);
-                        SequenceInput { tokens: &token, cache, logits: LogitsWanted::Last }
+                        SequenceInput {
+                            tokens: &token,
+                            cache,
+                            logits: LogitsWanted::Last,
+                        }
                     })
                     .collect();
                 model.forward(&mut inputs).expect("decode")
@@ -46,7 +56,13 @@ fn bench_step(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("prefill", len), |b| {
             b.iter(|| {
                 cache.truncate(0);
-                model.forward(&mut [SequenceInput { tokens: &prompt, cache: &mut cache, logits: LogitsWanted::Last }]).expect("prefill")
+                model
+                    .forward(&mut [SequenceInput {
+                        tokens: &prompt,
+                        cache: &mut cache,
+                        logits: LogitsWanted::Last,
+                    }])
+                    .expect("prefill")
             })
         });
     }

@@ -12,7 +12,10 @@ const ENV_PREFIX: &str = "LIFELORA_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid TOML in {origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("invalid setting {key}: {message}")]
@@ -106,10 +109,12 @@ impl Settings {
                 apply_env(&mut root, &name, rest, &raw)?;
             }
         }
-        let settings: Settings = root.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: "merged settings".into(),
-            message: e.message().to_string(),
-        })?;
+        let settings: Settings =
+            root.try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: "merged settings".into(),
+                    message: e.message().to_string(),
+                })?;
         settings.validate()?;
         Ok(settings)
     }
@@ -117,7 +122,10 @@ impl Settings {
     /// Rejects values the server cannot run with, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: &str| {
-            Err(ConfigError::Invalid { key: key.into(), message: message.into() })
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
         };
         if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
             return bad("model.dtype", "must be f32, bf16 or f16");
@@ -170,7 +178,10 @@ fn apply_env(root: &mut toml::Table, name: &str, rest: &str, raw: &str) -> Resul
         key: name.to_string(),
         message: format!("no setting {section}.{key}"),
     };
-    let table = root.get_mut(&section).and_then(|v| v.as_table_mut()).ok_or_else(unknown)?;
+    let table = root
+        .get_mut(&section)
+        .and_then(|v| v.as_table_mut())
+        .ok_or_else(unknown)?;
     let default = table.get(&key).ok_or_else(unknown)?;
     let value = match default {
         toml::Value::String(_) => toml::Value::String(raw.to_string()),

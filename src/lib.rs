@@ -5,7 +5,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod fetch;
+pub mod loadgen;
 pub mod metrics;
 pub mod model;
-pub mod loadgen;
 pub mod serve;

@@ -42,10 +42,30 @@ pub struct LoadReport {
 
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "requests: {} ok, {} errors in {:.2}s", self.requests, self.errors, self.wall.as_secs_f64())?;
-        writeln!(f, "generated tokens: {}  aggregate: {:.1} tok/s", self.tokens, self.tokens_per_second)?;
-        writeln!(f, "time to first token: p50 {:.1} ms, p99 {:.1} ms", ms(self.ttft_p50), ms(self.ttft_p99))?;
-        write!(f, "request latency:     p50 {:.1} ms, p99 {:.1} ms", ms(self.latency_p50), ms(self.latency_p99))
+        writeln!(
+            f,
+            "requests: {} ok, {} errors in {:.2}s",
+            self.requests,
+            self.errors,
+            self.wall.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "generated tokens: {}  aggregate: {:.1} tok/s",
+            self.tokens, self.tokens_per_second
+        )?;
+        writeln!(
+            f,
+            "time to first token: p50 {:.1} ms, p99 {:.1} ms",
+            ms(self.ttft_p50),
+            ms(self.ttft_p99)
+        )?;
+        write!(
+            f,
+            "request latency:     p50 {:.1} ms, p99 {:.1} ms",
+            ms(self.latency_p50),
+            ms(self.latency_p99)
+        )
     }
 }
 
@@ -73,10 +93,22 @@ fn discover_model(base: &str) -> Result<String, LoadError> {
     let url = format!("{base}/v1/models");
     let v: serde_json::Value = ureq::get(&url)
         .call()
-        .map_err(|e| LoadError::Unreachable { url: url.clone(), message: e.to_string() })?
+        .map_err(|e| LoadError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        })?
         .into_json()
-        .map_err(|e| LoadError::Unreachable { url: url.clone(), message: e.to_string() })?;
-    v["data"][0]["id"].as_str().map(str::to_string).ok_or(LoadError::Unreachable { url, message: "no model listed".into() })
+        .map_err(|e| LoadError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or(LoadError::Unreachable {
+            url,
+            message: "no model listed".into(),
+        })
 }
 
 fn one_request(spec: &LoadSpec, model: &str) -> Result<Sample, String> {
@@ -93,7 +125,9 @@ fn one_request(spec: &LoadSpec, model: &str) -> Result<Sample, String> {
     let mut tokens = 0;
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line.map_err(|e| e.to_string())?;
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
             break;
         }
@@ -108,13 +142,20 @@ fn one_request(spec: &LoadSpec, model: &str) -> Result<Sample, String> {
             tokens = n as usize;
         }
     }
-    Ok(Sample { ttft: ttft.unwrap_or_else(|| started.elapsed()), latency: started.elapsed(), tokens })
+    Ok(Sample {
+        ttft: ttft.unwrap_or_else(|| started.elapsed()),
+        latency: started.elapsed(),
+        tokens,
+    })
 }
 
 /// Runs the load and gathers the figures.
 pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
     let base = spec.base_url.trim_end_matches('/').to_string();
-    let spec = LoadSpec { base_url: base.clone(), ..spec.clone() };
+    let spec = LoadSpec {
+        base_url: base.clone(),
+        ..spec.clone()
+    };
     let model = match &spec.model {
         Some(m) => m.clone(),
         None => discover_model(&base)?,
@@ -134,7 +175,10 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
                     *n += 1;
                 }
                 match one_request(&spec, &model) {
-                    Ok(sample) => samples.lock().unwrap_or_else(|p| p.into_inner()).push(sample),
+                    Ok(sample) => samples
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(sample),
                     Err(e) => {
                         eprintln!("request failed: {e}");
                         *errors.lock().unwrap_or_else(|p| p.into_inner()) += 1;

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use lifelora::config::Settings;
 
 #[derive(Parser)]
-#[command(name = "lifelora", version, about = "Serve one frozen LLM to many tenants over an OpenAI-compatible API")]
+#[command(
+    name = "lifelora",
+    version,
+    about = "Serve one frozen LLM to many tenants over an OpenAI-compatible API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,10 @@ enum Command {
         requests: usize,
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
-        #[arg(long, default_value = "Once upon a time, in a small village by the sea,")]
+        #[arg(
+            long,
+            default_value = "Once upon a time, in a small village by the sea,"
+        )]
         prompt: String,
         /// Generate max_tokens even past EOS (steady-state throughput).
         #[arg(long, default_value_t = true)]
@@ -78,7 +85,9 @@ enum Command {
 fn init_logging(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if settings.log.format == "json" {
         builder.json().init();
     } else {
@@ -89,7 +98,14 @@ fn init_logging(settings: &Settings) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { model, served_model_name, host, port, config, dtype } => {
+        Command::Serve {
+            model,
+            served_model_name,
+            host,
+            port,
+            config,
+            dtype,
+        } => {
             let mut settings = match Settings::load(config.as_deref()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -131,7 +147,9 @@ fn main() -> ExitCode {
         }
         Command::Fetch { name, dir } => {
             let dir = dir.unwrap_or_else(|| {
-                Settings::load(None).map(|s| PathBuf::from(s.model.cache_dir)).unwrap_or_else(|_| PathBuf::from("models"))
+                Settings::load(None)
+                    .map(|s| PathBuf::from(s.model.cache_dir))
+                    .unwrap_or_else(|_| PathBuf::from("models"))
             });
             match lifelora::fetch::fetch(&name, &dir) {
                 Ok(path) => {
@@ -164,8 +182,24 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Bench { url, model, concurrency, requests, max_tokens, prompt, ignore_eos } => {
-            let spec = lifelora::loadgen::LoadSpec { base_url: url, model, concurrency, requests, max_tokens, prompt, ignore_eos };
+        Command::Bench {
+            url,
+            model,
+            concurrency,
+            requests,
+            max_tokens,
+            prompt,
+            ignore_eos,
+        } => {
+            let spec = lifelora::loadgen::LoadSpec {
+                base_url: url,
+                model,
+                concurrency,
+                requests,
+                max_tokens,
+                prompt,
+                ignore_eos,
+            };
             match lifelora::loadgen::run(&spec) {
                 Ok(report) => {
                     println!("{report}");

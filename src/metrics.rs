@@ -39,18 +39,23 @@ impl Metrics {
         )
         .expect("valid metric");
         let time_to_first_token = Histogram::with_opts(
-            HistogramOpts::new("time_to_first_token_seconds", "Time from request to first token")
-                .buckets(exp_buckets(0.001, 2.0, 16)),
+            HistogramOpts::new(
+                "time_to_first_token_seconds",
+                "Time from request to first token",
+            )
+            .buckets(exp_buckets(0.001, 2.0, 16)),
         )
         .expect("valid metric");
-        let prompt_tokens =
-            IntCounter::new("prompt_tokens_total", "Prompt tokens processed").expect("valid metric");
+        let prompt_tokens = IntCounter::new("prompt_tokens_total", "Prompt tokens processed")
+            .expect("valid metric");
         let generated_tokens =
             IntCounter::new("generated_tokens_total", "Tokens generated").expect("valid metric");
         let running_sequences =
-            IntGauge::new("running_sequences", "Sequences in the running batch").expect("valid metric");
+            IntGauge::new("running_sequences", "Sequences in the running batch")
+                .expect("valid metric");
         let waiting_sequences =
-            IntGauge::new("waiting_sequences", "Sequences waiting for admission").expect("valid metric");
+            IntGauge::new("waiting_sequences", "Sequences waiting for admission")
+                .expect("valid metric");
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("batch_size", "Sequences per engine step")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
@@ -61,11 +66,14 @@ impl Metrics {
                 .buckets(exp_buckets(1.0, 2.0, 14)),
         )
         .expect("valid metric");
-        let kv_cache_bytes =
-            IntGauge::new("kv_cache_bytes", "KV cache bytes reserved by admitted sequences")
-                .expect("valid metric");
+        let kv_cache_bytes = IntGauge::new(
+            "kv_cache_bytes",
+            "KV cache bytes reserved by admitted sequences",
+        )
+        .expect("valid metric");
         let kv_cache_capacity_bytes =
-            IntGauge::new("kv_cache_capacity_bytes", "KV cache budget in bytes").expect("valid metric");
+            IntGauge::new("kv_cache_capacity_bytes", "KV cache budget in bytes")
+                .expect("valid metric");
         let m = Metrics {
             registry,
             requests,

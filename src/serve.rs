@@ -28,7 +28,10 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
     let dtype = parse_dtype(&settings.model.dtype)?;
     let device = parse_device(&settings.model.device)?;
     if settings.model.path.is_empty() {
-        tracing::warn!("no model configured: serving the {}", crate::api::models::BUILTIN_NOTE);
+        tracing::warn!(
+            "no model configured: serving the {}",
+            crate::api::models::BUILTIN_NOTE
+        );
         return builtin::load_builtin(dtype, &device);
     }
     let name = Some(settings.model.served_model_name.as_str()).filter(|s| !s.is_empty());
@@ -40,7 +43,10 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
         return load_gguf(&path, name, &device);
     }
     if !path.is_dir() {
-        return Err(ModelError::MissingFile(format!("{} is neither a model directory nor a GGUF file", path.display())));
+        return Err(ModelError::MissingFile(format!(
+            "{} is neither a model directory nor a GGUF file",
+            path.display()
+        )));
     }
     load_hf_dir(&path, name, dtype, &device)
 }
@@ -61,11 +67,16 @@ pub fn resolve_model_path(spec: &str, cache: &Path) -> Result<std::path::PathBuf
             cached.display()
         )));
     }
-    Err(ModelError::MissingFile(format!("{spec}: no such file or directory")))
+    Err(ModelError::MissingFile(format!(
+        "{spec}: no such file or directory"
+    )))
 }
 
 /// Runs the server until SIGINT/SIGTERM; `on_bound` learns the address.
-pub fn serve(settings: Settings, on_bound: impl FnOnce(std::net::SocketAddr) + Send + 'static) -> Result<(), ServeError> {
+pub fn serve(
+    settings: Settings,
+    on_bound: impl FnOnce(std::net::SocketAddr) + Send + 'static,
+) -> Result<(), ServeError> {
     if settings.engine.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", settings.engine.threads.to_string());
     }

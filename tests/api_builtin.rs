@@ -15,14 +15,23 @@ fn the_builtin_model_serves_and_says_it_is_a_demo() {
     let s = TestServer::start(None, &[]);
     let (_, body) = s.get("/v1/models");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(v["data"][0]["description"].as_str().unwrap().contains("lifelora serve --model"));
+    assert!(v["data"][0]["description"]
+        .as_str()
+        .unwrap()
+        .contains("lifelora serve --model"));
     let (status, v) = s.post("/v1/chat/completions", &json!({"model": s.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}));
     assert_eq!(status, 200, "{v}");
 }
 
 #[test]
 fn a_full_queue_answers_429_with_an_openai_error() {
-    let s = TestServer::start(None, &[("LIFELORA_ENGINE__MAX_RUNNING", "1"), ("LIFELORA_ENGINE__MAX_WAITING", "1")]);
+    let s = TestServer::start(
+        None,
+        &[
+            ("LIFELORA_ENGINE__MAX_RUNNING", "1"),
+            ("LIFELORA_ENGINE__MAX_WAITING", "1"),
+        ],
+    );
     let results: Vec<(u16, serde_json::Value)> = std::thread::scope(|scope| {
         let hs: Vec<_> = (0..8)
             .map(|_| {
@@ -33,7 +42,11 @@ fn a_full_queue_answers_429_with_an_openai_error() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
-    assert!(!refused.is_empty(), "no 429 among {:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert!(
+        !refused.is_empty(),
+        "no 429 among {:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
     for (status, body) in &refused {
         assert_openai_error(*status, body, 429);
     }
@@ -52,8 +65,14 @@ fn a_disconnected_stream_frees_its_sequence() {
     drop(reader);
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.metric("lifelora_running_sequences") > 0.0 {
-        assert!(Instant::now() < deadline, "sequence still running after disconnect");
+        assert!(
+            Instant::now() < deadline,
+            "sequence still running after disconnect"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(s.metric("lifelora_generated_tokens_total") < 1900.0, "the abandoned stream ran to completion");
+    assert!(
+        s.metric("lifelora_generated_tokens_total") < 1900.0,
+        "the abandoned stream ran to completion"
+    );
 }

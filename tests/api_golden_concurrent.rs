@@ -13,7 +13,13 @@ fn cases(dir: &std::path::Path) -> Vec<(Vec<u64>, Vec<u64>)> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect::<Vec<_>>();
+            let ids = |k: &str| {
+                v[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect::<Vec<_>>()
+            };
             let expected = if v.get("completion_token_ids_ignoring_bos_stop").is_some() {
                 ids("completion_token_ids_ignoring_bos_stop")
             } else {
@@ -30,7 +36,12 @@ fn greedy(server: &TestServer, prompt: &[u64], n: usize) -> Vec<u64> {
         &json!({"model": server.model, "prompt": prompt, "max_tokens": n, "temperature": 0, "return_token_ids": true}),
     );
     assert_eq!(status, 200, "{body}");
-    body["choices"][0]["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    body["choices"][0]["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 /// The golden continuation up to and including the first EOS (the server stops there).
@@ -43,7 +54,9 @@ fn until_eos(expected: &[u64]) -> Vec<u64> {
 
 #[test]
 fn greedy_stories_equal_golden_alone_and_sixteen_at_once() {
-    let Some(dir) = common::stories_dir() else { return };
+    let Some(dir) = common::stories_dir() else {
+        return;
+    };
     let server = TestServer::start(Some(&dir), &[]);
     let cases = cases(&dir);
     for (prompt, expected) in &cases {
@@ -67,9 +80,14 @@ fn greedy_stories_equal_golden_alone_and_sixteen_at_once() {
 
 #[test]
 fn chunked_prefill_gives_the_same_greedy_stories() {
-    let Some(dir) = common::stories_dir() else { return };
+    let Some(dir) = common::stories_dir() else {
+        return;
+    };
     // 16-token steps: every prompt is read in several chunks beside other sequences' decodes.
-    let server = TestServer::start(Some(&dir), &[("LIFELORA_ENGINE__MAX_TOKENS_PER_STEP", "16")]);
+    let server = TestServer::start(
+        Some(&dir),
+        &[("LIFELORA_ENGINE__MAX_TOKENS_PER_STEP", "16")],
+    );
     let cases = cases(&dir);
     std::thread::scope(|s| {
         let handles: Vec<_> = cases

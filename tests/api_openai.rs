@@ -11,8 +11,15 @@ fn server() -> Option<TestServer> {
 }
 
 fn chunks(lines: &[String]) -> Vec<Value> {
-    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"), "stream must end with [DONE]");
-    lines[..lines.len() - 1].iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream must end with [DONE]"
+    );
+    lines[..lines.len() - 1]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -31,7 +38,10 @@ fn models_lists_the_directory_name_and_health_is_ok() {
 #[test]
 fn completion_has_openai_shape_and_usage() {
     let Some(s) = server() else { return };
-    let (status, v) = s.post("/v1/completions", &json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}),
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], "text_completion");
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
@@ -44,11 +54,22 @@ fn completion_has_openai_shape_and_usage() {
 #[test]
 fn prompts_as_lists_of_strings_and_token_lists_give_one_choice_each() {
     let Some(s) = server() else { return };
-    let (status, v) = s.post("/v1/completions", &json!({"model": s.model, "prompt": ["a", "b", "c"], "max_tokens": 2, "n": 2}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": s.model, "prompt": ["a", "b", "c"], "max_tokens": 2, "n": 2}),
+    );
     assert_eq!(status, 200, "{v}");
-    let idx: Vec<u64> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    let idx: Vec<u64> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(idx, vec![0, 1, 2, 3, 4, 5]);
-    let (status, v) = s.post("/v1/completions", &json!({"model": s.model, "prompt": [[1, 482], [1, 82, 508]], "max_tokens": 1}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": s.model, "prompt": [[1, 482], [1, 82, 508]], "max_tokens": 1}),
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);
     assert_eq!(v["usage"]["prompt_tokens"], 5);
@@ -57,15 +78,23 @@ fn prompts_as_lists_of_strings_and_token_lists_give_one_choice_each() {
 #[test]
 fn streamed_completion_equals_plain_and_reports_usage() {
     let Some(s) = server() else { return };
-    let req = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
+    let req =
+        json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
     let (_, plain) = s.post("/v1/completions", &req);
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
     sreq["stream_options"] = json!({"include_usage": true});
     let chunks = chunks(&s.stream("/v1/completions", &sreq));
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
     assert_eq!(text, plain["choices"][0]["text"].as_str().unwrap());
-    let finish: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
     assert_eq!(finish, vec![&json!("length")]);
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0);
@@ -84,9 +113,17 @@ fn chat_completion_plain_and_streamed_agree() {
     sreq["stream"] = json!(true);
     let chunks = chunks(&s.stream("/v1/chat/completions", &sreq));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        plain["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[test]
@@ -102,7 +139,8 @@ fn same_seed_same_output_and_n_choices_differ() {
 #[test]
 fn stop_strings_cut_output_also_across_tokens_in_streams() {
     let Some(s) = server() else { return };
-    let base = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0});
+    let base =
+        json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0});
     let (_, plain) = s.post("/v1/completions", &base);
     let text = plain["choices"][0]["text"].as_str().unwrap().to_string();
     let chars: Vec<char> = text.chars().collect();
@@ -116,7 +154,10 @@ fn stop_strings_cut_output_also_across_tokens_in_streams() {
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
     req["stream"] = json!(true);
     let chunks = chunks(&s.stream("/v1/completions", &req));
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
     assert_eq!(streamed, expected);
 }
 
@@ -138,11 +179,19 @@ fn completion_logprobs_and_echo_cover_prompt_and_output() {
     }
     // Greedy tokens are the most likely ones.
     for i in 3..6 {
-        let best = lp["top_logprobs"][i].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let best = lp["top_logprobs"][i]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         assert!((best - lp["token_logprobs"][i].as_f64().unwrap()).abs() < 1e-5);
     }
     // max_tokens 0 with echo scores the prompt only.
-    let (status, v) = s.post("/v1/completions", &json!({"model": s.model, "prompt": "Once", "max_tokens": 0, "echo": true, "logprobs": 0}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": s.model, "prompt": "Once", "max_tokens": 0, "echo": true, "logprobs": 0}),
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 0);
 }
@@ -168,29 +217,146 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
         ("/v1/completions", "{not json".into(), 400, None),
         ("/v1/completions", "".into(), 400, None),
-        ("/v1/completions", json!({"prompt": "x"}).to_string(), 400, None),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "temperature": "hot"}).to_string(), 400, Some("temperature")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "temperature": 3}).to_string(), 400, Some("temperature")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "top_p": 0}).to_string(), 400, Some("top_p")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "n": 0}).to_string(), 400, Some("n")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "n": 1000}).to_string(), 400, Some("n")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "max_tokens": -1}).to_string(), 400, Some("max_tokens")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "max_tokens": 100000}).to_string(), 400, Some("max_tokens")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "presence_penalty": 5}).to_string(), 400, Some("presence_penalty")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "logprobs": 50}).to_string(), 400, Some("logprobs")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, Some("stop")),
-        ("/v1/completions", json!({"model": m, "prompt": []}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": m, "prompt": [99999]}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": m, "prompt": 5}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": m, "prompt": "x".repeat(3000)}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": m, "prompt": "x", "max_tokens": 510}).to_string(), 400, Some("prompt")),
-        ("/v1/completions", json!({"model": "nope", "prompt": "x"}).to_string(), 404, Some("model")),
-        ("/v1/chat/completions", json!({"model": m, "messages": []}).to_string(), 400, Some("messages")),
-        ("/v1/chat/completions", json!({"model": m, "messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, Some("messages[0].role")),
-        ("/v1/chat/completions", json!({"model": m, "messages": "hi"}).to_string(), 400, Some("messages")),
-        ("/v1/chat/completions", json!({"model": m, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(), 400, Some("top_logprobs")),
-        ("/v1/chat/completions", json!({"model": m, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).to_string(), 400, Some("max_tokens")),
-        ("/v1/chat/completions", json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).to_string(), 404, Some("model")),
+        (
+            "/v1/completions",
+            json!({"prompt": "x"}).to_string(),
+            400,
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "temperature": "hot"}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "temperature": 3}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "top_p": 0}).to_string(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "n": 0}).to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "n": 1000}).to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "max_tokens": -1}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "max_tokens": 100000}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "presence_penalty": 5}).to_string(),
+            400,
+            Some("presence_penalty"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "logprobs": 50}).to_string(),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).to_string(),
+            400,
+            Some("stop"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": []}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": [99999]}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": 5}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x".repeat(3000)}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": m, "prompt": "x", "max_tokens": 510}).to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "nope", "prompt": "x"}).to_string(),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": []}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": "hi"}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
+                .to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": m, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0})
+                .to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).to_string(),
+            404,
+            Some("model"),
+        ),
     ];
     for (path, body, status, param) in cases {
         let (got, v) = s.post_raw(path, &body);
@@ -213,7 +379,10 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
 #[test]
 fn metrics_expose_requests_tokens_and_batching() {
     let Some(s) = server() else { return };
-    s.post("/v1/completions", &json!({"model": s.model, "prompt": "Once", "max_tokens": 4}));
+    s.post(
+        "/v1/completions",
+        &json!({"model": s.model, "prompt": "Once", "max_tokens": 4}),
+    );
     let (_, text) = s.get("/metrics");
     for name in [
         "lifelora_http_requests_total",

@@ -17,13 +17,19 @@ fn engine(max_running: usize, max_waiting: usize) -> (EngineHandle, Metrics) {
     s.max_waiting = max_waiting;
     let model = Arc::new(load_builtin(DType::F32, &Device::Cpu).unwrap());
     let metrics = Metrics::new();
-    (EngineHandle::start(model, &s, metrics.clone()).unwrap(), metrics)
+    (
+        EngineHandle::start(model, &s, metrics.clone()).unwrap(),
+        metrics,
+    )
 }
 
 fn request(max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
         prompt: vec![1, 72, 105],
-        params: SamplingParams { temperature: 0.0, ..Default::default() },
+        params: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
         max_tokens,
         stop: vec![],
         logprobs: None,
@@ -56,8 +62,14 @@ async fn a_late_request_joins_the_running_batch() {
     assert_eq!(drain(short).await, 5);
     // The long sequence is still running when the short one is done: they shared steps.
     let rest = drain(long).await;
-    assert!(rest > 0, "long request finished before the short one joined");
-    assert!(metrics.batch_size.get_sample_sum() > metrics.batch_size.get_sample_count() as f64, "no step ran 2+ sequences");
+    assert!(
+        rest > 0,
+        "long request finished before the short one joined"
+    );
+    assert!(
+        metrics.batch_size.get_sample_sum() > metrics.batch_size.get_sample_count() as f64,
+        "no step ran 2+ sequences"
+    );
     engine.shutdown();
 }
 
@@ -99,8 +111,17 @@ async fn an_abandoned_sequence_is_freed_at_once() {
     drop(rx);
     // With one slot, the next request can only run once the first is freed.
     let next = engine.submit(request(3)).unwrap();
-    assert_eq!(tokio::time::timeout(Duration::from_secs(30), drain(next)).await.unwrap(), 3);
-    assert!(metrics.generated_tokens.get() < 1000, "abandoned sequence kept generating: {}", metrics.generated_tokens.get());
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(30), drain(next))
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(
+        metrics.generated_tokens.get() < 1000,
+        "abandoned sequence kept generating: {}",
+        metrics.generated_tokens.get()
+    );
     engine.shutdown();
 }
 

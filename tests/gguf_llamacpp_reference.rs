@@ -15,7 +15,11 @@ use lifelora::model::LoadedModel;
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn setup() -> Option<(LoadedModel, Vec<Value>)> {
@@ -60,7 +64,14 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
         let completion = ids(&case["completion_token_ids"]);
         let tokens: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
         let mut cache = m.model.new_cache();
-        let logits = m.model.forward(&mut [SequenceInput { tokens: &tokens, cache: &mut cache, logits: LogitsWanted::All }]).unwrap();
+        let logits = m
+            .model
+            .forward(&mut [SequenceInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }])
+            .unwrap();
         let rows = logits.to_vec2::<f32>().unwrap();
         for (p, &reference_token) in completion.iter().enumerate() {
             let row = &rows[prompt.len() - 1 + p];
@@ -69,14 +80,25 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
             let ours_top1 = lifelora::engine::sampling::argmax(row);
             agree += usize::from(ours_top1 == their_top1);
             total += 1;
-            let theirs = top.as_array().unwrap().iter().find(|e| e[0].as_u64() == Some(reference_token as u64)).unwrap()[1].as_f64().unwrap();
-            let ours = lifelora::engine::sampling::logprobs_of(row, reference_token, 0).chosen.logprob as f64;
+            let theirs = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e[0].as_u64() == Some(reference_token as u64))
+                .unwrap()[1]
+                .as_f64()
+                .unwrap();
+            let ours = lifelora::engine::sampling::logprobs_of(row, reference_token, 0)
+                .chosen
+                .logprob as f64;
             diff_sum += (ours - theirs).abs();
         }
     }
     let agreement = agree as f64 / total as f64;
     let mean_diff = diff_sum / total as f64;
-    eprintln!("top-1 agreement {agreement:.4} over {total} positions, mean |Δ logprob| {mean_diff:.4}");
+    eprintln!(
+        "top-1 agreement {agreement:.4} over {total} positions, mean |Δ logprob| {mean_diff:.4}"
+    );
     assert!(agreement >= 0.94, "top-1 agreement {agreement}");
     assert!(mean_diff < 0.05, "mean logprob difference {mean_diff}");
 }
@@ -92,15 +114,32 @@ fn greedy_completions_follow_llama_cpp_for_their_first_tokens() {
         let mut input = prompt.clone();
         let mut out = Vec::new();
         for _ in 0..expected.len() {
-            let logits = m.model.forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }]).unwrap();
+            let logits = m
+                .model
+                .forward(&mut [SequenceInput {
+                    tokens: &input,
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }])
+                .unwrap();
             let next = argmax_rows(&logits).unwrap()[0];
             out.push(next);
             input = vec![next];
         }
-        let same = out.iter().zip(&expected).take_while(|(a, b)| a == b).count();
-        eprintln!("greedy agrees with llama.cpp for {same} of {} tokens", expected.len());
+        let same = out
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "greedy agrees with llama.cpp for {same} of {} tokens",
+            expected.len()
+        );
         agreeing_prefix += same;
     }
     // Measured: 4 + 0 + 2 + ... tokens; the target (4 of 6 fully equal) is open.
-    assert!(agreeing_prefix >= 40, "greedy prefixes agreeing with llama.cpp: {agreeing_prefix} tokens in total");
+    assert!(
+        agreeing_prefix >= 40,
+        "greedy prefixes agreeing with llama.cpp: {agreeing_prefix} tokens in total"
+    );
 }

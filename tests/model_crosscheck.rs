@@ -27,7 +27,14 @@ fn ours_and_reference() -> (Llama, reference::Llama, reference::Config) {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -39,11 +46,26 @@ fn prefill_and_decode_logits_match_candle_transformers() {
     let mut ids = prompt.clone();
     let mut pos = 0;
     for step in 0..8 {
-        let input = if step == 0 { ids.clone() } else { vec![*ids.last().unwrap()] };
-        let t = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let want = theirs.forward(&t, pos, &mut rcache).unwrap().squeeze(0).unwrap();
+        let input = if step == 0 {
+            ids.clone()
+        } else {
+            vec![*ids.last().unwrap()]
+        };
+        let t = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want = theirs
+            .forward(&t, pos, &mut rcache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let got = ours
-            .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
+            .forward(&mut [SequenceInput {
+                tokens: &input,
+                cache: &mut cache,
+                logits: LogitsWanted::Last,
+            }])
             .unwrap()
             .squeeze(0)
             .unwrap();
@@ -61,21 +83,44 @@ fn a_packed_mixed_batch_equals_each_sequence_alone() {
     let b: Vec<u32> = (0..23).map(|i| i * 7 % 300).collect();
     let alone = |tokens: &[u32]| {
         let mut c = ours.new_cache();
-        ours.forward(&mut [SequenceInput { tokens, cache: &mut c, logits: LogitsWanted::All }]).unwrap()
+        ours.forward(&mut [SequenceInput {
+            tokens,
+            cache: &mut c,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap()
     };
     let (ra, rb) = (alone(&a), alone(&b));
     // a is decoding (its first 8 tokens cached), b prefills whole, in one step.
     let mut ca = ours.new_cache();
-    ours.forward(&mut [SequenceInput { tokens: &a[..8], cache: &mut ca, logits: LogitsWanted::None }]).unwrap();
+    ours.forward(&mut [SequenceInput {
+        tokens: &a[..8],
+        cache: &mut ca,
+        logits: LogitsWanted::None,
+    }])
+    .unwrap();
     let mut cb = ours.new_cache();
     let mixed = ours
         .forward(&mut [
-            SequenceInput { tokens: &a[8..], cache: &mut ca, logits: LogitsWanted::Last },
-            SequenceInput { tokens: &b, cache: &mut cb, logits: LogitsWanted::All },
+            SequenceInput {
+                tokens: &a[8..],
+                cache: &mut ca,
+                logits: LogitsWanted::Last,
+            },
+            SequenceInput {
+                tokens: &b,
+                cache: &mut cb,
+                logits: LogitsWanted::All,
+            },
         ])
         .unwrap();
     assert_eq!(mixed.dims(), &[1 + 23, 300]);
-    assert!(max_diff(&mixed.narrow(0, 0, 1).unwrap(), &ra.narrow(0, 8, 1).unwrap()) < 1e-5);
+    assert!(
+        max_diff(
+            &mixed.narrow(0, 0, 1).unwrap(),
+            &ra.narrow(0, 8, 1).unwrap()
+        ) < 1e-5
+    );
     assert!(max_diff(&mixed.narrow(0, 1, 23).unwrap(), &rb) < 1e-5);
 }
 
@@ -100,11 +145,22 @@ fn qwen2_with_qkv_biases_matches_candle_transformers() {
     let mut ids: Vec<u32> = (0..12).map(|i| (i * 13 % 200) as u32).collect();
     let mut pos = 0;
     for step in 0..5 {
-        let input = if step == 0 { ids.clone() } else { vec![*ids.last().unwrap()] };
-        let t = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = if step == 0 {
+            ids.clone()
+        } else {
+            vec![*ids.last().unwrap()]
+        };
+        let t = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let want = theirs.forward(&t, pos).unwrap().flatten_all().unwrap();
         let got = ours
-            .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
+            .forward(&mut [SequenceInput {
+                tokens: &input,
+                cache: &mut cache,
+                logits: LogitsWanted::Last,
+            }])
             .unwrap()
             .flatten_all()
             .unwrap();
@@ -120,7 +176,13 @@ fn bf16_weights_load_and_track_f32_logits() {
     let cfg = ModelConfig::from_hf_json(CONFIG).unwrap();
     let weights = random_weights(&cfg, 99, &Device::Cpu).unwrap();
     let build = |dtype: DType| {
-        let get = |n: &str| weights.get(n).map(|t| t.to_dtype(dtype)).transpose().map_err(Into::into);
+        let get = |n: &str| {
+            weights
+                .get(n)
+                .map(|t| t.to_dtype(dtype))
+                .transpose()
+                .map_err(Into::into)
+        };
         build_llama(cfg.clone(), &get).unwrap()
     };
     let (f32m, bf16m) = (build(DType::F32), build(DType::BF16));
@@ -128,10 +190,25 @@ fn bf16_weights_load_and_track_f32_logits() {
     let tokens: Vec<u32> = (0..10).collect();
     let run = |m: &Llama| {
         let mut c = m.new_cache();
-        m.forward(&mut [SequenceInput { tokens: &tokens, cache: &mut c, logits: LogitsWanted::Last }]).unwrap()
+        m.forward(&mut [SequenceInput {
+            tokens: &tokens,
+            cache: &mut c,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap()
     };
     let (a, b) = (run(&f32m), run(&bf16m));
     assert_eq!(b.dtype(), DType::F32, "logits come back as f32");
-    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(max_diff(&a, &b) < 0.05 * scale.max(1.0), "bf16 drifted: {}", max_diff(&a, &b));
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        max_diff(&a, &b) < 0.05 * scale.max(1.0),
+        "bf16 drifted: {}",
+        max_diff(&a, &b)
+    );
 }

@@ -19,7 +19,11 @@ fn golden_cases(dir: &std::path::Path) -> Vec<Value> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Greedy decoding one token per step, never stopping early.
@@ -29,7 +33,11 @@ fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut input = prompt.to_vec();
     for _ in 0..steps {
         let logits = model
-            .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
+            .forward(&mut [SequenceInput {
+                tokens: &input,
+                cache: &mut cache,
+                logits: LogitsWanted::Last,
+            }])
             .unwrap();
         let next = argmax_rows(&logits).unwrap()[0];
         out.push(next);
@@ -40,7 +48,9 @@ fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
 
 #[test]
 fn greedy_completions_equal_run_c_token_for_token() {
-    let Some(dir) = common::stories_dir() else { return };
+    let Some(dir) = common::stories_dir() else {
+        return;
+    };
     let loaded = load_hf_dir(&dir, None, DType::F32, &Device::Cpu).unwrap();
     let cases = golden_cases(&dir);
     assert!(cases.len() >= 10);
@@ -57,20 +67,32 @@ fn greedy_completions_equal_run_c_token_for_token() {
 
 #[test]
 fn tokenizer_reproduces_golden_prompt_ids() {
-    let Some(dir) = common::stories_dir() else { return };
+    let Some(dir) = common::stories_dir() else {
+        return;
+    };
     let loaded = load_hf_dir(&dir, None, DType::F32, &Device::Cpu).unwrap();
     for case in golden_cases(&dir) {
         let text = case["prompt"].as_str().unwrap();
-        assert_eq!(loaded.tokenizer.encode_prompt(text).unwrap(), ids(&case["prompt_token_ids"]), "prompt {text:?}");
+        assert_eq!(
+            loaded.tokenizer.encode_prompt(text).unwrap(),
+            ids(&case["prompt_token_ids"]),
+            "prompt {text:?}"
+        );
     }
 }
 
 #[test]
 fn full_logits_match_transformers_within_1e_4() {
-    let Some(dir) = common::stories_dir() else { return };
+    let Some(dir) = common::stories_dir() else {
+        return;
+    };
     let loaded = load_hf_dir(&dir, None, DType::F32, &Device::Cpu).unwrap();
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference_logits.json")).unwrap()).unwrap();
-    let refs = candle_core::safetensors::load(dir.join("reference_logits.safetensors"), &Device::Cpu).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_logits.json")).unwrap())
+            .unwrap();
+    let refs =
+        candle_core::safetensors::load(dir.join("reference_logits.safetensors"), &Device::Cpu)
+            .unwrap();
     let tensors = meta["tensors"].as_object().unwrap();
     assert!(!tensors.is_empty());
     for (name, info) in tensors {
@@ -78,12 +100,33 @@ fn full_logits_match_transformers_within_1e_4() {
         // Feed in two chunks to exercise the cache as well as the prefill path.
         let split = info["num_prompt_tokens"].as_u64().unwrap() as usize;
         let mut cache = loaded.model.new_cache();
-        let a = loaded.model.forward(&mut [SequenceInput { tokens: &input[..split], cache: &mut cache, logits: LogitsWanted::All }]).unwrap();
-        let b = loaded.model.forward(&mut [SequenceInput { tokens: &input[split..], cache: &mut cache, logits: LogitsWanted::All }]).unwrap();
+        let a = loaded
+            .model
+            .forward(&mut [SequenceInput {
+                tokens: &input[..split],
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }])
+            .unwrap();
+        let b = loaded
+            .model
+            .forward(&mut [SequenceInput {
+                tokens: &input[split..],
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }])
+            .unwrap();
         let ours = Tensor::cat(&[a, b], 0).unwrap();
         let reference = &refs[name];
         assert_eq!(ours.dims(), reference.dims());
-        let diff = (&ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-4, "{name}: max abs diff {diff}");
     }
 }

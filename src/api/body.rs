@@ -8,15 +8,26 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 
 /// Reads the whole body, refusing more than `limit` bytes with 413.
-pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
-    if let Some(len) = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+pub async fn read_limited(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    if let Some(len) = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(ApiError::too_large(limit));
         }
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the request body: {e}"), None))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::invalid(format!("could not read the request body: {e}"), None)
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::too_large(limit));
         }
@@ -28,14 +39,18 @@ pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: u
 /// Parses JSON into `T`; the error names the field path as `param`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid("The request body is empty; expected a JSON object.", None));
+        return Err(ApiError::invalid(
+            "The request body is empty; expected a JSON object.",
+            None,
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            ApiError::invalid(format!("The request body is not valid JSON: {inner}"), None).with_code("invalid_json")
+            ApiError::invalid(format!("The request body is not valid JSON: {inner}"), None)
+                .with_code("invalid_json")
         } else if path == "." {
             ApiError::invalid(format!("Invalid request: {inner}"), None)
         } else {

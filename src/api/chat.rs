@@ -20,7 +20,10 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::invalid("'messages' must contain at least one message", Some("messages")));
+        return Err(ApiError::invalid(
+            "'messages' must contain at least one message",
+            Some("messages"),
+        ));
     }
     messages
         .iter()
@@ -58,17 +61,34 @@ fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, 
 }
 
 /// Handler.
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: ChatRequest = parse_json(&body)?;
     state.check_model(&r.model)?;
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
-    if r.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
-        return Err(ApiError::invalid("'tools' are not supported by this server yet", Some("tools")));
+    if r.tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::invalid(
+            "'tools' are not supported by this server yet",
+            Some("tools"),
+        ));
     }
     if let Some(fmt) = &r.response_format {
-        if fmt.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
-            return Err(ApiError::invalid("only response_format {\"type\": \"text\"} is supported", Some("response_format")));
+        if fmt
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "text")
+        {
+            return Err(ApiError::invalid(
+                "only response_format {\"type\": \"text\"} is supported",
+                Some("response_format"),
+            ));
         }
     }
     let want_logprobs = r.logprobs.unwrap_or(false);
@@ -76,12 +96,18 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         None => 0,
         Some(k) if !want_logprobs => {
             let _ = k;
-            return Err(ApiError::invalid("'top_logprobs' requires 'logprobs' to be true", Some("top_logprobs")));
+            return Err(ApiError::invalid(
+                "'top_logprobs' requires 'logprobs' to be true",
+                Some("top_logprobs"),
+            ));
         }
         Some(k) if (0..=validate::MAX_TOP_LOGPROBS).contains(&k) => k as usize,
         Some(k) => {
             return Err(ApiError::invalid(
-                format!("'top_logprobs' must be between 0 and {}, got {k}", validate::MAX_TOP_LOGPROBS),
+                format!(
+                    "'top_logprobs' must be between 0 and {}, got {k}",
+                    validate::MAX_TOP_LOGPROBS
+                ),
                 Some("top_logprobs"),
             ))
         }
@@ -90,13 +116,24 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let rendered = state.model.chat.render(&messages)?;
     let prompt = state.model.tokenizer.encode_chat(&rendered)?;
     if prompt.is_empty() {
-        return Err(ApiError::invalid("the rendered conversation is empty", Some("messages")));
+        return Err(ApiError::invalid(
+            "the rendered conversation is empty",
+            Some("messages"),
+        ));
     }
     let (requested, param) = match (r.max_completion_tokens, r.max_tokens) {
         (Some(m), _) => (Some(m), "max_completion_tokens"),
         (None, m) => (m, "max_tokens"),
     };
-    let max_tokens = validate::max_tokens(requested, param, "messages", prompt.len(), state.context(), &state.settings.engine, false)?;
+    let max_tokens = validate::max_tokens(
+        requested,
+        param,
+        "messages",
+        prompt.len(),
+        state.context(),
+        &state.settings.engine,
+        false,
+    )?;
     let request = GenerationRequest {
         prompt,
         params: v.params.clone(),
@@ -112,7 +149,14 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let model = state.model.id.clone();
     let tok = state.model.tokenizer.clone();
     if v.stream {
-        let fmt = ChatChunks { id, created, model, tokenizer: tok, started: Default::default(), include_usage: v.include_usage };
+        let fmt = ChatChunks {
+            id,
+            created,
+            model,
+            tokenizer: tok,
+            started: Default::default(),
+            include_usage: v.include_usage,
+        };
         return Ok(sse::respond(merged(subs), fmt, v.include_usage));
     }
     let results = collect_all(subs).await?;
@@ -144,7 +188,9 @@ fn entry(tok: &TextTokenizer, id: u32, logprob: f32) -> Value {
 }
 
 fn token_logprob_json(tok: &TextTokenizer, id: u32, p: Option<&PositionLogprobs>) -> Value {
-    let Some(p) = p else { return entry(tok, id, 0.0) };
+    let Some(p) = p else {
+        return entry(tok, id, 0.0);
+    };
     let mut v = entry(tok, id, p.chosen.logprob);
     v["top_logprobs"] = Value::Array(p.top.iter().map(|t| entry(tok, t.id, t.logprob)).collect());
     v
@@ -160,7 +206,13 @@ struct ChatChunks {
 }
 
 impl ChatChunks {
-    fn chunk(&self, index: usize, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Value,
+        logprobs: Option<Value>,
+        finish: Option<&str>,
+    ) -> Value {
         let mut v = json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
@@ -176,12 +228,19 @@ impl ChunkFormatter for ChatChunks {
     fn on_event(&mut self, index: usize, _prompt_index: usize, event: Event) -> Vec<Value> {
         let mut out = Vec::new();
         if self.started.insert(index) {
-            out.push(self.chunk(index, json!({"role": "assistant", "content": ""}), None, None));
+            out.push(self.chunk(
+                index,
+                json!({"role": "assistant", "content": ""}),
+                None,
+                None,
+            ));
         }
         match event {
             Event::Prompt { .. } | Event::Error(_) => {}
             Event::Token { id, text, logprobs } => {
-                let lp = logprobs.map(|p| json!({"content": [token_logprob_json(&self.tokenizer, id, Some(&p))]}));
+                let lp = logprobs.map(
+                    |p| json!({"content": [token_logprob_json(&self.tokenizer, id, Some(&p))]}),
+                );
                 if !text.is_empty() || lp.is_some() {
                     out.push(self.chunk(index, json!({"content": text}), lp, None));
                 }

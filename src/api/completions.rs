@@ -19,45 +19,80 @@ use super::validate;
 const MAX_LOGPROBS: i64 = validate::MAX_TOP_LOGPROBS;
 
 /// Handler.
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: CompletionRequest = parse_json(&body)?;
     state.check_model(&r.model)?;
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid("'suffix' is not supported by this model", Some("suffix")));
+        return Err(ApiError::invalid(
+            "'suffix' is not supported by this model",
+            Some("suffix"),
+        ));
     }
     if let Some(b) = r.best_of {
         if b != v.n as i64 {
-            return Err(ApiError::invalid("'best_of' is only supported equal to 'n'", Some("best_of")));
+            return Err(ApiError::invalid(
+                "'best_of' is only supported equal to 'n'",
+                Some("best_of"),
+            ));
         }
     }
     let logprobs = match r.logprobs {
         None => None,
         Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as usize),
-        Some(k) => return Err(ApiError::invalid(format!("'logprobs' must be between 0 and {MAX_LOGPROBS}, got {k}"), Some("logprobs"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("'logprobs' must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                Some("logprobs"),
+            ))
+        }
     };
     let echo = r.echo.unwrap_or(false);
     let tok = &state.model.tokenizer;
     let prompts: Vec<Vec<u32>> = match &r.prompt {
         PromptInput::Text(t) => vec![tok.encode_prompt(t)?],
-        PromptInput::Texts(ts) => ts.iter().map(|t| tok.encode_prompt(t)).collect::<Result<_, _>>()?,
+        PromptInput::Texts(ts) => ts
+            .iter()
+            .map(|t| tok.encode_prompt(t))
+            .collect::<Result<_, _>>()?,
         PromptInput::Tokens(ids) => vec![ids.clone()],
         PromptInput::TokenLists(lists) => lists.clone(),
     };
     if prompts.is_empty() {
-        return Err(ApiError::invalid("'prompt' must not be empty", Some("prompt")));
+        return Err(ApiError::invalid(
+            "'prompt' must not be empty",
+            Some("prompt"),
+        ));
     }
     if prompts.len() * v.n > state.settings.engine.max_waiting.max(1) {
-        return Err(ApiError::invalid("too many prompts × n in one request", Some("prompt")));
+        return Err(ApiError::invalid(
+            "too many prompts × n in one request",
+            Some("prompt"),
+        ));
     }
     let mut requests = Vec::with_capacity(prompts.len());
     for ids in &prompts {
         if ids.is_empty() {
-            return Err(ApiError::invalid("'prompt' must contain at least one token", Some("prompt")));
+            return Err(ApiError::invalid(
+                "'prompt' must contain at least one token",
+                Some("prompt"),
+            ));
         }
         state.check_token_ids(ids, "prompt")?;
-        let max_tokens = validate::max_tokens(r.max_tokens, "max_tokens", "prompt", ids.len(), state.context(), &state.settings.engine, echo)?;
+        let max_tokens = validate::max_tokens(
+            r.max_tokens,
+            "max_tokens",
+            "prompt",
+            ids.len(),
+            state.context(),
+            &state.settings.engine,
+            echo,
+        )?;
         requests.push(GenerationRequest {
             prompt: ids.clone(),
             params: v.params.clone(),
@@ -73,7 +108,17 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let created = unix_now();
     let model = state.model.id.clone();
     if v.stream {
-        let fmt = CompletionChunks { id, created, model, tokenizer: state.model.tokenizer.clone(), echo, echoed: Default::default(), prompts, logprobs, offsets: Default::default() };
+        let fmt = CompletionChunks {
+            id,
+            created,
+            model,
+            tokenizer: state.model.tokenizer.clone(),
+            echo,
+            echoed: Default::default(),
+            prompts,
+            logprobs,
+            offsets: Default::default(),
+        };
         return Ok(sse::respond(merged(subs), fmt, v.include_usage));
     }
     let results = collect_all(subs).await?;
@@ -101,13 +146,27 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     })))
 }
 
-fn choice_json(c: &ChoiceResult, prompt: &[u32], tok: &TextTokenizer, echo: bool, logprobs: Option<usize>) -> Value {
-    let prompt_text = if echo { tok.decode(prompt).unwrap_or_default() } else { String::new() };
+fn choice_json(
+    c: &ChoiceResult,
+    prompt: &[u32],
+    tok: &TextTokenizer,
+    echo: bool,
+    logprobs: Option<usize>,
+) -> Value {
+    let prompt_text = if echo {
+        tok.decode(prompt).unwrap_or_default()
+    } else {
+        String::new()
+    };
     let lp = logprobs.map(|_| {
         let mut acc = LogprobsAcc::default();
         if echo {
             for (i, &id) in prompt.iter().enumerate() {
-                acc.push(tok, id, c.prompt_logprobs.get(i).cloned().flatten().as_ref());
+                acc.push(
+                    tok,
+                    id,
+                    c.prompt_logprobs.get(i).cloned().flatten().as_ref(),
+                );
             }
         }
         for (id, p) in &c.tokens {
@@ -141,7 +200,10 @@ impl LogprobsAcc {
         self.tokens.push(text);
         self.token_logprobs.push(p.map(|p| p.chosen.logprob));
         self.top_logprobs.push(p.map(|p| {
-            p.top.iter().map(|t| (tok.token_text(t.id), json!(t.logprob))).collect::<Map<String, Value>>()
+            p.top
+                .iter()
+                .map(|t| (tok.token_text(t.id), json!(t.logprob)))
+                .collect::<Map<String, Value>>()
         }));
     }
 
@@ -166,7 +228,13 @@ struct CompletionChunks {
 }
 
 impl CompletionChunks {
-    fn chunk(&self, index: usize, text: String, logprobs: Option<Value>, finish: Option<&str>) -> Value {
+    fn chunk(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<Value>,
+        finish: Option<&str>,
+    ) -> Value {
         json!({
             "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
@@ -183,7 +251,11 @@ impl ChunkFormatter for CompletionChunks {
                 (Event::Prompt { logprobs }, Some(_)) => {
                     let mut acc = LogprobsAcc::default();
                     for (i, &id) in prompt.iter().enumerate() {
-                        acc.push(&self.tokenizer, id, logprobs.get(i).cloned().flatten().as_ref());
+                        acc.push(
+                            &self.tokenizer,
+                            id,
+                            logprobs.get(i).cloned().flatten().as_ref(),
+                        );
                     }
                     self.offsets.insert(index, acc.offset);
                     Some(acc.into_json())
@@ -197,7 +269,10 @@ impl ChunkFormatter for CompletionChunks {
             Event::Prompt { .. } | Event::Error(_) => {}
             Event::Token { id, text, logprobs } => {
                 let lp = self.logprobs.map(|_| {
-                    let mut acc = LogprobsAcc { offset: self.offsets.get(&index).copied().unwrap_or(0), ..Default::default() };
+                    let mut acc = LogprobsAcc {
+                        offset: self.offsets.get(&index).copied().unwrap_or(0),
+                        ..Default::default()
+                    };
                     acc.push(&self.tokenizer, id, logprobs.as_ref());
                     self.offsets.insert(index, acc.offset);
                     acc.into_json()
@@ -217,4 +292,3 @@ impl ChunkFormatter for CompletionChunks {
         json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [], "usage": usage})
     }
 }
-

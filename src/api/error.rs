@@ -97,7 +97,12 @@ impl ApiError {
     /// The JSON body of this error (also used inside SSE streams).
     pub fn body(&self) -> serde_json::Value {
         serde_json::to_value(ErrorBody {
-            error: ErrorObject { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+            error: ErrorObject {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
         })
         .unwrap_or_default()
     }
@@ -116,7 +121,9 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
-        if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
             r.insert_header(("Retry-After", "1"));
         }
         r.json(self.body())
@@ -147,7 +154,9 @@ impl From<EngineError> for ApiError {
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         match e {
-            ModelError::Tokenizer(_) | ModelError::Template(_) => ApiError::invalid(e.to_string(), None),
+            ModelError::Tokenizer(_) | ModelError::Template(_) => {
+                ApiError::invalid(e.to_string(), None)
+            }
             other => ApiError::internal(other.to_string()),
         }
     }

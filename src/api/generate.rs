@@ -17,14 +17,22 @@ pub struct Submitted {
 
 /// Submits `n` sequences per prompt. Choice `i` of prompt `p` has index
 /// `p * n + i` and seed `seed + i`, so choices differ but reproduce.
-pub fn submit_all(engine: &EngineHandle, requests: Vec<GenerationRequest>, n: usize) -> Result<Vec<Submitted>, ApiError> {
+pub fn submit_all(
+    engine: &EngineHandle,
+    requests: Vec<GenerationRequest>,
+    n: usize,
+) -> Result<Vec<Submitted>, ApiError> {
     let mut out = Vec::with_capacity(requests.len() * n);
     for (p, req) in requests.into_iter().enumerate() {
         for i in 0..n {
             let mut r = req.clone();
             r.params.seed = r.params.seed.map(|s| s.wrapping_add(i as u64));
             let rx = engine.submit(r)?;
-            out.push(Submitted { index: p * n + i, prompt_index: p, rx });
+            out.push(Submitted {
+                index: p * n + i,
+                prompt_index: p,
+                rx,
+            });
         }
     }
     Ok(out)
@@ -45,7 +53,11 @@ pub struct ChoiceResult {
 
 /// Waits for one choice to finish.
 pub async fn collect(mut s: Submitted) -> Result<ChoiceResult, ApiError> {
-    let mut r = ChoiceResult { index: s.index, prompt_index: s.prompt_index, ..Default::default() };
+    let mut r = ChoiceResult {
+        index: s.index,
+        prompt_index: s.prompt_index,
+        ..Default::default()
+    };
     while let Some(ev) = s.rx.recv().await {
         match ev {
             Event::Prompt { logprobs } => r.prompt_logprobs = logprobs,
@@ -53,7 +65,12 @@ pub async fn collect(mut s: Submitted) -> Result<ChoiceResult, ApiError> {
                 r.text.push_str(&text);
                 r.tokens.push((id, logprobs));
             }
-            Event::Done { reason, text, prompt_tokens, completion_tokens } => {
+            Event::Done {
+                reason,
+                text,
+                prompt_tokens,
+                completion_tokens,
+            } => {
                 r.text.push_str(&text);
                 r.finish_reason = Some(reason);
                 r.prompt_tokens = prompt_tokens;
@@ -79,16 +96,22 @@ pub async fn collect_all(subs: Vec<Submitted>) -> Result<Vec<ChoiceResult>, ApiE
 pub fn merged(subs: Vec<Submitted>) -> impl Stream<Item = (usize, usize, Event)> + Unpin {
     let streams = subs.into_iter().map(|s| {
         let (index, prompt_index) = (s.index, s.prompt_index);
-        stream::unfold(s.rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
-            .map(move |e| (index, prompt_index, e))
-            .boxed()
+        stream::unfold(
+            s.rx,
+            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+        )
+        .map(move |e| (index, prompt_index, e))
+        .boxed()
     });
     stream::select_all(streams)
 }
 
 /// Seconds since the epoch, for `created`.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A random response id such as `cmpl-3f9a…`.

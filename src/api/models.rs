@@ -7,7 +7,8 @@ use super::state::AppState;
 use super::types::ModelCard;
 
 /// The note the built-in model carries in its card and log line.
-pub const BUILTIN_NOTE: &str = "built-in demo model: random weights and a byte tokenizer, so its text is noise. \
+pub const BUILTIN_NOTE: &str =
+    "built-in demo model: random weights and a byte tokenizer, so its text is noise. \
 Serve a real model with `lifelora serve --model /path/to/hf-model-dir` (or set model.path).";
 
 /// Lists the served model.
@@ -28,10 +29,13 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
 
 /// Liveness and readiness: the server listens only once the model is loaded.
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok", "model": state.model.id, "builtin": state.model.builtin}))
+    HttpResponse::Ok()
+        .json(json!({"status": "ok", "model": state.model.id, "builtin": state.model.builtin}))
 }
 
 /// Prometheus text exposition.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }

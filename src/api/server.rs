@@ -25,7 +25,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// Binds and runs the HTTP server until it is stopped. `on_bound` learns the
 /// bound address (port 0 picks a free one).
-pub async fn run(state: AppState, on_bound: impl FnOnce(std::net::SocketAddr)) -> std::io::Result<()> {
+pub async fn run(
+    state: AppState,
+    on_bound: impl FnOnce(std::net::SocketAddr),
+) -> std::io::Result<()> {
     let host = state.settings.server.host.clone();
     let port = state.settings.server.port;
     let workers = match state.settings.server.workers {
@@ -43,10 +46,19 @@ pub async fn run(state: AppState, on_bound: impl FnOnce(std::net::SocketAddr)) -
                 let fut = srv.call(req);
                 async move {
                     let res: ServiceResponse = fut.await?;
-                    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let route = res
+                        .request()
+                        .match_pattern()
+                        .unwrap_or_else(|| "unmatched".into());
                     let status = res.status().as_u16().to_string();
-                    metrics.requests.with_label_values(&[route.as_str(), status.as_str()]).inc();
-                    metrics.request_latency.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+                    metrics
+                        .requests
+                        .with_label_values(&[route.as_str(), status.as_str()])
+                        .inc();
+                    metrics
+                        .request_latency
+                        .with_label_values(&[route.as_str()])
+                        .observe(started.elapsed().as_secs_f64());
                     Ok(res)
                 }
             })

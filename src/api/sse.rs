@@ -73,12 +73,18 @@ where
             };
             match next {
                 Some((index, prompt_index, event)) => {
-                    if let Event::Done { prompt_tokens, completion_tokens, .. } = &event {
+                    if let Event::Done {
+                        prompt_tokens,
+                        completion_tokens,
+                        ..
+                    } = &event
+                    {
                         st.prompt_tokens.insert(prompt_index, *prompt_tokens);
                         st.completion_tokens += completion_tokens;
                     }
                     if let Event::Error(message) = &event {
-                        st.queue.push_back(frame(&ApiError::internal(message.clone()).body()));
+                        st.queue
+                            .push_back(frame(&ApiError::internal(message.clone()).body()));
                         continue;
                     }
                     let chunks = st.formatter.on_event(index, prompt_index, event);
@@ -92,7 +98,8 @@ where
                 }
                 None => {
                     if st.include_usage {
-                        let usage = Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
+                        let usage =
+                            Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
                         st.queue.push_back(frame(&st.formatter.usage_chunk(usage)));
                     }
                     st.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));

@@ -39,7 +39,10 @@ impl AppState {
     pub fn check_token_ids(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
         let vocab = self.model.model.config.vocab_size as u32;
         if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-            return Err(ApiError::invalid(format!("token id {bad} in '{param}' is out of range (vocabulary size {vocab})"), Some(param)));
+            return Err(ApiError::invalid(
+                format!("token id {bad} in '{param}' is out of range (vocabulary size {vocab})"),
+                Some(param),
+            ));
         }
         Ok(())
     }

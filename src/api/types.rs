@@ -139,7 +139,11 @@ pub struct Usage {
 impl Usage {
     /// Adds one sequence's counts (the prompt counted once per prompt by the caller).
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
     }
 }
 

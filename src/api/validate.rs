@@ -16,7 +16,10 @@ fn range(name: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f
     match v {
         None => Ok(default),
         Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
-        Some(x) => Err(ApiError::invalid(format!("'{name}' must be between {lo} and {hi}, got {x}"), Some(name))),
+        Some(x) => Err(ApiError::invalid(
+            format!("'{name}' must be between {lo} and {hi}, got {x}"),
+            Some(name),
+        )),
     }
 }
 
@@ -35,35 +38,67 @@ pub fn sampling(f: &SamplingFields, limits: &EngineSettings) -> Result<Validated
     let temperature = range("temperature", f.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p <= 0.0 {
-        return Err(ApiError::invalid("'top_p' must be greater than 0", Some("top_p")));
+        return Err(ApiError::invalid(
+            "'top_p' must be greater than 0",
+            Some("top_p"),
+        ));
     }
     let top_k = match f.top_k {
         None | Some(-1) => 0,
         Some(k) if k >= 0 => k as usize,
-        Some(k) => return Err(ApiError::invalid(format!("'top_k' must be -1 or at least 0, got {k}"), Some("top_k"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("'top_k' must be -1 or at least 0, got {k}"),
+                Some("top_k"),
+            ))
+        }
     };
     let presence_penalty = range("presence_penalty", f.presence_penalty, -2.0, 2.0, 0.0)?;
     let frequency_penalty = range("frequency_penalty", f.frequency_penalty, -2.0, 2.0, 0.0)?;
     let n = match f.n {
         None => 1,
         Some(n) if n >= 1 && n as usize <= limits.max_n => n as usize,
-        Some(n) => return Err(ApiError::invalid(format!("'n' must be between 1 and {}, got {n}", limits.max_n), Some("n"))),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                format!("'n' must be between 1 and {}, got {n}", limits.max_n),
+                Some("n"),
+            ))
+        }
     };
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stop.len() > MAX_STOP {
-        return Err(ApiError::invalid(format!("'stop' may hold at most {MAX_STOP} sequences, got {}", stop.len()), Some("stop")));
+        return Err(ApiError::invalid(
+            format!(
+                "'stop' may hold at most {MAX_STOP} sequences, got {}",
+                stop.len()
+            ),
+            Some("stop"),
+        ));
     }
     if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
-        return Err(ApiError::invalid("each 'stop' sequence must be 1 to 256 bytes long", Some("stop")));
+        return Err(ApiError::invalid(
+            "each 'stop' sequence must be 1 to 256 bytes long",
+            Some("stop"),
+        ));
     }
     let seed = f.seed.map(|s| s as u64);
     let stream = f.stream.unwrap_or(false);
     let include_usage = f.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if f.stream_options.is_some() && !stream {
-        return Err(ApiError::invalid("'stream_options' is only allowed when 'stream' is true", Some("stream_options")));
+        return Err(ApiError::invalid(
+            "'stream_options' is only allowed when 'stream' is true",
+            Some("stream_options"),
+        ));
     }
     Ok(Validated {
-        params: SamplingParams { temperature, top_p, top_k, seed, presence_penalty, frequency_penalty },
+        params: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+        },
         n,
         stop,
         stream,
@@ -83,19 +118,33 @@ pub fn max_tokens(
     allow_zero: bool,
 ) -> Result<usize, ApiError> {
     if prompt_len >= context && !(allow_zero && requested == Some(0)) {
-        return Err(context_error(prompt_param, context, prompt_len, requested.unwrap_or(0).max(0) as usize));
+        return Err(context_error(
+            prompt_param,
+            context,
+            prompt_len,
+            requested.unwrap_or(0).max(0) as usize,
+        ));
     }
     let left = context.saturating_sub(prompt_len);
     match requested {
         None => Ok(limits.default_max_tokens.min(left)),
-        Some(m) if m < 0 || (m == 0 && !allow_zero) => {
-            Err(ApiError::invalid(format!("'{param}' must be at least {}, got {m}", if allow_zero { 0 } else { 1 }), Some(param)))
-        }
-        Some(m) if m as usize > limits.max_tokens_limit => Err(ApiError::invalid(
-            format!("'{param}' must be at most {}, got {m}", limits.max_tokens_limit),
+        Some(m) if m < 0 || (m == 0 && !allow_zero) => Err(ApiError::invalid(
+            format!(
+                "'{param}' must be at least {}, got {m}",
+                if allow_zero { 0 } else { 1 }
+            ),
             Some(param),
         )),
-        Some(m) if m as usize > left => Err(context_error(prompt_param, context, prompt_len, m as usize)),
+        Some(m) if m as usize > limits.max_tokens_limit => Err(ApiError::invalid(
+            format!(
+                "'{param}' must be at most {}, got {m}",
+                limits.max_tokens_limit
+            ),
+            Some(param),
+        )),
+        Some(m) if m as usize > left => {
+            Err(context_error(prompt_param, context, prompt_len, m as usize))
+        }
         Some(m) => Ok(m as usize),
     }
 }

@@ -21,17 +21,28 @@ impl IncrementalDecoder {
     /// Starts after `context` (the prompt), whose text is not emitted.
     pub fn new(context: &[u32]) -> Self {
         let keep = &context[context.len().saturating_sub(CONTEXT)..];
-        IncrementalDecoder { ids: keep.to_vec(), prefix_offset: 0, read_offset: keep.len() }
+        IncrementalDecoder {
+            ids: keep.to_vec(),
+            prefix_offset: 0,
+            read_offset: keep.len(),
+        }
     }
 
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> String {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
+        let prefix = tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])
+            .unwrap_or_default();
+        let full = tokenizer
+            .decode(&self.ids[self.prefix_offset..])
+            .unwrap_or_default();
         // A character is at most 4 byte tokens: past that, U+FFFD is the real text.
         let stuck = self.ids.len() - self.read_offset > MAX_CHAR_TOKENS;
-        if full.len() > prefix.len() && (stuck || !full.ends_with('\u{FFFD}')) && full.starts_with(prefix.as_str()) {
+        if full.len() > prefix.len()
+            && (stuck || !full.ends_with('\u{FFFD}'))
+            && full.starts_with(prefix.as_str())
+        {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -44,8 +55,12 @@ impl IncrementalDecoder {
 
     /// Text still held because it ended in an incomplete character.
     pub fn flush(&mut self, tokenizer: &TextTokenizer) -> String {
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
+        let prefix = tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])
+            .unwrap_or_default();
+        let full = tokenizer
+            .decode(&self.ids[self.prefix_offset..])
+            .unwrap_or_default();
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         full.get(prefix.len()..).unwrap_or("").to_string()
@@ -66,7 +81,13 @@ mod tests {
     use crate::model::builtin::byte_tokenizer;
 
     fn tok() -> TextTokenizer {
-        TextTokenizer::new(byte_tokenizer().unwrap(), Some("<s>".into()), Some("</s>".into()), true, &[])
+        TextTokenizer::new(
+            byte_tokenizer().unwrap(),
+            Some("<s>".into()),
+            Some("</s>".into()),
+            true,
+            &[],
+        )
     }
 
     #[test]

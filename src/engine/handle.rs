@@ -29,9 +29,19 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread over `model`.
-    pub fn start(model: Arc<LoadedModel>, settings: &EngineSettings, metrics: Metrics) -> Result<Self, EngineError> {
-        let kv_per_token = model.model.config.kv_bytes_per_token(model.model.dtype().size_in_bytes()) as u64;
-        metrics.kv_cache_capacity_bytes.set(settings.kv_cache_bytes as i64);
+    pub fn start(
+        model: Arc<LoadedModel>,
+        settings: &EngineSettings,
+        metrics: Metrics,
+    ) -> Result<Self, EngineError> {
+        let kv_per_token = model
+            .model
+            .config
+            .kv_bytes_per_token(model.model.dtype().size_in_bytes())
+            as u64;
+        metrics
+            .kv_cache_capacity_bytes
+            .set(settings.kv_cache_bytes as i64);
         let scheduler = Scheduler::new(SchedulerLimits {
             max_running: settings.max_running,
             max_tokens_per_step: settings.max_tokens_per_step,
@@ -54,11 +64,16 @@ impl EngineHandle {
     }
 
     /// Queues a request. Refuses at once when the waiting queue is full.
-    pub fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<UnboundedReceiver<Event>, EngineError> {
         let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
         if prev >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull { max_waiting: self.max_waiting });
+            return Err(EngineError::QueueFull {
+                max_waiting: self.max_waiting,
+            });
         }
         let (tx, rx) = unbounded_channel();
         let seq = Sequence::new(request, tx);

@@ -42,12 +42,23 @@ impl FinishReason {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Log-probabilities of the prompt tokens (the first is `None`: nothing predicts it).
-    Prompt { logprobs: Vec<Option<PositionLogprobs>> },
+    Prompt {
+        logprobs: Vec<Option<PositionLogprobs>>,
+    },
     /// One generated token and the text it released (may be empty while a
     /// stop string or a multi-byte character is pending).
-    Token { id: u32, text: String, logprobs: Option<PositionLogprobs> },
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<PositionLogprobs>,
+    },
     /// The end; `text` is what was still held back.
-    Done { reason: FinishReason, text: String, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        reason: FinishReason,
+        text: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     /// The engine failed this sequence.
     Error(String),
 }

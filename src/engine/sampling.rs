@@ -19,7 +19,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None, presence_penalty: 0.0, frequency_penalty: 0.0 }
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
     }
 }
 
@@ -52,7 +59,11 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_entropy(),
         };
-        Sampler { params, rng, counts: Default::default() }
+        Sampler {
+            params,
+            rng,
+            counts: Default::default(),
+        }
     }
 
     /// Records a generated token (for the penalties).
@@ -73,7 +84,11 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             cand.truncate(p.top_k);
@@ -123,17 +138,31 @@ pub fn argmax(xs: &[f32]) -> u32 {
 pub fn logprobs_of(logits: &[f32], chosen: u32, top: usize) -> PositionLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    let lp = |id: u32| TokenLogprob { id, logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |l| l - lse) };
+    let lp = |id: u32| TokenLogprob {
+        id,
+        logprob: logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - lse),
+    };
     let mut top_ids: Vec<u32> = (0..logits.len() as u32).collect();
     let k = top.min(top_ids.len());
     if k > 0 {
-        top_ids.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        top_ids.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
         top_ids.truncate(k);
-        top_ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        top_ids.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
     } else {
         top_ids.clear();
     }
-    PositionLogprobs { chosen: lp(chosen), top: top_ids.into_iter().map(lp).collect() }
+    PositionLogprobs {
+        chosen: lp(chosen),
+        top: top_ids.into_iter().map(lp).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -141,7 +170,11 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, seed: Some(seed), ..Default::default() }
+        SamplingParams {
+            temperature,
+            seed: Some(seed),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -155,7 +188,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, seed));
-            (0..40).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+            (0..40)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(5), draw(5));
         assert_ne!(draw(5), draw(6));
@@ -163,8 +198,14 @@ mod tests {
 
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(1.0, 3) });
-        let mut t = Sampler::new(SamplingParams { top_p: 0.01, ..params(1.0, 3) });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..params(1.0, 3)
+        });
+        let mut t = Sampler::new(SamplingParams {
+            top_p: 0.01,
+            ..params(1.0, 3)
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [1.0, 2.0, 1.5]), 1);
             assert_eq!(t.sample(&mut [1.0, 2.0, 1.5]), 1);
@@ -173,7 +214,10 @@ mod tests {
 
     #[test]
     fn frequency_penalty_moves_greedy_off_a_repeated_token() {
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 1.0, ..params(0.0, 1) });
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 1.0,
+            ..params(0.0, 1)
+        });
         s.observe(0);
         assert_eq!(s.sample(&mut [2.0, 1.5]), 1);
     }

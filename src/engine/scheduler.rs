@@ -31,7 +31,12 @@ pub struct Unschedulable(pub String);
 impl Scheduler {
     /// An empty scheduler.
     pub fn new(limits: SchedulerLimits) -> Self {
-        Scheduler { limits, waiting: VecDeque::new(), running: Vec::new(), kv_reserved: 0 }
+        Scheduler {
+            limits,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_reserved: 0,
+        }
     }
 
     /// Nothing to do.
@@ -80,7 +85,11 @@ impl Scheduler {
         let mut plan = Vec::with_capacity(self.running.len());
         // Decoding sequences first: each needs exactly one token.
         for s in &self.running {
-            let n = if s.is_prefilling() { 0 } else { s.pending().min(1) };
+            let n = if s.is_prefilling() {
+                0
+            } else {
+                s.pending().min(1)
+            };
             budget = budget.saturating_sub(n);
             plan.push(n);
         }
@@ -94,7 +103,9 @@ impl Scheduler {
         }
         let mut rejected = Vec::new();
         while budget > 0 && self.running.len() < self.limits.max_running {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
             let need = self.reservation(front);
             if need > self.limits.kv_budget_bytes {
                 let seq = self.waiting.pop_front().expect("front exists");

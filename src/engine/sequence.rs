@@ -93,7 +93,13 @@ impl Sequence {
 
     /// Samples the next token from `logits`, emits it, and says whether the
     /// sequence is finished (and why).
-    pub fn advance(&mut self, mut logits: Vec<f32>, tokenizer: &TextTokenizer, eos: &[u32], max_context: usize) -> Option<FinishReason> {
+    pub fn advance(
+        &mut self,
+        mut logits: Vec<f32>,
+        tokenizer: &TextTokenizer,
+        eos: &[u32],
+        max_context: usize,
+    ) -> Option<FinishReason> {
         let raw = self.request.logprobs.map(|_| logits.clone());
         let id = self.sampler.sample(&mut logits);
         self.sampler.observe(id);
@@ -101,7 +107,11 @@ impl Sequence {
         let logprobs = raw.map(|r| logprobs_of(&r, id, self.request.logprobs.unwrap_or(0)));
         if !self.request.ignore_eos && eos.contains(&id) {
             let tail = self.decoder.flush(tokenizer) + &self.stop.flush();
-            self.send(Event::Token { id, text: String::new(), logprobs });
+            self.send(Event::Token {
+                id,
+                text: String::new(),
+                logprobs,
+            });
             return self.finish(FinishReason::Stop, tail);
         }
         let delta = self.decoder.push(tokenizer, id);

@@ -21,7 +21,10 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// A matcher for `stops` (empty strings are ignored).
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
     }
 
     /// Adds newly decoded text and says what may be sent now.
@@ -30,7 +33,11 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return StopOutcome::Continue(std::mem::take(&mut self.pending));
         }
-        let earliest = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let earliest = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = earliest {
             let out = self.pending[..at].to_string();
             self.pending.clear();
@@ -57,7 +64,11 @@ impl StopMatcher {
             if suffix.len() <= best {
                 break;
             }
-            if self.stops.iter().any(|s| s.len() > suffix.len() && s.starts_with(suffix)) {
+            if self
+                .stops
+                .iter()
+                .any(|s| s.len() > suffix.len() && s.starts_with(suffix))
+            {
                 best = suffix.len();
                 break; // char_indices ascend, so the first hit is the longest
             }

@@ -21,7 +21,13 @@ pub enum Command {
 }
 
 /// Runs until the command channel closes or `Shutdown` arrives.
-pub fn run(model: Arc<LoadedModel>, mut scheduler: Scheduler, rx: Receiver<Command>, waiting: Arc<AtomicUsize>, metrics: Metrics) {
+pub fn run(
+    model: Arc<LoadedModel>,
+    mut scheduler: Scheduler,
+    rx: Receiver<Command>,
+    waiting: Arc<AtomicUsize>,
+    metrics: Metrics,
+) {
     let eos = model.tokenizer.eos_ids.clone();
     let context = model.model.config.max_position_embeddings;
     loop {
@@ -45,8 +51,12 @@ pub fn run(model: Arc<LoadedModel>, mut scheduler: Scheduler, rx: Receiver<Comma
             seq.send(Event::Error(why.0));
         }
         waiting.fetch_sub(waiting_before - scheduler.waiting.len(), Ordering::SeqCst);
-        metrics.waiting_sequences.set(scheduler.waiting.len() as i64);
-        metrics.running_sequences.set(scheduler.running.len() as i64);
+        metrics
+            .waiting_sequences
+            .set(scheduler.waiting.len() as i64);
+        metrics
+            .running_sequences
+            .set(scheduler.running.len() as i64);
         metrics.kv_cache_bytes.set(scheduler.kv_reserved() as i64);
         if plan.iter().all(|&n| n == 0) {
             if !scheduler.running.is_empty() || !scheduler.waiting.is_empty() {
@@ -58,7 +68,14 @@ pub fn run(model: Arc<LoadedModel>, mut scheduler: Scheduler, rx: Receiver<Comma
     }
 }
 
-fn step(model: &LoadedModel, scheduler: &mut Scheduler, plan: &[usize], eos: &[u32], context: usize, metrics: &Metrics) {
+fn step(
+    model: &LoadedModel,
+    scheduler: &mut Scheduler,
+    plan: &[usize],
+    eos: &[u32],
+    context: usize,
+    metrics: &Metrics,
+) {
     // What each scheduled sequence wants back, and where its prompt chunk starts.
     let mut wants = Vec::with_capacity(plan.len());
     let mut inputs = Vec::with_capacity(plan.len());
@@ -80,11 +97,18 @@ fn step(model: &LoadedModel, scheduler: &mut Scheduler, plan: &[usize], eos: &[u
         wants.push((want, n));
         total += n;
         let cache = seq.cache.get_or_insert_with(|| model.model.new_cache());
-        inputs.push(SequenceInput { tokens: &seq.tokens[start..start + n], cache, logits: want });
+        inputs.push(SequenceInput {
+            tokens: &seq.tokens[start..start + n],
+            cache,
+            logits: want,
+        });
     }
     metrics.batch_size.observe(inputs.len() as f64);
     metrics.step_tokens.observe(total as f64);
-    let result = model.model.forward(&mut inputs).and_then(|t| Ok(t.to_vec2::<f32>()?));
+    let result = model
+        .model
+        .forward(&mut inputs)
+        .and_then(|t| Ok(t.to_vec2::<f32>()?));
     drop(inputs);
     let rows = match result {
         Ok(rows) => rows,
@@ -109,7 +133,9 @@ fn step(model: &LoadedModel, scheduler: &mut Scheduler, plan: &[usize], eos: &[u
         let start = seq.fed;
         seq.fed += n;
         if start < seq.prompt_len() {
-            metrics.prompt_tokens.inc_by(n.min(seq.prompt_len() - start) as u64);
+            metrics
+                .prompt_tokens
+                .inc_by(n.min(seq.prompt_len() - start) as u64);
         }
         let last = match want {
             LogitsWanted::None => continue,
@@ -118,7 +144,11 @@ fn step(model: &LoadedModel, scheduler: &mut Scheduler, plan: &[usize], eos: &[u
                 let mine: Vec<Vec<f32>> = rows.by_ref().take(n).collect();
                 let top = seq.request.prompt_logprobs.unwrap_or(0);
                 seq.record_prompt_logprobs(start, &mine, top);
-                if seq.is_prefilling() { None } else { mine.into_iter().last() }
+                if seq.is_prefilling() {
+                    None
+                } else {
+                    mine.into_iter().last()
+                }
             }
         };
         let Some(logits) = last else { continue };
@@ -135,10 +165,15 @@ fn step(model: &LoadedModel, scheduler: &mut Scheduler, plan: &[usize], eos: &[u
                 finished.push(i);
                 continue;
             }
-            metrics.time_to_first_token.observe(seq.submitted.elapsed().as_secs_f64());
+            metrics
+                .time_to_first_token
+                .observe(seq.submitted.elapsed().as_secs_f64());
         }
         metrics.generated_tokens.inc();
-        if seq.advance(logits, &model.tokenizer, eos, context).is_some() {
+        if seq
+            .advance(logits, &model.tokenizer, eos, context)
+            .is_some()
+        {
             finished.push(i);
         }
     }

@@ -6,7 +6,7 @@
 //! chunks and non-f32/non-CPU tensors take the matmul path.
 
 use candle_core::{DType, Device, Storage, Tensor};
-use rayon::prelude::*;
+use super::parallel::{for_ranges, DisjointOut};
 
 /// Shapes shared by every call in a model.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +33,10 @@ pub fn kernel_applies(t: &Tensor) -> bool {
 
 fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Option<&'a [f32]> {
     match storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|s| &s[t.layout().start_offset()..]),
+        Storage::Cpu(cpu) => cpu
+            .as_slice::<f32>()
+            .ok()
+            .map(|s| &s[t.layout().start_offset()..]),
         _ => None,
     }
 }
@@ -41,10 +44,17 @@ fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Option<&'a [f32]> {
 /// Attention for many single-token queries at once; returns
 /// `[queries, heads * head_dim]` row-major, or `None` if a tensor is not CPU f32.
 pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Option<Vec<f32>> {
-    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     let rep = heads / kv_heads;
     let width = heads * head_dim;
-    let guards: Vec<_> = queries.iter().map(|q| (q.k.storage_and_layout().0, q.v.storage_and_layout().0)).collect();
+    let guards: Vec<_> = queries
+        .iter()
+        .map(|q| (q.k.storage_and_layout().0, q.v.storage_and_layout().0))
+        .collect();
     let mut slices = Vec::with_capacity(queries.len());
     for (q, (ks, vs)) in queries.iter().zip(&guards) {
         let k = cpu_f32(ks, q.k)?;
@@ -54,8 +64,8 @@ pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Optio
     }
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut out = vec![0f32; queries.len() * width];
-    // One task per (query, head): enough parallelism at batch 1 too.
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(task, dst)| {
+    let work: usize = slices.iter().map(|s| s.3).sum::<usize>() * width;
+    let one = |task: usize, dst: &mut [f32]| {
         let (qi, h) = (task / heads, task % heads);
         let (q, k, v, len, cap) = slices[qi];
         let kvh = h / rep;
@@ -79,19 +89,43 @@ pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Optio
             let vj = &v[base + j * head_dim..base + (j + 1) * head_dim];
             dst.iter_mut().zip(vj).for_each(|(d, x)| *d += w * x);
         }
-    });
+    };
+    let tasks = queries.len() * heads;
+    {
+        let shared = DisjointOut::new(&mut out);
+        for_ranges(tasks, work, |range| {
+            for task in range {
+                // SAFETY: each task owns its own head_dim slice.
+                one(task, unsafe { shared.piece(task * head_dim, head_dim) });
+            }
+        });
+    }
     Some(out)
 }
 
 /// Causal attention of `len` new queries `[len, heads, head_dim]` over
 /// `past + len` keys/values `[kv_heads, past + len, head_dim]`, with candle
 /// ops. Returns `[len, heads * head_dim]`.
-pub fn prefill(shape: AttentionShape, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> candle_core::Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim } = shape;
+pub fn prefill(
+    shape: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+) -> candle_core::Result<Tensor> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     let len = q.dim(0)?;
     let rep = heads / kv_heads;
     // [len, kvh, rep, hd] -> [kvh, rep * len, hd]: query head h reads kv head h / rep.
-    let q = q.reshape((len, kv_heads, rep, head_dim))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv_heads, rep * len, head_dim))?;
+    let q = q
+        .reshape((len, kv_heads, rep, head_dim))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((kv_heads, rep * len, head_dim))?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     let q = (q * scale)?;
     let scores = q.matmul(&k.t()?)?;
@@ -101,18 +135,33 @@ pub fn prefill(shape: AttentionShape, q: &Tensor, k: &Tensor, v: &Tensor, past: 
         masked_softmax(scores, past, len, kv_heads, rep)?
     };
     let out = probs.matmul(&v.contiguous()?)?;
-    out.reshape((kv_heads, rep, len, head_dim))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((len, heads * head_dim))
+    out.reshape((kv_heads, rep, len, head_dim))?
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((len, heads * head_dim))
 }
 
 /// The portable path: an explicit mask, then softmax.
-fn masked_softmax(mut scores: Tensor, past: usize, len: usize, kv_heads: usize, rep: usize) -> candle_core::Result<Tensor> {
+fn masked_softmax(
+    mut scores: Tensor,
+    past: usize,
+    len: usize,
+    kv_heads: usize,
+    rep: usize,
+) -> candle_core::Result<Tensor> {
     let total = past + len;
     if len > 1 {
         let mask: Vec<f32> = (0..len)
-            .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+            })
             .collect();
-        let mask = Tensor::from_vec(mask, (len, total), scores.device())?.to_dtype(scores.dtype())?;
-        scores = scores.reshape((kv_heads, rep, len, total))?.broadcast_add(&mask)?.reshape((kv_heads, rep * len, total))?;
+        let mask =
+            Tensor::from_vec(mask, (len, total), scores.device())?.to_dtype(scores.dtype())?;
+        scores = scores
+            .reshape((kv_heads, rep, len, total))?
+            .broadcast_add(&mask)?
+            .reshape((kv_heads, rep * len, total))?;
     }
     candle_nn::ops::softmax_last_dim(&scores)
 }
@@ -130,21 +179,35 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         "causal-softmax"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let src = storage.as_slice::<f32>()?;
         let src = &src[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
         let total = self.past + self.len;
         let mut dst = vec![0f32; src.len()];
-        dst.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(row, (d, s))| {
-            let visible = self.past + row % self.len + 1;
-            let max = s[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (o, x) in d[..visible].iter_mut().zip(&s[..visible]) {
-                *o = (x - max).exp();
-                sum += *o;
+        let rows = src.len() / total;
+        let shared = DisjointOut::new(&mut dst);
+        for_ranges(rows, src.len() * 4, |range| {
+            for row in range {
+                // SAFETY: each row is written by exactly one task.
+                let d = unsafe { shared.piece(row * total, total) };
+                let s = &src[row * total..(row + 1) * total];
+                let visible = self.past + row % self.len + 1;
+                let max = s[..visible]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for (o, x) in d[..visible].iter_mut().zip(&s[..visible]) {
+                    *o = (x - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                d[..visible].iter_mut().for_each(|o| *o *= inv);
             }
-            let inv = 1.0 / sum;
-            d[..visible].iter_mut().for_each(|o| *o *= inv);
         });
         Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
     }

@@ -66,12 +66,23 @@ pub fn llama_110m_config() -> ModelConfig {
 
 /// Deterministic random weights in Hugging Face naming for `cfg`:
 /// projections ~ N(0, 0.02)-ish (uniform), norms near 1.
-pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+pub fn random_weights(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = HashMap::new();
-    let mut put = |name: String, shape: &[usize], scale: f32, center: f32, rng: &mut StdRng| -> Result<(), ModelError> {
+    let mut put = |name: String,
+                   shape: &[usize],
+                   scale: f32,
+                   center: f32,
+                   rng: &mut StdRng|
+     -> Result<(), ModelError> {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| center + scale * (rng.gen::<f32>() * 2.0 - 1.0)).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| center + scale * (rng.gen::<f32>() * 2.0 - 1.0))
+            .collect();
         out.insert(name, Tensor::from_vec(data, shape, device)?);
         Ok(())
     };
@@ -79,11 +90,29 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<H
     let qd = cfg.num_attention_heads * cfg.head_dim;
     let kvd = cfg.num_key_value_heads * cfg.head_dim;
     let s = 0.035;
-    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], 1.0, 0.0, &mut rng)?;
+    put(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, h],
+        1.0,
+        0.0,
+        &mut rng,
+    )?;
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), &[h], 0.1, 1.0, &mut rng)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[h], 0.1, 1.0, &mut rng)?;
+        put(
+            format!("{p}.input_layernorm.weight"),
+            &[h],
+            0.1,
+            1.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            0.1,
+            1.0,
+            &mut rng,
+        )?;
         for (name, out_dim, in_dim) in [
             ("self_attn.q_proj", qd, h),
             ("self_attn.k_proj", kvd, h),
@@ -93,24 +122,49 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<H
             ("mlp.up_proj", i, h),
             ("mlp.down_proj", h, i),
         ] {
-            put(format!("{p}.{name}.weight"), &[out_dim, in_dim], s, 0.0, &mut rng)?;
-            if cfg.qkv_bias && matches!(name, "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj") {
+            put(
+                format!("{p}.{name}.weight"),
+                &[out_dim, in_dim],
+                s,
+                0.0,
+                &mut rng,
+            )?;
+            if cfg.qkv_bias
+                && matches!(
+                    name,
+                    "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+                )
+            {
                 put(format!("{p}.{name}.bias"), &[out_dim], s, 0.0, &mut rng)?;
             }
         }
     }
     put("model.norm.weight".into(), &[h], 0.1, 1.0, &mut rng)?;
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[cfg.vocab_size, h], 0.3, 0.0, &mut rng)?;
+        put(
+            "lm_head.weight".into(),
+            &[cfg.vocab_size, h],
+            0.3,
+            0.0,
+            &mut rng,
+        )?;
     }
     Ok(out)
 }
 
 /// A random model of shape `cfg` (tests and benchmarks).
-pub fn random_llama(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<super::Llama, ModelError> {
+pub fn random_llama(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<super::Llama, ModelError> {
     let weights = random_weights(cfg, seed, device)?;
     let get = |name: &str| -> Result<Option<Tensor>, ModelError> {
-        weights.get(name).map(|t| t.to_dtype(dtype).map_err(ModelError::from)).transpose()
+        weights
+            .get(name)
+            .map(|t| t.to_dtype(dtype).map_err(ModelError::from))
+            .transpose()
     };
     build_llama(cfg.clone(), &get)
 }
@@ -156,14 +210,19 @@ pub fn byte_tokenizer_with_vocab(vocab_size: usize) -> Result<Tokenizer, ModelEr
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": []}
     });
-    json.to_string().parse::<Tokenizer>().map_err(|e| ModelError::Tokenizer(e.to_string()))
+    json.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))
 }
 
 /// Writes a random model of shape `cfg` as a Hugging Face directory
 /// (config.json, model.safetensors, byte tokenizer), so benchmarks and
 /// tests can serve a model of any shape through the real loader.
 pub fn write_hf_dir(cfg: &ModelConfig, seed: u64, dir: &std::path::Path) -> Result<(), ModelError> {
-    let io = |e: std::io::Error| ModelError::Io { path: dir.display().to_string(), message: e.to_string() };
+    let io = |e: std::io::Error| ModelError::Io {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": cfg.architecture,
@@ -175,10 +234,15 @@ pub fn write_hf_dir(cfg: &ModelConfig, seed: u64, dir: &std::path::Path) -> Resu
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "torch_dtype": "float32",
     });
     let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(io);
-    write("config.json", serde_json::to_string_pretty(&config).unwrap_or_default())?;
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )?;
     let tok_cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": true});
     write("tokenizer_config.json", tok_cfg.to_string())?;
-    let tokenizer = byte_tokenizer_with_vocab(cfg.vocab_size.max(BYTE_VOCAB))?.to_string(false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let tokenizer = byte_tokenizer_with_vocab(cfg.vocab_size.max(BYTE_VOCAB))?
+        .to_string(false)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     write("tokenizer.json", tokenizer)?;
     let weights = random_weights(cfg, seed, &Device::Cpu)?;
     candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
@@ -189,9 +253,21 @@ pub fn write_hf_dir(cfg: &ModelConfig, seed: u64, dir: &std::path::Path) -> Resu
 pub fn load_builtin(dtype: DType, device: &Device) -> Result<LoadedModel, ModelError> {
     let cfg = builtin_config();
     let model = random_llama(&cfg, BUILTIN_SEED, dtype, device)?;
-    let tokenizer = TextTokenizer::new(byte_tokenizer()?, Some("<s>".into()), Some("</s>".into()), true, &[EOS_ID]);
+    let tokenizer = TextTokenizer::new(
+        byte_tokenizer()?,
+        Some("<s>".into()),
+        Some("</s>".into()),
+        true,
+        &[EOS_ID],
+    );
     let chat = ChatTemplate::new(None, "<s>", "</s>")?;
-    Ok(LoadedModel { id: BUILTIN_MODEL_ID.into(), model, tokenizer, chat, builtin: true })
+    Ok(LoadedModel {
+        id: BUILTIN_MODEL_ID.into(),
+        model,
+        tokenizer,
+        chat,
+        builtin: true,
+    })
 }
 
 #[cfg(test)]
@@ -200,7 +276,13 @@ mod tests {
 
     #[test]
     fn byte_tokenizer_round_trips_utf8() {
-        let t = TextTokenizer::new(byte_tokenizer().unwrap(), Some("<s>".into()), Some("</s>".into()), true, &[]);
+        let t = TextTokenizer::new(
+            byte_tokenizer().unwrap(),
+            Some("<s>".into()),
+            Some("</s>".into()),
+            true,
+            &[],
+        );
         let ids = t.encode_prompt("héllo").unwrap();
         assert_eq!(ids[0], BOS_ID);
         assert_eq!(ids.len(), 1 + "héllo".len());
@@ -212,7 +294,14 @@ mod tests {
         let a = random_weights(&builtin_config(), 7, &Device::Cpu).unwrap();
         let b = random_weights(&builtin_config(), 7, &Device::Cpu).unwrap();
         let k = "model.layers.0.self_attn.q_proj.weight";
-        let diff = (&a[k] - &b[k]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&a[k] - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 }

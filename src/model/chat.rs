@@ -23,7 +23,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("has_model_template", &self.has_model_template).finish()
+        f.debug_struct("ChatTemplate")
+            .field("has_model_template", &self.has_model_template)
+            .finish()
     }
 }
 
@@ -33,17 +35,25 @@ const FALLBACK_TEMPLATE: &str = "{% for m in messages %}{{ m.role }}: {{ m.conte
 
 impl ChatTemplate {
     /// Compiles `template`, or the fallback when `None`.
-    pub fn new(template: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Self, ModelError> {
+    pub fn new(
+        template: Option<&str>,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<Self, ModelError> {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         let source = template.unwrap_or(FALLBACK_TEMPLATE).to_string();
-        env.add_template_owned("chat", source).map_err(|e| ModelError::Template(e.to_string()))?;
+        env.add_template_owned("chat", source)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(ChatTemplate {
             env,
             has_model_template: template.is_some(),
@@ -59,7 +69,10 @@ impl ChatTemplate {
 
     /// Renders the conversation with the generation prompt appended.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ModelError> {
-        let tmpl = self.env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
@@ -75,7 +88,10 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 
     #[test]
@@ -83,7 +99,10 @@ mod tests {
         let t = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let c = ChatTemplate::new(Some(t), "", "<|im_end|>").unwrap();
         let out = c.render(&[msg("user", " hi ")]).unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -97,6 +116,9 @@ mod tests {
     #[test]
     fn fallback_names_roles_and_opens_the_assistant_turn() {
         let c = ChatTemplate::new(None, "", "").unwrap();
-        assert_eq!(c.render(&[msg("user", "hi")]).unwrap(), "user: hi\nassistant:");
+        assert_eq!(
+            c.render(&[msg("user", "hi")]).unwrap(),
+            "user: hi\nassistant:"
+        );
     }
 }

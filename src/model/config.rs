@@ -96,7 +96,9 @@ impl ModelConfig {
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(ModelError::Unsupported(format!("hidden_act {act:?} (only silu)")));
+                return Err(ModelError::Unsupported(format!(
+                    "hidden_act {act:?} (only silu)"
+                )));
             }
         }
         let rope_scaling = match raw.rope_scaling {
@@ -129,7 +131,9 @@ impl ModelConfig {
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(ModelError::InvalidConfig(format!("config.json: head_dim {head_dim} must be even")));
+            return Err(ModelError::InvalidConfig(format!(
+                "config.json: head_dim {head_dim} must be even"
+            )));
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let qwen = arch == "qwen2";
@@ -159,7 +163,10 @@ impl ModelConfig {
             o_bias: !qwen && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             bos_token_id: raw.bos_token_id.and_then(|b| b.into_vec().first().copied()),
-            eos_token_ids: raw.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
+            eos_token_ids: raw
+                .eos_token_id
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default(),
             architecture: arch,
         })
     }
@@ -194,7 +201,9 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
-        let e = ModelConfig::from_hf_json(&format!(r#"{{{base},"rope_scaling":{{"type":"yarn","factor":2.0}}}}"#));
+        let e = ModelConfig::from_hf_json(&format!(
+            r#"{{{base},"rope_scaling":{{"type":"yarn","factor":2.0}}}}"#
+        ));
         assert!(matches!(e, Err(ModelError::Unsupported(_))));
     }
 

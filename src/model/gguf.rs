@@ -27,23 +27,33 @@ use super::ModelError;
 pub fn config_from_meta(meta: &GgufMeta<'_>, content: &Content) -> Result<ModelConfig, ModelError> {
     let arch = meta.str_opt("general.architecture")?.unwrap_or("llama");
     if !matches!(arch, "llama" | "qwen2") {
-        return Err(ModelError::Unsupported(format!("GGUF architecture {arch:?} (supported: llama, qwen2)")));
+        return Err(ModelError::Unsupported(format!(
+            "GGUF architecture {arch:?} (supported: llama, qwen2)"
+        )));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
-    let kv_heads = meta.u64_opt(&key("attention.head_count_kv"))?.map_or(heads, |v| v as usize);
+    let kv_heads = meta
+        .u64_opt(&key("attention.head_count_kv"))?
+        .map_or(heads, |v| v as usize);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(ModelError::InvalidConfig(format!("GGUF: {heads} heads are not a multiple of {kv_heads} kv heads")));
+        return Err(ModelError::InvalidConfig(format!(
+            "GGUF: {heads} heads are not a multiple of {kv_heads} kv heads"
+        )));
     }
-    let head_dim = meta.u64_opt(&key("attention.key_length"))?.map_or(hidden / heads, |v| v as usize);
+    let head_dim = meta
+        .u64_opt(&key("attention.key_length"))?
+        .map_or(hidden / heads, |v| v as usize);
     let vocab = match meta.u64_opt(&key("vocab_size"))? {
         Some(v) => v as usize,
         None => meta.strings("tokenizer.ggml.tokens")?.len(),
     };
     if let Some(kind) = meta.str_opt(&key("rope.scaling.type"))? {
         if kind != "none" {
-            return Err(ModelError::Unsupported(format!("GGUF rope scaling {kind:?}")));
+            return Err(ModelError::Unsupported(format!(
+                "GGUF rope scaling {kind:?}"
+            )));
         }
     }
     let tied = !content.tensor_infos.contains_key("output.weight");
@@ -56,8 +66,12 @@ pub fn config_from_meta(meta: &GgufMeta<'_>, content: &Content) -> Result<ModelC
         num_key_value_heads: kv_heads,
         head_dim,
         vocab_size: vocab,
-        max_position_embeddings: meta.u64_opt(&key("context_length"))?.map_or(2048, |v| v as usize),
-        rms_norm_eps: meta.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        max_position_embeddings: meta
+            .u64_opt(&key("context_length"))?
+            .map_or(2048, |v| v as usize),
+        rms_norm_eps: meta
+            .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
         rope_theta: meta.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
         rope_scaling: None,
         rope_freq_factors: None,
@@ -65,8 +79,14 @@ pub fn config_from_meta(meta: &GgufMeta<'_>, content: &Content) -> Result<ModelC
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: false,
-        bos_token_id: meta.u64_opt("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
-        eos_token_ids: meta.u64_opt("tokenizer.ggml.eos_token_id")?.map(|v| v as u32).into_iter().collect(),
+        bos_token_id: meta
+            .u64_opt("tokenizer.ggml.bos_token_id")?
+            .map(|v| v as u32),
+        eos_token_ids: meta
+            .u64_opt("tokenizer.ggml.eos_token_id")?
+            .map(|v| v as u32)
+            .into_iter()
+            .collect(),
     })
 }
 
@@ -94,7 +114,9 @@ fn permute_quantized_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor, ModelE
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
     let data = q.data()?;
     if data.len() != rows * row_bytes || perm.len() != rows {
-        return Err(ModelError::Weights(format!("cannot permute rows of a {dtype:?} tensor ({rows}x{cols})")));
+        return Err(ModelError::Weights(format!(
+            "cannot permute rows of a {dtype:?} tensor ({rows}x{cols})"
+        )));
     }
     let mut out = Vec::with_capacity(data.len());
     for &src in perm {
@@ -121,7 +143,10 @@ impl TensorReader<'_> {
             .tensor(&mut self.file, name, &self.device)
             .map_err(|e| ModelError::Weights(format!("GGUF tensor {name}: {e}")))?;
         if t.shape().dims() != shape {
-            return Err(ModelError::Weights(format!("GGUF tensor {name}: shape {:?}, expected {shape:?}", t.shape().dims())));
+            return Err(ModelError::Weights(format!(
+                "GGUF tensor {name}: shape {:?}, expected {shape:?}",
+                t.shape().dims()
+            )));
         }
         Ok(t)
     }
@@ -132,16 +157,33 @@ impl TensorReader<'_> {
 
     /// A small tensor (norms, biases) as dense f32.
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        Ok(self.qtensor(name, shape)?.dequantize(&self.device)?.to_dtype(DType::F32)?)
+        Ok(self
+            .qtensor(name, shape)?
+            .dequantize(&self.device)?
+            .to_dtype(DType::F32)?)
     }
 
     /// A projection: quantized types stay packed; float types become dense f32.
-    fn projection(&mut self, name: &str, out: usize, inp: usize, bias: bool, perm: Option<&[usize]>) -> Result<Projection, ModelError> {
+    fn projection(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        perm: Option<&[usize]>,
+    ) -> Result<Projection, ModelError> {
         let mut q = self.qtensor(&format!("{name}.weight"), &[out, inp])?;
         let bias = if bias {
             let b = self.dense(&format!("{name}.bias"), &[out])?;
             Some(match perm {
-                Some(p) => b.index_select(&Tensor::from_vec(p.iter().map(|&i| i as u32).collect::<Vec<_>>(), out, &self.device)?, 0)?,
+                Some(p) => b.index_select(
+                    &Tensor::from_vec(
+                        p.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                        out,
+                        &self.device,
+                    )?,
+                    0,
+                )?,
                 None => b,
             })
         } else {
@@ -150,7 +192,14 @@ impl TensorReader<'_> {
         if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             let mut w = q.dequantize(&self.device)?.to_dtype(DType::F32)?;
             if let Some(p) = perm {
-                w = w.index_select(&Tensor::from_vec(p.iter().map(|&i| i as u32).collect::<Vec<_>>(), out, &self.device)?, 0)?;
+                w = w.index_select(
+                    &Tensor::from_vec(
+                        p.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                        out,
+                        &self.device,
+                    )?,
+                    0,
+                )?;
             }
             return Ok(Projection::new(w, bias));
         }
@@ -162,23 +211,45 @@ impl TensorReader<'_> {
 }
 
 /// Loads a GGUF model file for serving.
-pub fn load_gguf(path: &Path, served_name: Option<&str>, device: &Device) -> Result<LoadedModel, ModelError> {
-    let io = |e: std::io::Error| ModelError::Io { path: path.display().to_string(), message: e.to_string() };
+pub fn load_gguf(
+    path: &Path,
+    served_name: Option<&str>,
+    device: &Device,
+) -> Result<LoadedModel, ModelError> {
+    let io = |e: std::io::Error| ModelError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
     let mut file = BufReader::new(File::open(path).map_err(io)?);
-    let content = Content::read(&mut file).map_err(|e| ModelError::InvalidConfig(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        ModelError::InvalidConfig(format!("{}: not a readable GGUF file: {e}", path.display()))
+    })?;
     let meta = GgufMeta::new(&content);
     let mut config = config_from_meta(&meta, &content)?;
     let tok = gguf_tokenizer::from_gguf(&meta)?;
-    let mut reader = TensorReader { content: &content, file, device: device.clone() };
+    let mut reader = TensorReader {
+        content: &content,
+        file,
+        device: device.clone(),
+    };
     if reader.has("rope_freqs.weight") {
-        let factors = reader.dense("rope_freqs.weight", &[config.head_dim / 2])?.to_vec1::<f32>()?;
+        let factors = reader
+            .dense("rope_freqs.weight", &[config.head_dim / 2])?
+            .to_vec1::<f32>()?;
         config.rope_freq_factors = Some(factors);
     }
     let (h, i) = (config.hidden_size, config.intermediate_size);
-    let (heads, kvh, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
+    let (heads, kvh, hd) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
     // Only llama files are permuted by llama.cpp's converter; qwen2 keeps HF order.
     let (q_perm, k_perm) = if config.architecture == "llama" {
-        (Some(unpermute_rows(heads, hd)), Some(unpermute_rows(kvh, hd)))
+        (
+            Some(unpermute_rows(heads, hd)),
+            Some(unpermute_rows(kvh, hd)),
+        )
     } else {
         (None, None)
     };
@@ -189,17 +260,38 @@ pub fn load_gguf(path: &Path, served_name: Option<&str>, device: &Device) -> Res
         blocks.push(Block::new(
             reader.dense(&format!("{p}.attn_norm.weight"), &[h])?,
             reader.dense(&format!("{p}.ffn_norm.weight"), &[h])?,
-            reader.projection(&format!("{p}.attn_q"), heads * hd, h, qkv_bias, q_perm.as_deref())?,
-            reader.projection(&format!("{p}.attn_k"), kvh * hd, h, qkv_bias, k_perm.as_deref())?,
+            reader.projection(
+                &format!("{p}.attn_q"),
+                heads * hd,
+                h,
+                qkv_bias,
+                q_perm.as_deref(),
+            )?,
+            reader.projection(
+                &format!("{p}.attn_k"),
+                kvh * hd,
+                h,
+                qkv_bias,
+                k_perm.as_deref(),
+            )?,
             reader.projection(&format!("{p}.attn_v"), kvh * hd, h, qkv_bias, None)?,
-            reader.projection(&format!("{p}.attn_output"), h, heads * hd, config.o_bias, None)?,
+            reader.projection(
+                &format!("{p}.attn_output"),
+                h,
+                heads * hd,
+                config.o_bias,
+                None,
+            )?,
             reader.projection(&format!("{p}.ffn_gate"), i, h, false, None)?,
             reader.projection(&format!("{p}.ffn_up"), i, h, false, None)?,
             reader.projection(&format!("{p}.ffn_down"), h, i, false, None)?,
         )?);
     }
     let embed_q = reader.qtensor("token_embd.weight", &[config.vocab_size, h])?;
-    let embed = if matches!(embed_q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+    let embed = if matches!(
+        embed_q.dtype(),
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+    ) {
         Embedding::Dense(embed_q.dequantize(device)?.to_dtype(DType::F32)?)
     } else if let (true, Some(native)) = (device.is_cpu(), QuantMatrix::from_qtensor(&embed_q)) {
         Embedding::Native(Arc::new(native))
@@ -213,13 +305,32 @@ pub fn load_gguf(path: &Path, served_name: Option<&str>, device: &Device) -> Res
         None
     };
     let model = Llama::from_parts(config, embed, blocks, final_norm, lm_head)?;
-    let tokenizer = TextTokenizer::new(tok.tokenizer, tok.bos_token.clone(), tok.eos_token.clone(), tok.add_bos_token, &tok.extra_eos_ids);
-    let chat = ChatTemplate::new(tok.chat_template.as_deref(), tok.bos_token.as_deref().unwrap_or(""), tok.eos_token.as_deref().unwrap_or(""))?;
+    let tokenizer = TextTokenizer::new(
+        tok.tokenizer,
+        tok.bos_token.clone(),
+        tok.eos_token.clone(),
+        tok.add_bos_token,
+        &tok.extra_eos_ids,
+    );
+    let chat = ChatTemplate::new(
+        tok.chat_template.as_deref(),
+        tok.bos_token.as_deref().unwrap_or(""),
+        tok.eos_token.as_deref().unwrap_or(""),
+    )?;
     let id = match served_name {
         Some(n) if !n.is_empty() => n.to_string(),
-        _ => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        _ => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
     };
-    Ok(LoadedModel { id, model, tokenizer, chat, builtin: false })
+    Ok(LoadedModel {
+        id,
+        model,
+        tokenizer,
+        chat,
+        builtin: false,
+    })
 }
 
 #[cfg(test)]

@@ -48,17 +48,23 @@ impl<'a> GgufMeta<'a> {
 
     /// An unsigned integer, if present.
     pub fn u64_opt(&self, key: &str) -> Result<Option<u64>, ModelError> {
-        self.get(key).map(|v| as_u64(v).ok_or_else(|| Self::invalid(key, "expected an unsigned integer"))).transpose()
+        self.get(key)
+            .map(|v| as_u64(v).ok_or_else(|| Self::invalid(key, "expected an unsigned integer")))
+            .transpose()
     }
 
     /// A required unsigned integer, as usize.
     pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
-        self.u64_opt(key)?.map(|v| v as usize).ok_or_else(|| Self::invalid(key, "missing"))
+        self.u64_opt(key)?
+            .map(|v| v as usize)
+            .ok_or_else(|| Self::invalid(key, "missing"))
     }
 
     /// A float, if present.
     pub fn f64_opt(&self, key: &str) -> Result<Option<f64>, ModelError> {
-        self.get(key).map(|v| as_f64(v).ok_or_else(|| Self::invalid(key, "expected a number"))).transpose()
+        self.get(key)
+            .map(|v| as_f64(v).ok_or_else(|| Self::invalid(key, "expected a number")))
+            .transpose()
     }
 
     /// A boolean, if present.

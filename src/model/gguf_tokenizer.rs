@@ -53,11 +53,16 @@ fn gpt2_pipeline(pre: &str) -> (Value, Value) {
                 byte_level(false, true),
             ]}),
         ),
-        "llama3" | "llama-bpe" | "smaug-bpe" | "falcon3" => (Value::Null, split_then_bytes(REGEX_LLAMA3)),
+        "llama3" | "llama-bpe" | "smaug-bpe" | "falcon3" => {
+            (Value::Null, split_then_bytes(REGEX_LLAMA3))
+        }
         "qwen2" | "deepseek-r1-qwen" => (json!({"type": "NFC"}), split_then_bytes(REGEX_QWEN2)),
         other => {
             if !matches!(other, "gpt2" | "default" | "gpt-2") {
-                tracing::warn!(pre = other, "unknown tokenizer.ggml.pre; using GPT-2 pre-tokenization");
+                tracing::warn!(
+                    pre = other,
+                    "unknown tokenizer.ggml.pre; using GPT-2 pre-tokenization"
+                );
             }
             (Value::Null, byte_level(false, true))
         }
@@ -77,7 +82,12 @@ fn spm_merges(tokens: &[&str], scores: &[f64], types: &[u64]) -> Vec<String> {
         for (split, _) in tok.char_indices().skip(1) {
             let (l, r) = tok.split_at(split);
             if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
-                merges.push((scores.get(id).copied().unwrap_or(0.0), li, ri, format!("{l} {r}")));
+                merges.push((
+                    scores.get(id).copied().unwrap_or(0.0),
+                    li,
+                    ri,
+                    format!("{l} {r}"),
+                ));
             }
         }
     }
@@ -102,16 +112,26 @@ fn added_tokens(tokens: &[&str], types: &[u64]) -> Vec<Value> {
 /// Reads the tokenizer of a GGUF file.
 pub fn from_gguf(meta: &GgufMeta<'_>) -> Result<GgufTokenizer, ModelError> {
     let model = meta.str_opt("tokenizer.ggml.model")?.ok_or_else(|| {
-        ModelError::Tokenizer("GGUF has no tokenizer.ggml.model; this file carries no tokenizer".into())
+        ModelError::Tokenizer(
+            "GGUF has no tokenizer.ggml.model; this file carries no tokenizer".into(),
+        )
     })?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let types: Vec<u64> = meta
         .f64s_opt("tokenizer.ggml.token_type")?
         .map(|v| v.into_iter().map(|x| x as u64).collect())
         .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
-    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| ((*t).to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).to_string(), json!(i)))
+        .collect();
     let id_token = |key: &str| -> Result<Option<(u32, String)>, ModelError> {
-        Ok(meta.u64_opt(key)?.and_then(|id| tokens.get(id as usize).map(|t| (id as u32, (*t).to_string()))))
+        Ok(meta.u64_opt(key)?.and_then(|id| {
+            tokens
+                .get(id as usize)
+                .map(|t| (id as u32, (*t).to_string()))
+        }))
     };
     let bos = id_token("tokenizer.ggml.bos_token_id")?;
     let eos = id_token("tokenizer.ggml.eos_token_id")?;
@@ -139,12 +159,16 @@ pub fn from_gguf(meta: &GgufMeta<'_>) -> Result<GgufTokenizer, ModelError> {
             let scores = meta.f64s_opt("tokenizer.ggml.scores")?.ok_or_else(|| {
                 ModelError::Tokenizer("GGUF llama tokenizer without tokenizer.ggml.scores".into())
             })?;
-            let space_prefix = meta.bool_opt("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            let space_prefix = meta
+                .bool_opt("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(true);
             let mut normalizers = vec![];
             if space_prefix {
                 normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
             }
-            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+            normalizers.push(
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+            );
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -168,14 +192,23 @@ pub fn from_gguf(meta: &GgufMeta<'_>) -> Result<GgufTokenizer, ModelError> {
             });
             (tokenizer, true)
         }
-        other => return Err(ModelError::Unsupported(format!("GGUF tokenizer model {other:?} (supported: gpt2, llama)"))),
+        other => {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF tokenizer model {other:?} (supported: gpt2, llama)"
+            )))
+        }
     };
-    let tokenizer: Tokenizer = json.to_string().parse().map_err(|e| ModelError::Tokenizer(format!("GGUF tokenizer: {e}")))?;
+    let tokenizer: Tokenizer = json
+        .to_string()
+        .parse()
+        .map_err(|e| ModelError::Tokenizer(format!("GGUF tokenizer: {e}")))?;
     Ok(GgufTokenizer {
         tokenizer,
         bos_token: bos.map(|b| b.1),
         eos_token: eos.as_ref().map(|e| e.1.clone()),
-        add_bos_token: meta.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos),
+        add_bos_token: meta
+            .bool_opt("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(default_add_bos),
         extra_eos_ids: eos.iter().chain(eot.iter()).map(|t| t.0).collect(),
         chat_template: meta.str_opt("tokenizer.chat_template")?.map(str::to_string),
     })

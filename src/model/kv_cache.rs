@@ -22,7 +22,13 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache; memory is taken on first append.
-    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Self {
+    pub fn new(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         KvCache {
             layers: Vec::with_capacity(num_layers),
             len: 0,
@@ -70,7 +76,11 @@ impl KvCache {
         let new_cap = need.div_ceil(GROW_CHUNK) * GROW_CHUNK;
         for (k, v) in self.layers.iter_mut() {
             for t in [k, v] {
-                let grown = Tensor::zeros((self.kv_heads, new_cap, self.head_dim), self.dtype, &self.device)?;
+                let grown = Tensor::zeros(
+                    (self.kv_heads, new_cap, self.head_dim),
+                    self.dtype,
+                    &self.device,
+                )?;
                 if self.len > 0 {
                     grown.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
                 }
@@ -84,13 +94,21 @@ impl KvCache {
     /// Writes `k`, `v` (`[new, kv_heads, head_dim]`) for `layer` at the current
     /// end and returns the whole history `[kv_heads, len + new, head_dim]`.
     /// The length advances only through [`KvCache::advance`], once per step.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let new = k.dim(0)?;
         self.reserve(new)?;
         let (kc, vc) = &self.layers[layer];
         kc.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, self.len)?;
         vc.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, self.len)?;
-        Ok((kc.narrow(1, 0, self.len + new)?, vc.narrow(1, 0, self.len + new)?))
+        Ok((
+            kc.narrow(1, 0, self.len + new)?,
+            vc.narrow(1, 0, self.len + new)?,
+        ))
     }
 
     /// The full cache tensors of `layer`, `[kv_heads, capacity, head_dim]`;
@@ -107,6 +125,10 @@ impl KvCache {
 
     /// Bytes currently allocated.
     pub fn allocated_bytes(&self) -> usize {
-        2 * self.layers.len() * self.kv_heads * self.capacity * self.head_dim * self.dtype.size_in_bytes()
+        2 * self.layers.len()
+            * self.kv_heads
+            * self.capacity
+            * self.head_dim
+            * self.dtype.size_in_bytes()
     }
 }

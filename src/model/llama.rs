@@ -8,11 +8,11 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::attention::{self, AttentionShape};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
 use super::quant_kernels::QuantMatrix;
-use super::attention::{self, AttentionShape};
 use super::rope::RopeTable;
 use super::ModelError;
 
@@ -63,7 +63,8 @@ impl Block {
         up: Projection,
         down: Projection,
     ) -> candle_core::Result<Self> {
-        let (q_dim, kv_dim, intermediate) = (q.out_features(), k.out_features(), gate.out_features());
+        let (q_dim, kv_dim, intermediate) =
+            (q.out_features(), k.out_features(), gate.out_features());
         Ok(Block {
             input_norm,
             post_attention_norm,
@@ -79,7 +80,10 @@ impl Block {
 
     /// Bytes held by this block's projection weights.
     pub fn weight_bytes(&self) -> usize {
-        [&self.qkv, &self.o, &self.gate_up, &self.down].iter().map(|p| p.weight_bytes()).sum()
+        [&self.qkv, &self.o, &self.gate_up, &self.down]
+            .iter()
+            .map(|p| p.weight_bytes())
+            .sum()
     }
 
     /// `(in, out)` features of the projection at `site`.
@@ -126,9 +130,12 @@ impl Embedding {
             Embedding::Quantized(q) => q.embedding(ids),
             Embedding::Native(q) => {
                 let ids_v = ids.to_vec1::<u32>()?;
-                let rows = q
-                    .dequantize_rows(&ids_v)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("token id out of range (vocabulary {})", q.rows())))?;
+                let rows = q.dequantize_rows(&ids_v).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "token id out of range (vocabulary {})",
+                        q.rows()
+                    ))
+                })?;
                 Tensor::from_vec(rows, (ids_v.len(), q.cols()), ids.device())
             }
         }
@@ -175,7 +182,16 @@ impl Llama {
             None => embed.as_projection()?,
         };
         let rope = RopeTable::new(&config, dtype, &device)?;
-        Ok(Llama { config, embed, blocks, final_norm, lm_head, rope, dtype, device })
+        Ok(Llama {
+            config,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            rope,
+            dtype,
+            device,
+        })
     }
 
     /// A fresh, empty cache shaped for this model.
@@ -221,7 +237,11 @@ impl Llama {
     pub fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor, ModelError> {
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         if total == 0 {
-            return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let mut ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -238,7 +258,9 @@ impl Llama {
             let offset = ids.len();
             match s.logits {
                 LogitsWanted::Last => logit_rows.push((offset + s.tokens.len() - 1) as u32),
-                LogitsWanted::All => logit_rows.extend((0..s.tokens.len()).map(|i| (offset + i) as u32)),
+                LogitsWanted::All => {
+                    logit_rows.extend((0..s.tokens.len()).map(|i| (offset + i) as u32))
+                }
                 LogitsWanted::None => {}
             }
             ids.extend_from_slice(s.tokens);
@@ -254,7 +276,11 @@ impl Llama {
             s.cache.advance(s.tokens.len());
         }
         if logit_rows.is_empty() {
-            return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let rows = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
@@ -294,9 +320,17 @@ impl Llama {
         let h = self.rms_norm(x, &block.input_norm)?;
         let qkv = self.project(&block.qkv, &h)?;
         let (qd, kvd) = (block.q_dim, block.kv_dim);
-        let q = qkv.narrow(1, 0, qd)?.reshape((t, cfg.num_attention_heads, cfg.head_dim))?;
-        let k = qkv.narrow(1, qd, kvd)?.reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
-        let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?.reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
+        let q = qkv
+            .narrow(1, 0, qd)?
+            .reshape((t, cfg.num_attention_heads, cfg.head_dim))?;
+        let k = qkv
+            .narrow(1, qd, kvd)?
+            .reshape((t, cfg.num_key_value_heads, cfg.head_dim))?;
+        let v = qkv.narrow(1, qd + kvd, kvd)?.contiguous()?.reshape((
+            t,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        ))?;
         let q = self.rope.apply(&q, positions)?;
         let k = self.rope.apply(&k, positions)?;
         let attn = self.attend(layer, &q, &k, &v, batch)?;
@@ -311,14 +345,25 @@ impl Llama {
 
     /// Writes each sequence's new keys/values to its cache and attends.
     /// Returns `[T, heads * head_dim]` in packed row order.
-    fn attend(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, batch: &mut [SequenceInput<'_>]) -> Result<Tensor, ModelError> {
+    fn attend(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &mut [SequenceInput<'_>],
+    ) -> Result<Tensor, ModelError> {
         let shape = self.attention_shape();
         let mut offset = 0;
         let mut spans = Vec::with_capacity(batch.len());
         for s in batch.iter_mut() {
             let len = s.tokens.len();
             if len > 0 {
-                s.cache.append(layer, &k.narrow(0, offset, len)?, &v.narrow(0, offset, len)?)?;
+                s.cache.append(
+                    layer,
+                    &k.narrow(0, offset, len)?,
+                    &v.narrow(0, offset, len)?,
+                )?;
             }
             spans.push((offset, len));
             offset += len;
@@ -338,7 +383,12 @@ impl Llama {
                     .filter(|(_, (_, len))| *len == 1)
                     .map(|(s, (off, _))| {
                         let (kc, vc) = s.cache.layer(layer);
-                        attention::DecodeQuery { q: &qs[off * width..(off + 1) * width], k: kc, v: vc, len: s.cache.len() + 1 }
+                        attention::DecodeQuery {
+                            q: &qs[off * width..(off + 1) * width],
+                            k: kc,
+                            v: vc,
+                            len: s.cache.len() + 1,
+                        }
                     })
                     .collect();
                 decoded = attention::decode_batch(shape, &queries);
@@ -362,9 +412,19 @@ impl Llama {
             let past = s.cache.len();
             let (kc, vc) = s.cache.layer(layer);
             let (kc, vc) = (kc.narrow(1, 0, past + len)?, vc.narrow(1, 0, past + len)?);
-            outputs.push(attention::prefill(shape, &q.narrow(0, off, len)?, &kc, &vc, past)?);
+            outputs.push(attention::prefill(
+                shape,
+                &q.narrow(0, off, len)?,
+                &kc,
+                &vc,
+                past,
+            )?);
         }
-        Ok(if outputs.len() == 1 { outputs.pop().expect("one output") } else { Tensor::cat(&outputs, 0)? })
+        Ok(if outputs.len() == 1 {
+            outputs.pop().expect("one output")
+        } else {
+            Tensor::cat(&outputs, 0)?
+        })
     }
 }
 

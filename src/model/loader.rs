@@ -29,7 +29,10 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel").field("id", &self.id).field("builtin", &self.builtin).finish()
+        f.debug_struct("LoadedModel")
+            .field("id", &self.id)
+            .field("builtin", &self.builtin)
+            .finish()
     }
 }
 
@@ -39,7 +42,9 @@ pub fn parse_dtype(name: &str) -> Result<DType, ModelError> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        other => Err(ModelError::InvalidConfig(format!("dtype {other:?} (use f32, bf16 or f16)"))),
+        other => Err(ModelError::InvalidConfig(format!(
+            "dtype {other:?} (use f32, bf16 or f16)"
+        ))),
     }
 }
 
@@ -48,17 +53,24 @@ pub fn parse_device(name: &str) -> Result<Device, ModelError> {
     match name {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose().map_err(|_| {
-                ModelError::InvalidConfig(format!("device {s:?}: expected cuda:N"))
-            })?;
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()
+                .map_err(|_| ModelError::InvalidConfig(format!("device {s:?}: expected cuda:N")))?;
             Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
         }
-        other => Err(ModelError::InvalidConfig(format!("device {other:?} (use cpu or cuda[:N])"))),
+        other => Err(ModelError::InvalidConfig(format!(
+            "device {other:?} (use cpu or cuda[:N])"
+        ))),
     }
 }
 
 fn read_text(path: &Path) -> Result<String, ModelError> {
-    std::fs::read_to_string(path).map_err(|e| ModelError::Io { path: path.display().to_string(), message: e.to_string() })
+    std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -71,9 +83,12 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let v = read_json(&index)?;
-        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-            ModelError::InvalidConfig(format!("{}: no weight_map", index.display()))
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                ModelError::InvalidConfig(format!("{}: no weight_map", index.display()))
+            })?;
         let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
@@ -119,13 +134,22 @@ fn eos_from_generation_config(dir: &Path) -> Result<Vec<u32>, ModelError> {
     let v = read_json(&path)?;
     Ok(match v.get("eos_token_id") {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     })
 }
 
 /// Loads the directory at `dir` onto `device` with weights in `dtype`.
-pub fn load_hf_dir(dir: &Path, served_name: Option<&str>, dtype: DType, device: &Device) -> Result<LoadedModel, ModelError> {
+pub fn load_hf_dir(
+    dir: &Path,
+    served_name: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadedModel, ModelError> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(ModelError::MissingFile(config_path.display().to_string()));
@@ -142,7 +166,10 @@ pub fn load_hf_dir(dir: &Path, served_name: Option<&str>, dtype: DType, device: 
         }
         Ok(Some(st.load(name, device)?.to_dtype(dtype)?))
     };
-    let eos_extra: Vec<u32> = eos_from_generation_config(dir)?.into_iter().chain(config.eos_token_ids.iter().copied()).collect();
+    let eos_extra: Vec<u32> = eos_from_generation_config(dir)?
+        .into_iter()
+        .chain(config.eos_token_ids.iter().copied())
+        .collect();
     let model = build_llama(config, &get)?;
 
     let tok_path = dir.join("tokenizer.json");
@@ -151,12 +178,23 @@ pub fn load_hf_dir(dir: &Path, served_name: Option<&str>, dtype: DType, device: 
     }
     let inner = TextTokenizer::from_file(&tok_path)?;
     let tok_cfg_path = dir.join("tokenizer_config.json");
-    let tok_cfg = if tok_cfg_path.exists() { read_json(&tok_cfg_path)? } else { Value::Null };
+    let tok_cfg = if tok_cfg_path.exists() {
+        read_json(&tok_cfg_path)?
+    } else {
+        Value::Null
+    };
     let bos = special_token(&tok_cfg, "bos_token");
     let eos = special_token(&tok_cfg, "eos_token");
-    let add_bos = tok_cfg.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+    let add_bos = tok_cfg
+        .get("add_bos_token")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let tokenizer = TextTokenizer::new(inner, bos.clone(), eos.clone(), add_bos, &eos_extra);
-    let chat = ChatTemplate::new(chat_template(&tok_cfg).as_deref(), bos.as_deref().unwrap_or(""), eos.as_deref().unwrap_or(""))?;
+    let chat = ChatTemplate::new(
+        chat_template(&tok_cfg).as_deref(),
+        bos.as_deref().unwrap_or(""),
+        eos.as_deref().unwrap_or(""),
+    )?;
     let id = match served_name {
         Some(n) if !n.is_empty() => n.to_string(),
         _ => dir
@@ -165,7 +203,13 @@ pub fn load_hf_dir(dir: &Path, served_name: Option<&str>, dtype: DType, device: 
             .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into()),
     };
-    Ok(LoadedModel { id, model, tokenizer, chat, builtin: false })
+    Ok(LoadedModel {
+        id,
+        model,
+        tokenizer,
+        chat,
+        builtin: false,
+    })
 }
 
 /// Assembles a [`Llama`] from tensors named as in Hugging Face checkpoints,
@@ -177,18 +221,26 @@ pub fn build_llama(
     let need = |name: &str, shape: &[usize]| -> Result<Tensor, ModelError> {
         let t = get(name)?.ok_or_else(|| ModelError::Weights(format!("missing tensor {name}")))?;
         if t.dims() != shape {
-            return Err(ModelError::Weights(format!("{name}: shape {:?}, expected {shape:?}", t.dims())));
+            return Err(ModelError::Weights(format!(
+                "{name}: shape {:?}, expected {shape:?}",
+                t.dims()
+            )));
         }
         Ok(t)
     };
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let qd = config.num_attention_heads * config.head_dim;
     let kvd = config.num_key_value_heads * config.head_dim;
-    let proj = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Projection, ModelError> {
-        let w = need(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = if bias { Some(need(&format!("{prefix}.bias"), &[out])?) } else { None };
-        Ok(Projection::new(w, b))
-    };
+    let proj =
+        |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Projection, ModelError> {
+            let w = need(&format!("{prefix}.weight"), &[out, inp])?;
+            let b = if bias {
+                Some(need(&format!("{prefix}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Projection::new(w, b))
+        };
     let mut blocks = Vec::with_capacity(config.num_hidden_layers);
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
@@ -207,7 +259,10 @@ pub fn build_llama(
     let embed = Embedding::Dense(need("model.embed_tokens.weight", &[config.vocab_size, h])?);
     let final_norm = need("model.norm.weight", &[h])?;
     let lm_head = match (config.tie_word_embeddings, get("lm_head.weight")?) {
-        (false, Some(_)) => Some(Projection::new(need("lm_head.weight", &[config.vocab_size, h])?, None)),
+        (false, Some(_)) => Some(Projection::new(
+            need("lm_head.weight", &[config.vocab_size, h])?,
+            None,
+        )),
         _ => None,
     };
     Llama::from_parts(config, embed, blocks, final_norm, lm_head)

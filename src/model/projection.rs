@@ -22,7 +22,15 @@ pub enum Site {
 
 impl Site {
     /// Every site, in block order.
-    pub const ALL: [Site; 7] = [Site::Q, Site::K, Site::V, Site::O, Site::Gate, Site::Up, Site::Down];
+    pub const ALL: [Site; 7] = [
+        Site::Q,
+        Site::K,
+        Site::V,
+        Site::O,
+        Site::Gate,
+        Site::Up,
+        Site::Down,
+    ];
 
     /// The PEFT module name (`q_proj`, ...).
     pub fn module_name(self) -> &'static str {
@@ -66,7 +74,12 @@ impl Projection {
     /// Wraps a dense weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         let (out_features, in_features) = weight.dims2().unwrap_or((0, 0));
-        Projection { weight: Weight::Dense(weight), bias, in_features, out_features }
+        Projection {
+            weight: Weight::Dense(weight),
+            bias,
+            in_features,
+            out_features,
+        }
     }
 
     /// Wraps a quantized weight of shape `(out, in)`: our kernels on CPU
@@ -78,13 +91,23 @@ impl Projection {
                 return Ok(Self::native(Arc::new(native), bias));
             }
         }
-        Ok(Projection { weight: Weight::Quantized(weight), bias, in_features, out_features })
+        Ok(Projection {
+            weight: Weight::Quantized(weight),
+            bias,
+            in_features,
+            out_features,
+        })
     }
 
     /// Wraps a matrix for our quantized kernels.
     pub fn native(weight: Arc<QuantMatrix>, bias: Option<Tensor>) -> Self {
         let (out_features, in_features) = (weight.rows(), weight.cols());
-        Projection { weight: Weight::Native(weight), bias, in_features, out_features }
+        Projection {
+            weight: Weight::Native(weight),
+            bias,
+            in_features,
+            out_features,
+        }
     }
 
     /// Whether the weight stays quantized.
@@ -110,7 +133,12 @@ impl Projection {
             })
             .collect();
         if let Some(ws) = dense {
-            return Ok(Projection { weight: Weight::Dense(Tensor::cat(&ws, 0)?), bias, in_features, out_features });
+            return Ok(Projection {
+                weight: Weight::Dense(Tensor::cat(&ws, 0)?),
+                bias,
+                in_features,
+                out_features,
+            });
         }
         let native: Option<Vec<&QuantMatrix>> = parts
             .iter()
@@ -120,7 +148,12 @@ impl Projection {
             })
             .collect();
         if let Some(fused) = native.and_then(|ms| QuantMatrix::concat(&ms)) {
-            return Ok(Projection { weight: Weight::Native(Arc::new(fused)), bias, in_features, out_features });
+            return Ok(Projection {
+                weight: Weight::Native(Arc::new(fused)),
+                bias,
+                in_features,
+                out_features,
+            });
         }
         let quant: Option<Vec<&Arc<QTensor>>> = parts
             .iter()
@@ -140,11 +173,27 @@ impl Projection {
                 }
                 let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
                 let fused = QTensor::new(storage, (out_features, in_features))?;
-                return Ok(Projection { weight: Weight::Quantized(Arc::new(fused)), bias, in_features, out_features });
+                return Ok(Projection {
+                    weight: Weight::Quantized(Arc::new(fused)),
+                    bias,
+                    in_features,
+                    out_features,
+                });
             }
         }
-        let stacked = parts.iter().map(|p| Projection { bias: None, ..(*p).clone() }).collect();
-        Ok(Projection { weight: Weight::Stacked(stacked), bias, in_features, out_features })
+        let stacked = parts
+            .iter()
+            .map(|p| Projection {
+                bias: None,
+                ..(*p).clone()
+            })
+            .collect();
+        Ok(Projection {
+            weight: Weight::Stacked(stacked),
+            bias,
+            in_features,
+            out_features,
+        })
     }
 
     fn concat_bias(parts: &[&Projection]) -> candle_core::Result<Option<Tensor>> {
@@ -156,7 +205,10 @@ impl Projection {
             .map(|p| match &p.bias {
                 Some(b) => Ok(b.clone()),
                 None => {
-                    let dtype = parts.iter().find_map(|q| q.bias.as_ref()).map_or(candle_core::DType::F32, |b| b.dtype());
+                    let dtype = parts
+                        .iter()
+                        .find_map(|q| q.bias.as_ref())
+                        .map_or(candle_core::DType::F32, |b| b.dtype());
                     Tensor::zeros(p.out_features, dtype, p.bias_device())
                 }
             })
@@ -167,7 +219,10 @@ impl Projection {
     fn bias_device(&self) -> &candle_core::Device {
         match &self.weight {
             Weight::Dense(w) => w.device(),
-            _ => self.bias.as_ref().map_or(&candle_core::Device::Cpu, |b| b.device()),
+            _ => self
+                .bias
+                .as_ref()
+                .map_or(&candle_core::Device::Cpu, |b| b.device()),
         }
     }
 
@@ -187,9 +242,16 @@ impl Projection {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quantized(q) => q.dequantize(&q.device()),
-            Weight::Native(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &candle_core::Device::Cpu),
+            Weight::Native(q) => Tensor::from_vec(
+                q.dequantize(),
+                (q.rows(), q.cols()),
+                &candle_core::Device::Cpu,
+            ),
             Weight::Stacked(parts) => {
-                let ws = parts.iter().map(Projection::dense_weight).collect::<candle_core::Result<Vec<_>>>()?;
+                let ws = parts
+                    .iter()
+                    .map(Projection::dense_weight)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&ws, 0)
             }
         }
@@ -213,11 +275,18 @@ impl Module for Projection {
             Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
             Weight::Native(q) => {
                 let m = x.dim(0)?;
-                let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(q.matmul(&xs, m), (m, q.rows()), x.device())?.to_dtype(x.dtype())?
+                let xs = x
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Tensor::from_vec(q.matmul(&xs, m), (m, q.rows()), x.device())?
+                    .to_dtype(x.dtype())?
             }
             Weight::Stacked(parts) => {
-                let ys = parts.iter().map(|p| p.forward(x)).collect::<candle_core::Result<Vec<_>>>()?;
+                let ys = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&ys, 1)?
             }
         };

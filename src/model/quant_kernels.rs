@@ -8,7 +8,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
+use super::parallel::{for_ranges, DisjointOut};
 
 /// Elements per block for every type here.
 const QK: usize = 32;
@@ -64,11 +64,49 @@ fn f16_bits(b: &[u8]) -> f32 {
 }
 
 /// ggml's `quantize_row_q8_0` / `quantize_row_q8_1` (AVX2 variant).
-fn quantize_activations(x: &[f32], rows: usize, cols: usize, with_sum: bool) -> QuantizedActivations {
+fn quantize_activations(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    with_sum: bool,
+) -> QuantizedActivations {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd_available() {
+            // SAFETY: features detected; the body is the portable code compiled for AVX2.
+            return unsafe { quantize_activations_avx2(x, rows, cols, with_sum) };
+        }
+    }
+    quantize_activations_portable(x, rows, cols, with_sum)
+}
+
+/// The portable code, compiled with AVX2 so rounding is one instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_activations_avx2(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    with_sum: bool,
+) -> QuantizedActivations {
+    quantize_activations_portable(x, rows, cols, with_sum)
+}
+
+#[inline(always)]
+fn quantize_activations_portable(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    with_sum: bool,
+) -> QuantizedActivations {
     let nb = cols / QK;
     let mut qs = vec![0i8; rows * cols];
     let mut d = vec![0f32; rows * nb];
-    let mut s = if with_sum { vec![0f32; rows * nb] } else { Vec::new() };
+    let mut s = if with_sum {
+        vec![0f32; rows * nb]
+    } else {
+        Vec::new()
+    };
     for b in 0..rows * nb {
         let src = &x[b * QK..(b + 1) * QK];
         let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -85,7 +123,12 @@ fn quantize_activations(x: &[f32], rows: usize, cols: usize, with_sum: bool) -> 
             s[b] = f16::from_f32(scale * sum as f32).to_f32();
         }
     }
-    QuantizedActivations { qs, d, s, blocks_per_row: nb }
+    QuantizedActivations {
+        qs,
+        d,
+        s,
+        blocks_per_row: nb,
+    }
 }
 
 impl QuantMatrix {
@@ -100,7 +143,12 @@ impl QuantMatrix {
         if data.len() != rows * cols / QK * kind.block_bytes() {
             return None;
         }
-        Some(QuantMatrix { kind, rows, cols, data })
+        Some(QuantMatrix {
+            kind,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Output features.
@@ -154,7 +202,12 @@ impl QuantMatrix {
             if id >= self.rows {
                 return None;
             }
-            let one = QuantMatrix { kind: self.kind, rows: 1, cols: self.cols, data: self.data[id * row_bytes..(id + 1) * row_bytes].to_vec() };
+            let one = QuantMatrix {
+                kind: self.kind,
+                rows: 1,
+                cols: self.cols,
+                data: self.data[id * row_bytes..(id + 1) * row_bytes].to_vec(),
+            };
             out.extend(one.dequantize());
         }
         Some(out)
@@ -163,54 +216,57 @@ impl QuantMatrix {
     /// Stacks matrices of the same kind and width (fused projections).
     pub fn concat(parts: &[&QuantMatrix]) -> Option<QuantMatrix> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.kind != first.kind || p.cols != first.cols) {
+        if parts
+            .iter()
+            .any(|p| p.kind != first.kind || p.cols != first.cols)
+        {
             return None;
         }
         let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
         for p in parts {
             data.extend_from_slice(&p.data);
         }
-        Some(QuantMatrix { kind: first.kind, rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
+        Some(QuantMatrix {
+            kind: first.kind,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data,
+        })
     }
 
     /// `y = x Wᵀ` for `x` of `m` rows: returns `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let act = quantize_activations(x, m, self.cols, self.kind == QuantKind::Q4_1);
         let n = self.rows;
-        // Chunks of output features; each task unpacks a weight row once and
-        // dots it with every activation row.
-        let chunk = (n / (rayon::current_num_threads() * 8)).clamp(4, 256);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .map(|c| {
-                let (start, end) = (c * chunk, ((c + 1) * chunk).min(n));
-                let w = end - start;
-                let mut local = vec![0f32; m * w];
-                for r in start..end {
-                    let mut i = 0;
-                    // Four activation rows share each weight block's unpacking.
-                    while i + 4 <= m {
-                        let out = self.dot_rows4(r, &act, i);
-                        for (k, v) in out.iter().enumerate() {
-                            local[(i + k) * w + (r - start)] = *v;
-                        }
-                        i += 4;
-                    }
-                    for i in i..m {
-                        local[i * w + (r - start)] = self.dot_row(r, &act, i);
-                    }
-                }
-                (start, local)
-            })
-            .collect();
+        // Each task computes whole weight rows (output columns) for every
+        // activation row; columns of different tasks are disjoint.
         let mut y = vec![0f32; m * n];
-        for (start, local) in parts {
-            let w = local.len() / m.max(1);
-            for i in 0..m {
-                y[i * n + start..i * n + start + w].copy_from_slice(&local[i * w..(i + 1) * w]);
-            }
+        {
+            let out = DisjointOut::new(&mut y);
+            for_ranges(n, n * self.cols * m, |rows| self.matmul_rows(&act, m, rows.start, rows.end, &out));
         }
         y
+    }
+
+    /// Weight rows `start..end` against every activation row, written to
+    /// columns `start..end` of the `[m, rows]` output.
+    fn matmul_rows(&self, act: &QuantizedActivations, m: usize, start: usize, end: usize, y: &DisjointOut<'_>) {
+        let n = self.rows;
+        for r in start..end {
+            let mut i = 0;
+            // Four activation rows share each weight block's unpacking.
+            while i + 4 <= m {
+                for (k, v) in self.dot_rows4(r, act, i).into_iter().enumerate() {
+                    // SAFETY: column r belongs to this task alone.
+                    unsafe { y.write((i + k) * n + r, v) };
+                }
+                i += 4;
+            }
+            for k in i..m {
+                // SAFETY: as above.
+                unsafe { y.write(k * n + r, self.dot_row(r, act, k)) };
+            }
+        }
     }
 
     /// The row's quantized integers in element order (nibbles unsigned for
@@ -223,7 +279,11 @@ impl QuantMatrix {
             let dst = &mut out[b * QK..(b + 1) * QK];
             match self.kind {
                 QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                    let q = if self.kind == QuantKind::Q4_0 { &blk[2..18] } else { &blk[4..20] };
+                    let q = if self.kind == QuantKind::Q4_0 {
+                        &blk[2..18]
+                    } else {
+                        &blk[4..20]
+                    };
                     let off = if self.kind == QuantKind::Q4_0 { 8 } else { 0 };
                     for j in 0..16 {
                         dst[j] = ((q[j] & 0x0F) as i32 - off) as i8;
@@ -250,12 +310,21 @@ impl QuantMatrix {
                 let row = &self.data[r * nb * bb..(r + 1) * nb * bb];
                 let xq = &act.qs[i * self.cols..(i + 4) * self.cols];
                 let xd = &act.d[i * nb..(i + 4) * nb];
-                let xs = if act.s.is_empty() { &[][..] } else { &act.s[i * nb..(i + 4) * nb] };
+                let xs = if act.s.is_empty() {
+                    &[][..]
+                } else {
+                    &act.s[i * nb..(i + 4) * nb]
+                };
                 // SAFETY: features detected; slices hold 4 rows of nb blocks.
                 return unsafe { avx2::dot4(self.kind, row, bb, xq, xd, xs, self.cols) };
             }
         }
-        [self.dot_row(r, act, i), self.dot_row(r, act, i + 1), self.dot_row(r, act, i + 2), self.dot_row(r, act, i + 3)]
+        [
+            self.dot_row(r, act, i),
+            self.dot_row(r, act, i + 1),
+            self.dot_row(r, act, i + 2),
+            self.dot_row(r, act, i + 3),
+        ]
     }
 
     fn dot_row(&self, r: usize, act: &QuantizedActivations, i: usize) -> f32 {
@@ -268,12 +337,37 @@ impl QuantMatrix {
         {
             if simd_available() {
                 // SAFETY: the features were detected at run time; slices have nb*32 elements.
-                return unsafe { avx2::dot(self.kind, row, bb, xq, xd, if act.s.is_empty() { &[] } else { &act.s[i * nb..(i + 1) * nb] }) };
+                return unsafe {
+                    avx2::dot(
+                        self.kind,
+                        row,
+                        bb,
+                        xq,
+                        xd,
+                        if act.s.is_empty() {
+                            &[]
+                        } else {
+                            &act.s[i * nb..(i + 1) * nb]
+                        },
+                    )
+                };
             }
         }
         let mut w = vec![0i8; self.cols];
         self.unpack_row(r, &mut w);
-        scalar_dot(self.kind, row, bb, &w, xq, xd, if act.s.is_empty() { &[] } else { &act.s[i * nb..(i + 1) * nb] })
+        scalar_dot(
+            self.kind,
+            row,
+            bb,
+            &w,
+            xq,
+            xd,
+            if act.s.is_empty() {
+                &[]
+            } else {
+                &act.s[i * nb..(i + 1) * nb]
+            },
+        )
     }
 }
 
@@ -289,7 +383,15 @@ fn simd_available() -> bool {
 }
 
 /// Portable version of the same arithmetic (lane order as AVX2's).
-fn scalar_dot(kind: QuantKind, row: &[u8], bb: usize, w: &[i8], xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+fn scalar_dot(
+    kind: QuantKind,
+    row: &[u8],
+    bb: usize,
+    w: &[i8],
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[f32],
+) -> f32 {
     let mut lanes = [0f32; 8];
     let mut summs = 0f32;
     for (b, blk) in row.chunks_exact(bb).enumerate() {
@@ -350,7 +452,15 @@ mod avx2 {
 
     /// [`dot`] for four activation rows at once (rows `cols` apart).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4(kind: QuantKind, row: &[u8], bb: usize, xq: &[i8], xd: &[f32], xs: &[f32], cols: usize) -> [f32; 4] {
+    pub unsafe fn dot4(
+        kind: QuantKind,
+        row: &[u8],
+        bb: usize,
+        xq: &[i8],
+        xd: &[f32],
+        xs: &[f32],
+        cols: usize,
+    ) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut summs = [0f32; 4];
         let ones = _mm256_set1_epi16(1);
@@ -361,7 +471,10 @@ mod avx2 {
             let dw = half(blk);
             let (qx, unsigned) = match kind {
                 QuantKind::Q4_1 => (bytes_from_nibbles_32(blk.add(4)), true),
-                QuantKind::Q4_0 => (_mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8)), false),
+                QuantKind::Q4_0 => (
+                    _mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8)),
+                    false,
+                ),
                 QuantKind::Q8_0 => (_mm256_loadu_si256(blk.add(2) as *const __m256i), false),
             };
             let ax = _mm256_sign_epi8(qx, qx);
@@ -379,13 +492,25 @@ mod avx2 {
                 acc[k] = _mm256_fmadd_ps(d, sums, acc[k]);
             }
         }
-        [hsum(acc[0]) + summs[0], hsum(acc[1]) + summs[1], hsum(acc[2]) + summs[2], hsum(acc[3]) + summs[3]]
+        [
+            hsum(acc[0]) + summs[0],
+            hsum(acc[1]) + summs[1],
+            hsum(acc[2]) + summs[2],
+            hsum(acc[3]) + summs[3],
+        ]
     }
 
     /// One weight row (raw GGUF blocks) · one quantized activation row, as
     /// ggml's AVX2 `vec_dot_q4_0_q8_0` / `q4_1_q8_1` / `q8_0_q8_0`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(kind: QuantKind, row: &[u8], bb: usize, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+    pub unsafe fn dot(
+        kind: QuantKind,
+        row: &[u8],
+        bb: usize,
+        xq: &[i8],
+        xd: &[f32],
+        xs: &[f32],
+    ) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
         let ones = _mm256_set1_epi16(1);
@@ -401,7 +526,8 @@ mod avx2 {
                     _mm256_maddubs_epi16(bytes_from_nibbles_32(blk.add(4)), qy)
                 }
                 QuantKind::Q4_0 => {
-                    let qx = _mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8));
+                    let qx =
+                        _mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8));
                     _mm256_maddubs_epi16(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx))
                 }
                 QuantKind::Q8_0 => {
@@ -428,11 +554,19 @@ mod tests {
 
     fn matrix(dtype: GgmlDType) -> (QuantMatrix, Vec<f32>) {
         let (rows, cols) = (48, 128);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
         let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
         let m = QuantMatrix::from_qtensor(&q).unwrap();
-        let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         (m, deq)
     }
 
@@ -441,13 +575,20 @@ mod tests {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, deq) = matrix(dtype);
             assert_eq!(m.dequantize(), deq, "{dtype:?}");
-            let x: Vec<f32> = (0..3 * m.cols()).map(|i| (i * 31 % 97) as f32 / 48.0 - 1.0).collect();
+            let x: Vec<f32> = (0..3 * m.cols())
+                .map(|i| (i * 31 % 97) as f32 / 48.0 - 1.0)
+                .collect();
             let y = m.matmul(&x, 3);
             for i in 0..3 {
                 for r in 0..m.rows() {
-                    let exact: f32 = (0..m.cols()).map(|c| x[i * m.cols() + c] * deq[r * m.cols() + c]).sum();
+                    let exact: f32 = (0..m.cols())
+                        .map(|c| x[i * m.cols() + c] * deq[r * m.cols() + c])
+                        .sum();
                     let got = y[i * m.rows() + r];
-                    assert!((got - exact).abs() < 0.02 * (1.0 + exact.abs()), "{dtype:?} row {r}: {got} vs {exact}");
+                    assert!(
+                        (got - exact).abs() < 0.02 * (1.0 + exact.abs()),
+                        "{dtype:?} row {r}: {got} vs {exact}"
+                    );
                 }
             }
         }
@@ -474,7 +615,11 @@ mod tests {
             for r in 0..m.rows() {
                 let four = m.dot_rows4(r, &act4, 0);
                 for k in 0..4 {
-                    assert_eq!(four[k], m.dot_row(r, &act4, k), "{dtype:?} row {r} lane {k}");
+                    assert_eq!(
+                        four[k],
+                        m.dot_row(r, &act4, k),
+                        "{dtype:?} row {r} lane {k}"
+                    );
                 }
             }
         }

@@ -19,7 +19,12 @@ impl RopeTable {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let f = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64);
-                let divisor = cfg.rope_freq_factors.as_ref().and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
+                let divisor = cfg
+                    .rope_freq_factors
+                    .as_ref()
+                    .and_then(|v| v.get(i))
+                    .copied()
+                    .unwrap_or(1.0) as f64;
                 (scale_frequency(cfg, f) / divisor) as f32
             })
             .collect();
@@ -51,7 +56,9 @@ impl RopeTable {
 /// Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept,
 /// a smooth blend between.
 fn scale_frequency(cfg: &ModelConfig, freq: f64) -> f64 {
-    let Some(s) = &cfg.rope_scaling else { return freq };
+    let Some(s) = &cfg.rope_scaling else {
+        return freq;
+    };
     let old = s.original_max_position_embeddings as f64;
     let low_wavelen = old / s.low_freq_factor;
     let high_wavelen = old / s.high_freq_factor;

@@ -31,7 +31,8 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Tokenizer, ModelError> {
-        Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
+        Tokenizer::from_file(path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
     }
 
     /// Wraps a tokenizer; special tokens are resolved to ids here.
@@ -43,13 +44,24 @@ impl TextTokenizer {
         extra_eos_ids: &[u32],
     ) -> Self {
         let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
-        let mut eos_ids: Vec<u32> = eos_token.as_deref().and_then(|t| inner.token_to_id(t)).into_iter().collect();
+        let mut eos_ids: Vec<u32> = eos_token
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t))
+            .into_iter()
+            .collect();
         for id in extra_eos_ids {
             if !eos_ids.contains(id) {
                 eos_ids.push(*id);
             }
         }
-        TextTokenizer { inner, bos_token, eos_token, bos_id, eos_ids, add_bos_token }
+        TextTokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            bos_id,
+            eos_ids,
+            add_bos_token,
+        }
     }
 
     /// Encodes a raw completion prompt: the tokenizer's own special tokens,
@@ -64,7 +76,10 @@ impl TextTokenizer {
     /// tokens it wants (as Hugging Face's `apply_chat_template` does).
     pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let mut ids = self.encode_raw(text, false)?;
-        let template_wrote_bos = self.bos_token.as_deref().is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        let template_wrote_bos = self
+            .bos_token
+            .as_deref()
+            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
         if !template_wrote_bos {
             self.ensure_bos(&mut ids);
         }
@@ -80,13 +95,18 @@ impl TextTokenizer {
     }
 
     fn encode_raw(&self, text: &str, special: bool) -> Result<Vec<u32>, ModelError> {
-        let enc = self.inner.encode(text, special).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// The text of one token as a client sees it in logprobs (special tokens kept).

@@ -5,12 +5,17 @@ use std::path::PathBuf;
 
 /// `../shared` beside the checkout. Missing: fail under CI, skip elsewhere.
 pub fn shared_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("shared");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared");
     if dir.join("models/stories260K/config.json").exists() {
         return Some(dir);
     }
     if std::env::var_os("CI").is_some() {
-        panic!("../shared is missing at {} and CI is set: these tests must run", dir.display());
+        panic!(
+            "../shared is missing at {} and CI is set: these tests must run",
+            dir.display()
+        );
     }
     eprintln!("skipping: ../shared not found at {}", dir.display());
     None
@@ -44,18 +49,29 @@ impl TestServer {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn lifelora");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn lifelora");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let base = loop {
-            let line = lines.next().expect("server exited before listening").expect("read stdout");
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .expect("read stdout");
             if let Some(url) = line.strip_prefix("lifelora listening on ") {
                 break url.trim().to_string();
             }
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let models: serde_json::Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
+        let models: serde_json::Value = ureq::get(&format!("{base}/v1/models"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
         let model = models["data"][0]["id"].as_str().unwrap().to_string();
         TestServer { child, base, model }
     }
@@ -112,7 +128,9 @@ impl TestServer {
 pub fn response_json(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
     match r {
         Ok(r) => (r.status(), r.into_json().unwrap_or(serde_json::Value::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(serde_json::Value::Null)),
+        Err(ureq::Error::Status(code, r)) => {
+            (code, r.into_json().unwrap_or(serde_json::Value::Null))
+        }
         Err(e) => panic!("request failed: {e}"),
     }
 }
@@ -121,9 +139,15 @@ pub fn response_json(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json
 pub fn assert_openai_error(status: u16, body: &serde_json::Value, expected: u16) {
     assert_eq!(status, expected, "body: {body}");
     let e = &body["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "no message: {body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message: {body}"
+    );
     assert!(e["type"].as_str().is_some(), "no type: {body}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "param/code missing: {body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "param/code missing: {body}"
+    );
 }
 
 impl Drop for TestServer {
@@ -136,19 +160,29 @@ impl Drop for TestServer {
 /// The SmolLM2 GGUF fetched by `lifelora fetch smollm2` (scripts/test does
 /// it). Missing: fail under CI, skip elsewhere.
 pub fn smollm2_gguf() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.exists() {
         return Some(path);
     }
     if std::env::var_os("CI").is_some() {
-        panic!("{} is missing and CI is set: run `lifelora fetch smollm2` (scripts/test does)", path.display());
+        panic!(
+            "{} is missing and CI is set: run `lifelora fetch smollm2` (scripts/test does)",
+            path.display()
+        );
     }
-    eprintln!("skipping: {} not fetched (lifelora fetch smollm2)", path.display());
+    eprintln!(
+        "skipping: {} not fetched (lifelora fetch smollm2)",
+        path.display()
+    );
     None
 }
 
 /// llama.cpp's reference for the SmolLM2 GGUF.
 pub fn smollm2_reference() -> Option<serde_json::Value> {
     let path = shared_dir()?.join("fixtures/smollm2/llamacpp_reference.json");
-    Some(serde_json::from_str(&std::fs::read_to_string(path).expect("reference json")).expect("valid json"))
+    Some(
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference json"))
+            .expect("valid json"),
+    )
 }
