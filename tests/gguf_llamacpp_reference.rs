@@ -143,3 +143,35 @@ fn greedy_completions_follow_llama_cpp_for_their_first_tokens() {
         "greedy prefixes agreeing with llama.cpp: {agreeing_prefix} tokens in total"
     );
 }
+
+#[test]
+fn echo_scoring_over_http_reproduces_llama_cpp_logprobs() {
+    let (Some(gguf), Some(reference)) = (common::smollm2_gguf(), common::smollm2_reference()) else { return };
+    let server = common::TestServer::start(Some(&gguf), &[]);
+    let cases = reference["cases"].as_array().unwrap();
+    // All six texts scored in one request: prompt + llama.cpp's completion each.
+    let texts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| ids(&c["prompt_token_ids"]).into_iter().chain(ids(&c["completion_token_ids"])).collect())
+        .collect();
+    let (status, v) = server.post(
+        "/v1/completions",
+        &serde_json::json!({"model": server.model, "prompt": texts, "max_tokens": 0, "echo": true, "logprobs": 1}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (mut diff, mut n) = (0.0, 0);
+    for (case, choice) in cases.iter().zip(v["choices"].as_array().unwrap()) {
+        let prompt_len = case["prompt_token_ids"].as_array().unwrap().len();
+        let lp = &choice["logprobs"]["token_logprobs"];
+        for (p, t) in ids(&case["completion_token_ids"]).into_iter().enumerate() {
+            let ours = lp[prompt_len + p].as_f64().unwrap();
+            let top = case["top_logprobs"][p].as_array().unwrap();
+            let theirs = top.iter().find(|e| e[0].as_u64() == Some(t as u64)).unwrap()[1].as_f64().unwrap();
+            diff += (ours - theirs).abs();
+            n += 1;
+        }
+    }
+    let mean = diff / n as f64;
+    eprintln!("echo scoring over HTTP: mean |Δ logprob| {mean:.4} over {n} tokens");
+    assert!(mean < 0.05, "mean |Δ logprob| {mean}");
+}

@@ -42,7 +42,28 @@ for chunk in client.chat.completions.create(
     if chunk.usage:
         usage = chunk.usage
 assert "".join(parts) == chat_text, (parts, chat_text)
-assert usage is not None and usage.completion_tokens == 8, usage
+assert usage is not None and 1 <= usage.completion_tokens <= 8, usage
+assert usage.completion_tokens == chat.usage.completion_tokens, (usage, chat.usage)
+
+if len(sys.argv) > 3 and sys.argv[3] == "--english":
+    # A real model answers in words.
+    import re
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+        max_tokens=40, temperature=0,
+    ).choices[0].message.content
+    words = re.findall(r"[A-Za-z]{2,}", reply)
+    assert len(words) >= 5, reply
+    streamed_reply = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+            max_tokens=40, temperature=0, stream=True,
+        )
+        if chunk.choices
+    )
+    assert streamed_reply == reply, (streamed_reply, reply)
+    print("reply:", reply)
 
 try:
     client.completions.create(model="no-such-model", prompt="x")

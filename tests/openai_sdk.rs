@@ -1,39 +1,49 @@
 //! The official `openai` Python client lists models and creates completions
-//! and chat completions, plain and streamed (tests/openai_client.py).
+//! and chat completions, plain and streamed (tests/openai_client.py), on
+//! stories260K and, in English, on SmolLM2.
 
 mod common;
 
 use std::process::Command;
 
-#[test]
-fn the_official_openai_python_client_works_against_stories260k() {
-    let Some(dir) = common::stories_dir() else {
-        return;
-    };
-    let has_client = Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_client {
+fn has_client() -> bool {
+    let ok = Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !ok {
         assert!(
             std::env::var_os("CI").is_none(),
             "python3 with the `openai` package is required under CI (scripts/test installs it)"
         );
         eprintln!("skipping: python3 -c 'import openai' failed");
-        return;
     }
-    let server = common::TestServer::start(Some(&dir), &[]);
+    ok
+}
+
+fn run_client(server: &common::TestServer, extra: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(&server.base)
-        .arg(&server.model)
-        .output()
-        .unwrap();
+    let out = Command::new("python3").arg(script).arg(&server.base).arg(&server.model).args(extra).output().unwrap();
     assert!(
         out.status.success(),
         "openai client failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn the_official_openai_python_client_works_against_stories260k() {
+    let Some(dir) = common::stories_dir() else { return };
+    if !has_client() {
+        return;
+    }
+    run_client(&common::TestServer::start(Some(&dir), &[]), &[]);
+}
+
+#[test]
+fn smollm2_answers_the_openai_client_in_english_plain_and_streamed() {
+    let Some(gguf) = common::smollm2_gguf() else { return };
+    if !has_client() {
+        return;
+    }
+    run_client(&common::TestServer::start(Some(&gguf), &[]), &["--english"]);
 }
