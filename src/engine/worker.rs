@@ -96,7 +96,16 @@ fn step(
         };
         wants.push((want, n));
         total += n;
-        let cache = seq.cache.get_or_insert_with(|| model.model.new_cache());
+        let reserve = (seq.prompt_len() + seq.request.max_tokens).min(model.model.config.max_position_embeddings);
+        let cache = seq.cache.get_or_insert_with(|| {
+            // One allocation of what admission reserved (prompt + max_tokens):
+            // no regrowth copies, and memory in use equals the reservation.
+            let mut cache = model.model.new_cache();
+            if let Err(e) = cache.reserve(reserve) {
+                tracing::warn!(error = %e, "KV reservation failed; the cache will grow on demand");
+            }
+            cache
+        });
         inputs.push(SequenceInput {
             tokens: &seq.tokens[start..start + n],
             cache,

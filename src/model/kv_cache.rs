@@ -73,7 +73,7 @@ impl KvCache {
         if need <= self.capacity {
             return Ok(());
         }
-        let new_cap = need.div_ceil(GROW_CHUNK) * GROW_CHUNK;
+        let new_cap = if self.capacity == 0 { need } else { need.div_ceil(GROW_CHUNK) * GROW_CHUNK };
         for (k, v) in self.layers.iter_mut() {
             for t in [k, v] {
                 let grown = Tensor::zeros(
