@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod loadgen;
+pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod serve;

@@ -13,6 +13,8 @@ use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
 use super::quant_kernels::QuantMatrix;
+use crate::lora::batched::{self, AdapterSegment};
+use crate::lora::{LoraAdapter, SiteSpec};
 use super::rope::RopeTable;
 use super::ModelError;
 
@@ -235,6 +237,35 @@ impl Llama {
     /// sequence order as each sequence's [`LogitsWanted`] asks. Each cache
     /// grows by its sequence's token count.
     pub fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor, ModelError> {
+        self.forward_with_adapters(batch, &[])
+    }
+
+    /// [`Llama::forward`] where sequence `i` uses `adapters[i]` (missing or
+    /// `None`: the base model). Consecutive sequences with the same adapter
+    /// form one segment, so ordering a batch by adapter minimises the work.
+    pub fn forward_with_adapters(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        adapters: &[Option<Arc<LoraAdapter>>],
+    ) -> Result<Tensor, ModelError> {
+        let mut segments: Vec<AdapterSegment> = Vec::new();
+        let mut row = 0;
+        for (i, s) in batch.iter().enumerate() {
+            let adapter = adapters.get(i).cloned().flatten();
+            let same = segments.last().is_some_and(|last| match (&last.adapter, &adapter) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            });
+            match segments.last_mut() {
+                Some(last) if same => last.len += s.tokens.len(),
+                _ => segments.push(AdapterSegment { start: row, len: s.tokens.len(), adapter }),
+            }
+            row += s.tokens.len();
+        }
+        if !batched::any_adapter(&segments) {
+            segments.clear();
+        }
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         if total == 0 {
             return Ok(Tensor::zeros(
@@ -270,7 +301,7 @@ impl Llama {
         let positions = Tensor::from_vec(positions, total, &self.device)?;
         let mut x = self.embed.lookup(&ids)?.to_dtype(self.dtype)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(layer, block, &x, &positions, batch)?;
+            x = self.block_forward(layer, block, &x, &positions, batch, &segments)?;
         }
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -301,10 +332,40 @@ impl Llama {
         }
     }
 
-    /// Every projection goes through here: where the next issue adds each
-    /// row group's LoRA delta.
-    fn project(&self, proj: &Projection, x: &Tensor) -> candle_core::Result<Tensor> {
-        proj.forward(x)
+    /// Every projection goes through here: the frozen base, plus each
+    /// adapted segment's LoRA delta for the modules `parts` names (in the
+    /// projection's output column order).
+    fn project(
+        &self,
+        layer: usize,
+        proj: &Projection,
+        parts: &[(&str, usize)],
+        x: &Tensor,
+        segments: &[AdapterSegment],
+    ) -> candle_core::Result<Tensor> {
+        let y = proj.forward(x)?;
+        if segments.is_empty() {
+            return Ok(y);
+        }
+        match batched::delta(x, layer, parts, segments)? {
+            Some(d) => {
+                let d = d.to_dtype(y.dtype())?;
+                y + d
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// Where adapters may attach: every projection of every block.
+    pub fn lora_sites(&self) -> Vec<SiteSpec> {
+        let mut sites = Vec::with_capacity(self.blocks.len() * 7);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for site in Site::ALL {
+                let (in_features, out_features) = block.site_shape(site);
+                sites.push(SiteSpec { layer, module: site.module_name().to_string(), in_features, out_features });
+            }
+        }
+        sites
     }
 
     fn block_forward(
@@ -314,11 +375,14 @@ impl Llama {
         x: &Tensor,
         positions: &Tensor,
         batch: &mut [SequenceInput<'_>],
+        segments: &[AdapterSegment],
     ) -> Result<Tensor, ModelError> {
         let cfg = &self.config;
         let t = x.dim(0)?;
+        let (hidden, inter) = (cfg.hidden_size, block.intermediate);
         let h = self.rms_norm(x, &block.input_norm)?;
-        let qkv = self.project(&block.qkv, &h)?;
+        let qkv_parts = [("q_proj", block.q_dim), ("k_proj", block.kv_dim), ("v_proj", block.kv_dim)];
+        let qkv = self.project(layer, &block.qkv, &qkv_parts, &h, segments)?;
         let (qd, kvd) = (block.q_dim, block.kv_dim);
         let q = qkv
             .narrow(1, 0, qd)?
@@ -334,12 +398,12 @@ impl Llama {
         let q = self.rope.apply(&q, positions)?;
         let k = self.rope.apply(&k, positions)?;
         let attn = self.attend(layer, &q, &k, &v, batch)?;
-        let x = (x + self.project(&block.o, &attn)?)?;
+        let x = (x + self.project(layer, &block.o, &[("o_proj", hidden)], &attn, segments)?)?;
         let h = self.rms_norm(&x, &block.post_attention_norm)?;
-        let gate_up = self.project(&block.gate_up, &h)?;
+        let gate_up = self.project(layer, &block.gate_up, &[("gate_proj", inter), ("up_proj", inter)], &h, segments)?;
         let i = block.intermediate;
         let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
-        let mlp = self.project(&block.down, &act)?;
+        let mlp = self.project(layer, &block.down, &[("down_proj", hidden)], &act, segments)?;
         Ok((x + mlp)?)
     }
 

@@ -1,0 +1,287 @@
+//! Reads and validates PEFT LoRA adapters (`adapter_config.json` +
+//! `adapter_model.safetensors`) against the base model's LoRA sites,
+//! refusing by name what we cannot serve.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use regex::Regex;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use super::adapter::{LoraAdapter, LoraModule, SiteSpec};
+use super::LoraError;
+
+/// What the server accepts.
+#[derive(Debug, Clone)]
+pub struct LoraLimits {
+    pub max_rank: usize,
+}
+
+/// The parts of `adapter_config.json` that change the math.
+#[derive(Debug, Clone)]
+pub struct PeftConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    /// `{pattern: rank}` in file order (first match wins).
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+fn invalid(msg: impl Into<String>) -> LoraError {
+    LoraError::InvalidConfig(msg.into())
+}
+
+fn unsupported(feature: impl Into<String>) -> LoraError {
+    LoraError::Unsupported { feature: feature.into() }
+}
+
+impl PeftConfig {
+    /// Parses and checks the config; unknown keys are ignored (PEFT adds new ones every release).
+    pub fn parse(bytes: &[u8]) -> Result<Self, LoraError> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| invalid("expected a JSON object"))?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        match get("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            Some(other) => return Err(unsupported(format!("peft_type {other:?} (only LORA)"))),
+            None => return Err(invalid("peft_type is missing")),
+        }
+        if get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return Err(unsupported("use_dora (DoRA magnitude vectors)"));
+        }
+        if get("modules_to_save").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
+            return Err(unsupported("modules_to_save (full copies of base modules)"));
+        }
+        if get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+            return Err(unsupported("fan_in_fan_out: true"));
+        }
+        if let Some(b) = get("bias").and_then(Value::as_str) {
+            if b != "none" {
+                return Err(unsupported(format!("bias {b:?} (only \"none\")")));
+            }
+        }
+        if get("lora_bias").and_then(Value::as_bool) == Some(true) {
+            return Err(unsupported("lora_bias"));
+        }
+        if let Some(init) = get("init_lora_weights").and_then(Value::as_str) {
+            let lower = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "loftq"].iter().any(|p| lower.starts_with(p)) {
+                return Err(unsupported(format!("init_lora_weights {init:?} (changes the base weights)")));
+            }
+        }
+        if let Some(t) = get("target_modules") {
+            let names: Vec<String> = match t {
+                Value::String(s) => vec![s.clone()],
+                Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+                _ => return Err(invalid("target_modules must be a string or a list")),
+            };
+            if let Some(bad) = names.iter().find(|n| n.contains("embed_tokens") || n.contains("lm_head")) {
+                return Err(unsupported(format!("LoRA on {bad} (embedding and lm_head adapters)")));
+            }
+        }
+        let r = get("r").and_then(Value::as_u64).ok_or_else(|| invalid("r must be a positive integer"))? as usize;
+        if r == 0 {
+            return Err(invalid("r must be a positive integer"));
+        }
+        let lora_alpha = match get("lora_alpha") {
+            None => 8.0,
+            Some(v) => v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| invalid("lora_alpha must be a number"))?,
+        };
+        let use_rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        let pattern = |key: &str| -> Result<Vec<(String, f64)>, LoraError> {
+            match get(key) {
+                None => Ok(Vec::new()),
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .map(|(k, v)| {
+                        let x = v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| invalid(format!("{key}[{k:?}] must be a positive number")))?;
+                        Ok((k.clone(), x))
+                    })
+                    .collect(),
+                Some(_) => Err(invalid(format!("{key} must be an object"))),
+            }
+        };
+        let rank_pattern = pattern("rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect();
+        Ok(PeftConfig { r, lora_alpha, use_rslora, rank_pattern, alpha_pattern: pattern("alpha_pattern")? })
+    }
+
+    /// Rank and scale of the module with full name `name` (PEFT's rule: a
+    /// pattern key k matches when `(.*\.)?(k)$` matches; first match wins).
+    pub fn rank_and_scale(&self, name: &str) -> Result<(usize, f64), LoraError> {
+        fn first<T: Copy>(patterns: &[(String, T)], name: &str) -> Result<Option<T>, LoraError> {
+            for (k, v) in patterns {
+                let re = Regex::new(&format!(r"^(.*\.)?({k})$")).map_err(|e| invalid(format!("pattern {k:?}: {e}")))?;
+                if re.is_match(name) {
+                    return Ok(Some(*v));
+                }
+            }
+            Ok(None)
+        }
+        let r = first(&self.rank_pattern, name)?.unwrap_or(self.r);
+        let alpha = first(&self.alpha_pattern, name)?.unwrap_or(self.lora_alpha);
+        let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        Ok((r, scale))
+    }
+}
+
+/// A tensor key's meaning: `(layer, module, is_a)`.
+fn parse_key(key: &str) -> Result<(usize, String, bool), LoraError> {
+    let k = key.strip_prefix("base_model.model.").unwrap_or(key);
+    if k.contains("lora_embedding") || k.contains("embed_tokens") || k.contains("lm_head") {
+        return Err(unsupported(format!("{key} (embedding and lm_head adapters)")));
+    }
+    if k.contains("lora_magnitude_vector") {
+        return Err(unsupported(format!("{key} (DoRA)")));
+    }
+    let unknown = || LoraError::UnknownModule { key: key.to_string() };
+    let rest = k.strip_prefix("model.layers.").ok_or_else(unknown)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(unknown)?;
+    let layer: usize = layer.parse().map_err(|_| unknown())?;
+    let rest = rest.strip_suffix(".weight").ok_or_else(unknown)?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let (path, ab) = rest.rsplit_once('.').ok_or_else(unknown)?;
+    let is_a = match ab {
+        "lora_A" => true,
+        "lora_B" => false,
+        _ => return Err(unknown()),
+    };
+    let module = match path {
+        "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" | "self_attn.o_proj" | "mlp.gate_proj" | "mlp.up_proj"
+        | "mlp.down_proj" => path.rsplit('.').next().unwrap_or(path).to_string(),
+        _ => return Err(unknown()),
+    };
+    Ok((layer, module, is_a))
+}
+
+fn full_module_name(layer: usize, module: &str) -> String {
+    let group = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+    format!("model.layers.{layer}.{group}.{module}")
+}
+
+/// Validates an adapter given as file contents against `sites` and loads
+/// it onto `device` in `dtype`.
+pub fn parse(
+    config_json: &[u8],
+    weights: &[u8],
+    sites: &[SiteSpec],
+    limits: &LoraLimits,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoraAdapter, LoraError> {
+    let config = PeftConfig::parse(config_json)?;
+    let st = SafeTensors::deserialize(weights).map_err(|e| LoraError::Safetensors(e.to_string()))?;
+    let site_map: HashMap<(usize, &str), &SiteSpec> = sites.iter().map(|s| ((s.layer, s.module.as_str()), s)).collect();
+    let mut pairs: HashMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    let mut seen = HashSet::new();
+    for (key, view) in st.tensors() {
+        let (layer, module, is_a) = parse_key(&key)?;
+        let site = site_map.get(&(layer, module.as_str())).ok_or_else(|| LoraError::UnknownModule { key: key.clone() })?;
+        let (rank, _) = config.rank_and_scale(&full_module_name(layer, &module))?;
+        if rank > limits.max_rank {
+            return Err(LoraError::RankTooLarge { module: full_module_name(layer, &module), rank, limit: limits.max_rank });
+        }
+        let expected = if is_a { vec![rank, site.in_features] } else { vec![site.out_features, rank] };
+        if view.shape() != expected.as_slice() {
+            return Err(LoraError::ShapeMismatch { key: key.clone(), expected, got: view.shape().to_vec() });
+        }
+        let source_dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => return Err(LoraError::DtypeUnsupported { key: key.clone(), dtype: format!("{other:?}") }),
+        };
+        let t = Tensor::from_raw_buffer(view.data(), source_dtype, view.shape(), &Device::Cpu)?.to_dtype(DType::F32)?;
+        let finite = t.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+        if !finite {
+            return Err(LoraError::NonFinite { key: key.clone() });
+        }
+        if !seen.insert((layer, module.clone(), is_a)) {
+            return Err(invalid(format!("tensor {key} appears twice (with and without `.default`)")));
+        }
+        let slot = pairs.entry((layer, module)).or_default();
+        if is_a {
+            slot.0 = Some(t);
+        } else {
+            slot.1 = Some(t);
+        }
+    }
+    if pairs.is_empty() {
+        return Err(LoraError::NoWeights);
+    }
+    let mut modules = HashMap::with_capacity(pairs.len());
+    for ((layer, module), (a, b)) in pairs {
+        let name = full_module_name(layer, &module);
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(_), None) => return Err(LoraError::MissingPair { key: format!("{name}.lora_A.weight"), missing: "lora_B".into() }),
+            (None, _) => return Err(LoraError::MissingPair { key: format!("{name}.lora_B.weight"), missing: "lora_A".into() }),
+        };
+        let (rank, scale) = config.rank_and_scale(&name)?;
+        let a_t = a.t()?.contiguous()?.to_dtype(dtype)?.to_device(device)?;
+        let b_t_scaled = (b.t()?.contiguous()? * scale)?.to_dtype(dtype)?.to_device(device)?;
+        modules.insert((layer, module), LoraModule { a_t, b_t_scaled, rank, scale });
+    }
+    Ok(LoraAdapter::new(modules))
+}
+
+/// Loads a PEFT directory (never pickle `.bin`).
+pub fn load_dir(dir: &Path, sites: &[SiteSpec], limits: &LoraLimits, dtype: DType, device: &Device) -> Result<LoraAdapter, LoraError> {
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read(&p).map_err(|_| LoraError::MissingFile(p.display().to_string()))
+    };
+    if !dir.join("adapter_model.safetensors").exists() && dir.join("adapter_model.bin").exists() {
+        return Err(unsupported("adapter_model.bin (pickle); save with safe_serialization=True"));
+    }
+    parse(&read("adapter_config.json")?, &read("adapter_model.safetensors")?, sites, limits, dtype, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_with_and_without_prefix_and_default_are_understood() {
+        assert_eq!(parse_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight").unwrap(), (3, "q_proj".into(), true));
+        assert_eq!(parse_key("model.layers.0.mlp.down_proj.lora_B.default.weight").unwrap(), (0, "down_proj".into(), false));
+        assert!(matches!(parse_key("base_model.model.lm_head.lora_A.weight"), Err(LoraError::Unsupported { .. })));
+        assert!(matches!(parse_key("base_model.model.model.layers.0.self_attn.rotary.lora_A.weight"), Err(LoraError::UnknownModule { .. })));
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_follow_peft_rules() {
+        let c = PeftConfig::parse(
+            br#"{"peft_type":"LORA","r":8,"lora_alpha":16,"rank_pattern":{"q_proj":4,"layers.1.self_attn.k_proj":2},"alpha_pattern":{"k_proj":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rank_and_scale("model.layers.0.self_attn.q_proj").unwrap(), (4, 4.0));
+        assert_eq!(c.rank_and_scale("model.layers.1.self_attn.k_proj").unwrap(), (2, 2.0));
+        assert_eq!(c.rank_and_scale("model.layers.0.self_attn.k_proj").unwrap(), (8, 0.5));
+        assert_eq!(c.rank_and_scale("model.layers.0.self_attn.v_proj").unwrap(), (8, 2.0));
+        let rs = PeftConfig::parse(br#"{"peft_type":"LORA","r":16,"lora_alpha":16,"use_rslora":true}"#).unwrap();
+        assert_eq!(rs.rank_and_scale("x.q_proj").unwrap().1, 4.0);
+    }
+
+    #[test]
+    fn unservable_configs_are_refused_by_name() {
+        for (json, word) in [
+            (r#"{"peft_type":"LORA","r":4,"use_dora":true}"#, "dora"),
+            (r#"{"peft_type":"LORA","r":4,"modules_to_save":["lm_head"]}"#, "modules_to_save"),
+            (r#"{"peft_type":"LORA","r":4,"fan_in_fan_out":true}"#, "fan_in_fan_out"),
+            (r#"{"peft_type":"LORA","r":4,"bias":"all"}"#, "bias"),
+            (r#"{"peft_type":"LORA","r":4,"lora_bias":true}"#, "lora_bias"),
+            (r#"{"peft_type":"LORA","r":4,"init_lora_weights":"pissa_niter_4"}"#, "pissa"),
+            (r#"{"peft_type":"LORA","r":4,"target_modules":["embed_tokens"]}"#, "embed_tokens"),
+            (r#"{"peft_type":"PREFIX_TUNING"}"#, "peft_type"),
+            (r#"{"peft_type":"LORA","r":0}"#, "r"),
+            (r#"{"peft_type":"LORA"}"#, "r"),
+            (r#"not json"#, "JSON"),
+        ] {
+            let e = PeftConfig::parse(json.as_bytes()).unwrap_err().to_string();
+            assert!(e.to_lowercase().contains(&word.to_lowercase()), "{json}: {e}");
+        }
+    }
+}
