@@ -1,6 +1,7 @@
 //! lifelora: one frozen base LLM served to many tenants over an
 //! OpenAI-compatible API, with continuous batching.
 
+pub mod adapter_store;
 pub mod api;
 pub mod config;
 pub mod engine;

@@ -35,6 +35,7 @@ fn request(max_tokens: usize) -> GenerationRequest {
         logprobs: None,
         prompt_logprobs: None,
         ignore_eos: true,
+        adapter: None,
     }
 }
 

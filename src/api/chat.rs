@@ -142,6 +142,7 @@ pub async fn create(
         logprobs: want_logprobs.then_some(top),
         prompt_logprobs: None,
         ignore_eos: v.ignore_eos,
+        adapter: None,
     };
     let subs = submit_all(&state.engine, vec![request], v.n)?;
     let id = random_id("chatcmpl");

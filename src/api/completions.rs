@@ -101,6 +101,7 @@ pub async fn create(
             logprobs,
             prompt_logprobs: if echo { logprobs } else { None },
             ignore_eos: v.ignore_eos,
+            adapter: None,
         });
     }
     let subs = submit_all(&state.engine, requests, v.n)?;

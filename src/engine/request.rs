@@ -1,6 +1,9 @@
 //! What the API hands the engine, and what flows back per request.
 
+use std::sync::Arc;
+
 use super::sampling::{PositionLogprobs, SamplingParams};
+use crate::lora::LoraAdapter;
 
 /// One sequence to generate (the API submits `n` of these for `n` choices).
 #[derive(Debug, Clone)]
@@ -17,6 +20,10 @@ pub struct GenerationRequest {
     pub prompt_logprobs: Option<usize>,
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
+    /// The adapter version this sequence uses for its whole life (`None`:
+    /// the base model). Resolved at submission, so a promotion while it
+    /// runs never changes it.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// Why a sequence ended.

@@ -70,6 +70,13 @@ impl Scheduler {
         before - self.running.len() - self.waiting.len()
     }
 
+    /// Orders running sequences by adapter (stable, so arrival order holds
+    /// within a group): each adapter is then one contiguous segment of the
+    /// packed step, and its delta is one pair of matmuls.
+    pub fn group_by_adapter(&mut self) {
+        self.running.sort_by_key(|s| s.request.adapter.as_ref().map_or(0, |a| std::sync::Arc::as_ptr(a) as usize));
+    }
+
     /// Removes a finished running sequence, freeing its reservation.
     pub fn release(&mut self, index: usize) -> Sequence {
         let seq = self.running.swap_remove(index);

@@ -46,6 +46,7 @@ pub fn run(
         }
         let waiting_before = scheduler.waiting.len();
         scheduler.drop_abandoned();
+        scheduler.group_by_adapter();
         let (plan, rejected) = scheduler.schedule();
         for (seq, why) in rejected {
             seq.send(Event::Error(why.0));
@@ -79,6 +80,14 @@ fn step(
     // What each scheduled sequence wants back, and where its prompt chunk starts.
     let mut wants = Vec::with_capacity(plan.len());
     let mut inputs = Vec::with_capacity(plan.len());
+    // Each scheduled sequence's adapter, in the same order as `inputs`.
+    let adapters: Vec<_> = scheduler
+        .running
+        .iter()
+        .zip(plan)
+        .filter(|(_, &n)| n > 0)
+        .map(|(s, _)| s.request.adapter.clone())
+        .collect();
     let mut total = 0;
     for (seq, &n) in scheduler.running.iter_mut().zip(plan) {
         if n == 0 {
@@ -116,7 +125,7 @@ fn step(
     metrics.step_tokens.observe(total as f64);
     let result = model
         .model
-        .forward(&mut inputs)
+        .forward_with_adapters(&mut inputs, &adapters)
         .and_then(|t| Ok(t.to_vec2::<f32>()?));
     drop(inputs);
     let rows = match result {
