@@ -9,5 +9,6 @@ pub mod fetch;
 pub mod loadgen;
 pub mod lora;
 pub mod metrics;
+pub mod registry;
 pub mod model;
 pub mod serve;
