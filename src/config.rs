@@ -29,6 +29,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub model: ModelSettings,
     pub engine: EngineSettings,
+    pub lora: LoraSettings,
     pub storage: StorageSettings,
     pub log: LogSettings,
 }
@@ -66,6 +67,15 @@ pub struct EngineSettings {
     pub max_tokens_limit: usize,
     pub max_n: usize,
     pub threads: usize,
+}
+
+/// Adapter limits and residency.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    pub max_rank: usize,
+    pub max_resident: usize,
+    pub max_upload_bytes: usize,
 }
 
 /// Where runtime data lives.

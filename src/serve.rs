@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::adapter_store::AdapterStore;
 use crate::api::{server, AppState};
+use crate::lora::peft::LoraLimits;
+use crate::registry::Registry;
 use crate::config::Settings;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
@@ -19,6 +22,10 @@ pub enum ServeError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    #[error("adapter store: {0}")]
+    Store(#[from] crate::adapter_store::StoreError),
+    #[error("adapter registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
 }
@@ -88,10 +95,21 @@ pub fn serve(
         context = cfg.max_position_embeddings, dtype = %settings.model.dtype, secs = started.elapsed().as_secs_f64(),
         "model loaded"
     );
+    let store = AdapterStore::open(&settings.storage.adapters_dir)?;
+    let registry = Registry::open(
+        store,
+        model.model.lora_sites(),
+        LoraLimits { max_rank: settings.lora.max_rank },
+        model.model.dtype(),
+        model.model.device().clone(),
+        settings.lora.max_resident,
+    )?;
+    tracing::warn!("no auth.admin_key configured: serving open, as the single tenant `default`");
     let metrics = Metrics::new();
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,
+        registry: Arc::new(registry),
         engine: engine.clone(),
         metrics,
         settings: Arc::new(settings),

@@ -68,7 +68,9 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: ChatRequest = parse_json(&body)?;
-    state.check_model(&r.model)?;
+    let tenant = super::tenant::tenant_of(&req)?;
+    let resolved = state.resolve_model(&tenant, &r.model)?;
+    let adapter = resolved.as_ref().map(|r| r.adapter.clone());
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.tools
         .as_ref()
@@ -142,12 +144,12 @@ pub async fn create(
         logprobs: want_logprobs.then_some(top),
         prompt_logprobs: None,
         ignore_eos: v.ignore_eos,
-        adapter: None,
+        adapter: adapter.clone(),
     };
     let subs = submit_all(&state.engine, vec![request], v.n)?;
     let id = random_id("chatcmpl");
     let created = unix_now();
-    let model = state.model.id.clone();
+    let model = r.model.clone();
     let tok = state.model.tokenizer.clone();
     if v.stream {
         let fmt = ChatChunks {

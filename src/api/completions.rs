@@ -26,7 +26,9 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: CompletionRequest = parse_json(&body)?;
-    state.check_model(&r.model)?;
+    let tenant = super::tenant::tenant_of(&req)?;
+    let resolved = state.resolve_model(&tenant, &r.model)?;
+    let adapter = resolved.as_ref().map(|r| r.adapter.clone());
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
@@ -101,13 +103,13 @@ pub async fn create(
             logprobs,
             prompt_logprobs: if echo { logprobs } else { None },
             ignore_eos: v.ignore_eos,
-            adapter: None,
+            adapter: adapter.clone(),
         });
     }
     let subs = submit_all(&state.engine, requests, v.n)?;
     let id = random_id("cmpl");
     let created = unix_now();
-    let model = state.model.id.clone();
+    let model = r.model.clone();
     if v.stream {
         let fmt = CompletionChunks {
             id,

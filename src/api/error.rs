@@ -151,6 +151,40 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        use crate::adapter_store::StoreError;
+        use crate::registry::RegistryError as R;
+        match e {
+            R::NotFound(name) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("The adapter `{name}` does not exist or you do not have access to it."),
+                kind: "invalid_request_error",
+                param: Some("name".into()),
+                code: Some("adapter_not_found"),
+            },
+            R::BadReference(_) => ApiError::invalid(e.to_string(), Some("model")),
+            R::Lora(l) => ApiError::invalid(format!("adapter refused: {l}"), Some("weights")).with_code("invalid_adapter"),
+            R::Store(StoreError::InvalidName(_)) => ApiError::invalid(e.to_string(), Some("name")).with_code("invalid_name"),
+            R::Store(StoreError::NotFound(_)) | R::Store(StoreError::VersionNotFound { .. }) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: e.to_string(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("adapter_not_found"),
+            },
+            R::Store(StoreError::NoPrevious { .. }) => ApiError {
+                status: StatusCode::CONFLICT,
+                message: e.to_string(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("no_previous_version"),
+            },
+            R::Store(_) => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         match e {

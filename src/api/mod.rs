@@ -1,6 +1,7 @@
 //! The HTTP edge: OpenAI wire types, handlers, and the mapping of every
 //! error to OpenAI's error object. No tensors here.
 
+pub mod adapters;
 pub mod body;
 pub mod chat;
 pub mod completions;
@@ -10,6 +11,7 @@ pub mod models;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tenant;
 pub mod types;
 pub mod validate;
 

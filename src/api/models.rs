@@ -11,8 +11,10 @@ pub const BUILTIN_NOTE: &str =
     "built-in demo model: random weights and a byte tokenizer, so its text is noise. \
 Serve a real model with `lifelora serve --model /path/to/hf-model-dir` (or set model.path).";
 
-/// Lists the served model.
-pub async fn list(state: web::Data<AppState>) -> HttpResponse {
+/// Lists the served model and the caller's adapters (as vLLM does, with
+/// `parent`/`root` naming the base).
+pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Result<HttpResponse, super::error::ApiError> {
+    let tenant = super::tenant::tenant_of(&req)?;
     let m = &state.model;
     let card = ModelCard {
         id: m.id.clone(),
@@ -24,7 +26,17 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
         max_model_len: m.model.config.max_position_embeddings,
         description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
     };
-    HttpResponse::Ok().json(json!({"object": "list", "data": [card]}))
+    let mut data = vec![serde_json::to_value(card).unwrap_or_default()];
+    for info in state.registry.list(&tenant)? {
+        let Some(current) = info.current else { continue };
+        let created = info.versions.iter().find(|v| v.version == current).map_or(state.created, |v| v.created_at);
+        data.push(json!({
+            "id": info.name, "object": "model", "created": created, "owned_by": tenant,
+            "root": m.id, "parent": m.id, "max_model_len": m.model.config.max_position_embeddings,
+            "version": current,
+        }));
+    }
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
 /// Liveness and readiness: the server listens only once the model is loaded.

@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{chat, completions, models};
+use super::{adapters, chat, completions, models};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -19,6 +19,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions::create))
         .route("/v1/chat/completions", web::post().to(chat::create))
         .route("/v1/models", web::get().to(models::list))
+        .route("/v1/adapters", web::post().to(adapters::upload))
+        .route("/v1/adapters", web::get().to(adapters::list))
+        .route("/v1/adapters/{name}", web::get().to(adapters::get))
+        .route("/v1/adapters/{name}", web::delete().to(adapters::delete))
+        .route("/v1/adapters/{name}/versions", web::get().to(adapters::versions))
+        .route("/v1/adapters/{name}/versions/{version}/promote", web::post().to(adapters::promote))
+        .route("/v1/adapters/{name}/versions/{version}/download", web::get().to(adapters::download))
+        .route("/v1/adapters/{name}/rollback", web::post().to(adapters::rollback))
         .route("/health", web::get().to(models::health))
         .route("/metrics", web::get().to(models::metrics));
 }

@@ -6,6 +6,7 @@ use crate::config::Settings;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
+use crate::registry::{Registry, Resolved};
 
 use super::error::ApiError;
 
@@ -16,17 +17,25 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub metrics: Metrics,
     pub settings: Arc<Settings>,
+    pub registry: Arc<Registry>,
     /// When the model was loaded (`created` of `/v1/models`).
     pub created: u64,
 }
 
 impl AppState {
-    /// Resolves a request's `model` to the served base model.
-    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+    /// Resolves a request's `model`: the base model id (no adapter), or one
+    /// of the tenant's adapters (`NAME` for its current version, `NAME@vN`).
+    /// Another tenant's adapter answers exactly like a missing one.
+    pub fn resolve_model(&self, tenant: &str, model: &str) -> Result<Option<Resolved>, ApiError> {
         if model == self.model.id {
-            Ok(())
-        } else {
-            Err(ApiError::model_not_found(model))
+            return Ok(None);
+        }
+        match self.registry.resolve(tenant, model) {
+            Ok(r) => Ok(Some(r)),
+            Err(crate::registry::RegistryError::NotFound(_) | crate::registry::RegistryError::BadReference(_)) => {
+                Err(ApiError::model_not_found(model))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -33,6 +33,8 @@ use std::time::Duration;
 /// A `lifelora serve` child process on an ephemeral port; killed on drop.
 pub struct TestServer {
     child: Child,
+    /// The adapter store root, removed with the server.
+    pub adapters_dir: tempfile::TempDir,
     pub base: String,
     pub model: String,
 }
@@ -46,6 +48,8 @@ impl TestServer {
             cmd.arg("--model").arg(d);
         }
         cmd.env("LIFELORA_LOG__LEVEL", "warn");
+        let adapters_dir = tempfile::tempdir().expect("temp dir");
+        cmd.env("LIFELORA_STORAGE__ADAPTERS_DIR", adapters_dir.path());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -73,7 +77,7 @@ impl TestServer {
             .into_json()
             .unwrap();
         let model = models["data"][0]["id"].as_str().unwrap().to_string();
-        TestServer { child, base, model }
+        TestServer { child, adapters_dir, base, model }
     }
 
     /// POSTs JSON; returns (status, body) for success and error statuses alike.
