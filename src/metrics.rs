@@ -20,6 +20,12 @@ pub struct Metrics {
     pub step_tokens: Histogram,
     pub kv_cache_bytes: IntGauge,
     pub kv_cache_capacity_bytes: IntGauge,
+    pub adapters_resident: IntGauge,
+    pub adapters_resident_bytes: IntGauge,
+    pub adapter_loads: IntCounter,
+    pub adapter_load_seconds: Histogram,
+    pub adapter_cache_hits: IntCounter,
+    pub adapter_cache_misses: IntCounter,
 }
 
 impl Metrics {
@@ -74,6 +80,17 @@ impl Metrics {
         let kv_cache_capacity_bytes =
             IntGauge::new("kv_cache_capacity_bytes", "KV cache budget in bytes")
                 .expect("valid metric");
+        let adapters_resident = IntGauge::new("adapters_resident", "Adapter versions loaded in memory").expect("valid metric");
+        let adapters_resident_bytes =
+            IntGauge::new("adapters_resident_bytes", "Bytes held by loaded adapters").expect("valid metric");
+        let adapter_loads = IntCounter::new("adapter_loads_total", "Adapter versions loaded from the store").expect("valid metric");
+        let adapter_load_seconds = Histogram::with_opts(
+            HistogramOpts::new("adapter_load_seconds", "Time to load and validate an adapter version").buckets(exp_buckets(0.0005, 2.0, 14)),
+        )
+        .expect("valid metric");
+        let adapter_cache_hits = IntCounter::new("adapter_cache_hits_total", "Adapter lookups served from memory").expect("valid metric");
+        let adapter_cache_misses =
+            IntCounter::new("adapter_cache_misses_total", "Adapter lookups that loaded from the store").expect("valid metric");
         let m = Metrics {
             registry,
             requests,
@@ -87,6 +104,12 @@ impl Metrics {
             step_tokens,
             kv_cache_bytes,
             kv_cache_capacity_bytes,
+            adapters_resident,
+            adapters_resident_bytes,
+            adapter_loads,
+            adapter_load_seconds,
+            adapter_cache_hits,
+            adapter_cache_misses,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -100,6 +123,12 @@ impl Metrics {
             Box::new(m.step_tokens.clone()),
             Box::new(m.kv_cache_bytes.clone()),
             Box::new(m.kv_cache_capacity_bytes.clone()),
+            Box::new(m.adapters_resident.clone()),
+            Box::new(m.adapters_resident_bytes.clone()),
+            Box::new(m.adapter_loads.clone()),
+            Box::new(m.adapter_load_seconds.clone()),
+            Box::new(m.adapter_cache_hits.clone()),
+            Box::new(m.adapter_cache_misses.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

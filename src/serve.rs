@@ -104,8 +104,9 @@ pub fn serve(
         model.model.device().clone(),
         settings.lora.max_resident,
     )?;
-    tracing::warn!("no auth.admin_key configured: serving open, as the single tenant `default`");
     let metrics = Metrics::new();
+    let registry = registry.with_metrics(metrics.clone());
+    tracing::warn!("no auth.admin_key configured: serving open, as the single tenant `default`");
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,

@@ -394,6 +394,10 @@ fn metrics_expose_requests_tokens_and_batching() {
         "lifelora_waiting_sequences",
         "lifelora_batch_size",
         "lifelora_kv_cache_bytes",
+        "lifelora_adapters_resident",
+        "lifelora_adapter_loads_total",
+        "lifelora_adapter_load_seconds",
+        "lifelora_adapter_cache_hits_total",
     ] {
         assert!(text.contains(name), "missing {name}");
     }

@@ -62,6 +62,7 @@ pub struct Registry {
     resident: DashMap<(String, String, u32), Resident>,
     max_resident: usize,
     tick: AtomicU64,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// Splits `name@vN`.
@@ -95,6 +96,7 @@ impl Registry {
             resident: DashMap::new(),
             max_resident: max_resident.max(1),
             tick: AtomicU64::new(0),
+            metrics: None,
         };
         for tenant in r.store.tenants()? {
             for name in r.store.adapters(&tenant)? {
@@ -103,6 +105,19 @@ impl Registry {
             }
         }
         Ok(r)
+    }
+
+    /// Reports residency, loads and hits to `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record_residency(&self) {
+        if let Some(m) = &self.metrics {
+            m.adapters_resident.set(self.resident.len() as i64);
+            m.adapters_resident_bytes.set(self.resident.iter().map(|r| r.adapter.bytes()).sum::<usize>() as i64);
+        }
     }
 
     fn slot(&self, tenant: &str, name: &str) -> Arc<ArcSwapOption<u32>> {
@@ -137,12 +152,22 @@ impl Registry {
         let now = self.tick.fetch_add(1, Ordering::Relaxed);
         if let Some(r) = self.resident.get(&key) {
             r.last_used.store(now, Ordering::Relaxed);
+            if let Some(m) = &self.metrics {
+                m.adapter_cache_hits.inc();
+            }
             return Ok(r.adapter.clone());
         }
+        let started = std::time::Instant::now();
         let (config, weights) = self.store.read_files(tenant, name, version)?;
         let adapter = Arc::new(peft::parse(&config, &weights, &self.sites, &self.limits, self.dtype, &self.device)?);
         self.resident.insert(key, Resident { adapter: adapter.clone(), last_used: AtomicU64::new(now) });
         self.evict();
+        if let Some(m) = &self.metrics {
+            m.adapter_cache_misses.inc();
+            m.adapter_loads.inc();
+            m.adapter_load_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        self.record_residency();
         Ok(adapter)
     }
 
@@ -212,6 +237,7 @@ impl Registry {
         self.store.delete(tenant, name)?;
         self.current.remove(&(tenant.to_string(), name.to_string()));
         self.resident.retain(|k, _| !(k.0 == tenant && k.1 == name));
+        self.record_residency();
         Ok(())
     }
 
