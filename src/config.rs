@@ -29,6 +29,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub model: ModelSettings,
     pub engine: EngineSettings,
+    pub auth: AuthSettings,
     pub lora: LoraSettings,
     pub storage: StorageSettings,
     pub log: LogSettings,
@@ -69,6 +70,20 @@ pub struct EngineSettings {
     pub threads: usize,
 }
 
+/// Who may call the API.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub admin_key: String,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never log the key.
+        f.debug_struct("AuthSettings").field("admin_key", &if self.admin_key.is_empty() { "" } else { "<set>" }).finish()
+    }
+}
+
 /// Adapter limits and residency.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +98,7 @@ pub struct LoraSettings {
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
     pub adapters_dir: String,
+    pub tenants_file: String,
     pub database: String,
 }
 

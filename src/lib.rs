@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod registry;
 pub mod model;
 pub mod serve;
+pub mod tenants;

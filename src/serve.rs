@@ -24,6 +24,8 @@ pub enum ServeError {
     Engine(#[from] crate::engine::EngineError),
     #[error("adapter store: {0}")]
     Store(#[from] crate::adapter_store::StoreError),
+    #[error("tenants: {0}")]
+    Tenants(#[from] crate::tenants::TenantError),
     #[error("adapter registry: {0}")]
     Registry(#[from] crate::registry::RegistryError),
     #[error("HTTP server: {0}")]
@@ -106,11 +108,15 @@ pub fn serve(
     )?;
     let metrics = Metrics::new();
     let registry = registry.with_metrics(metrics.clone());
-    tracing::warn!("no auth.admin_key configured: serving open, as the single tenant `default`");
+    if settings.auth.admin_key.is_empty() {
+        tracing::warn!("no auth.admin_key configured: serving OPEN, as the single tenant `default`; set LIFELORA_AUTH__ADMIN_KEY for tenants and keys");
+    }
+    let tenants = crate::tenants::Tenants::open(&settings.storage.tenants_file)?;
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,
         registry: Arc::new(registry),
+        tenants: Arc::new(tenants),
         engine: engine.clone(),
         metrics,
         settings: Arc::new(settings),

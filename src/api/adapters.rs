@@ -117,7 +117,7 @@ pub async fn upload(
     query: web::Query<UploadQuery>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let tenant = tenant_of(&req)?;
+    let tenant = tenant_of(&req, &state)?;
     let limit = state.settings.lora.max_upload_bytes;
     let is_multipart = req
         .headers()
@@ -158,20 +158,20 @@ pub async fn upload(
 
 /// `GET /v1/adapters`.
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let tenant = tenant_of(&req)?;
+    let tenant = tenant_of(&req, &state)?;
     let infos = state.registry.list(&tenant)?;
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": infos.iter().map(|i| adapter_json(&state, i)).collect::<Vec<_>>()})))
 }
 
 /// `GET /v1/adapters/{name}`.
 pub async fn get(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let info = state.registry.info(&tenant_of(&req)?, &path)?;
+    let info = state.registry.info(&tenant_of(&req, &state)?, &path)?;
     Ok(HttpResponse::Ok().json(adapter_json(&state, &info)))
 }
 
 /// `GET /v1/adapters/{name}/versions`.
 pub async fn versions(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let info = state.registry.info(&tenant_of(&req)?, &path)?;
+    let info = state.registry.info(&tenant_of(&req, &state)?, &path)?;
     let data: Vec<Value> = info
         .versions
         .iter()
@@ -191,7 +191,7 @@ fn parse_version(v: &str) -> Result<u32, ApiError> {
 /// `POST /v1/adapters/{name}/versions/{v}/promote`.
 pub async fn promote(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
     let (name, v) = path.into_inner();
-    let tenant = tenant_of(&req)?;
+    let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &name)?;
     let p = state.registry.promote(&tenant, &name, parse_version(&v)?)?;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": name, "version": p.current, "previous": p.history})))
@@ -199,7 +199,7 @@ pub async fn promote(state: web::Data<AppState>, req: HttpRequest, path: web::Pa
 
 /// `POST /v1/adapters/{name}/rollback`.
 pub async fn rollback(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let tenant = tenant_of(&req)?;
+    let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &path)?;
     let p = state.registry.rollback(&tenant, &path)?;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": path.into_inner(), "version": p.current, "previous": p.history})))
@@ -207,7 +207,7 @@ pub async fn rollback(state: web::Data<AppState>, req: HttpRequest, path: web::P
 
 /// `DELETE /v1/adapters/{name}`.
 pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let tenant = tenant_of(&req)?;
+    let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &path)?;
     state.registry.delete(&tenant, &path)?;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter.deleted", "name": path.into_inner(), "deleted": true})))
@@ -217,7 +217,7 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
 pub async fn download(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
     let (name, v) = path.into_inner();
     let version = parse_version(&v)?;
-    let (config, weights) = state.registry.files(&tenant_of(&req)?, &name, version).map_err(|e| match e {
+    let (config, weights) = state.registry.files(&tenant_of(&req, &state)?, &name, version).map_err(|e| match e {
         crate::registry::RegistryError::Store(crate::adapter_store::StoreError::InvalidName(_)) => {
             ApiError::from(crate::registry::RegistryError::NotFound(name.clone()))
         }

@@ -12,6 +12,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod tenant;
+pub mod tenants;
 pub mod types;
 pub mod validate;
 

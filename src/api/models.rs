@@ -14,7 +14,7 @@ Serve a real model with `lifelora serve --model /path/to/hf-model-dir` (or set m
 /// Lists the served model and the caller's adapters (as vLLM does, with
 /// `parent`/`root` naming the base).
 pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Result<HttpResponse, super::error::ApiError> {
-    let tenant = super::tenant::tenant_of(&req)?;
+    let tenant = super::tenant::tenant_of(&req, &state)?;
     let m = &state.model;
     let card = ModelCard {
         id: m.id.clone(),

@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, chat, completions, models};
+use super::{adapters, chat, completions, models, tenants};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -19,6 +19,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions::create))
         .route("/v1/chat/completions", web::post().to(chat::create))
         .route("/v1/models", web::get().to(models::list))
+        .route("/v1/tenants", web::post().to(tenants::create))
+        .route("/v1/tenants", web::get().to(tenants::list))
+        .route("/v1/tenants/{name}", web::delete().to(tenants::delete))
+        .route("/v1/tenants/{name}/rotate_key", web::post().to(tenants::rotate))
         .route("/v1/adapters", web::post().to(adapters::upload))
         .route("/v1/adapters", web::get().to(adapters::list))
         .route("/v1/adapters/{name}", web::get().to(adapters::get))

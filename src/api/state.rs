@@ -18,6 +18,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
+    pub tenants: Arc<crate::tenants::Tenants>,
     /// When the model was loaded (`created` of `/v1/models`).
     pub created: u64,
 }

@@ -49,13 +49,14 @@ impl TestServer {
         }
         cmd.env("LIFELORA_LOG__LEVEL", "warn");
         let adapters_dir = tempfile::tempdir().expect("temp dir");
-        cmd.env("LIFELORA_STORAGE__ADAPTERS_DIR", adapters_dir.path());
+        cmd.env("LIFELORA_STORAGE__ADAPTERS_DIR", adapters_dir.path().join("adapters"));
+        cmd.env("LIFELORA_STORAGE__TENANTS_FILE", adapters_dir.path().join("tenants.json"));
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .expect("spawn lifelora");
         let stdout = child.stdout.take().expect("stdout");
@@ -71,13 +72,13 @@ impl TestServer {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let models: serde_json::Value = ureq::get(&format!("{base}/v1/models"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
-        let model = models["data"][0]["id"].as_str().unwrap().to_string();
-        TestServer { child, adapters_dir, base, model }
+        let mut server = TestServer { child, adapters_dir, base, model: String::new() };
+        // /health names the model without a key (the server may require one);
+        // if this fails, dropping `server` kills the child.
+        let health: serde_json::Value =
+            ureq::get(&format!("{}/health", server.base)).call().expect("health").into_json().expect("health json");
+        server.model = health["model"].as_str().expect("model id").to_string();
+        server
     }
 
     /// POSTs JSON; returns (status, body) for success and error statuses alike.

@@ -1,0 +1,66 @@
+//! `/v1/tenants` (admin only): create with a fresh key shown once, list,
+//! delete (with all the tenant's adapters), rotate a key.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+use super::body::{parse_json, read_limited};
+use super::error::ApiError;
+use super::state::AppState;
+use super::tenant::require_admin;
+use crate::tenants::TenantError;
+
+impl From<TenantError> for ApiError {
+    fn from(e: TenantError) -> Self {
+        use actix_web::http::StatusCode;
+        match e {
+            TenantError::Name(_) => ApiError::invalid(e.to_string(), Some("name")).with_code("invalid_name"),
+            TenantError::Exists(_) => ApiError { status: StatusCode::CONFLICT, message: e.to_string(), kind: "invalid_request_error", param: Some("name".into()), code: Some("tenant_exists") },
+            TenantError::NotFound(_) => ApiError { status: StatusCode::NOT_FOUND, message: e.to_string(), kind: "invalid_request_error", param: Some("name".into()), code: Some("tenant_not_found") },
+            TenantError::Io { .. } => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct CreateTenant {
+    name: String,
+}
+
+/// `POST /v1/tenants`.
+pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &state)?;
+    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
+    let c: CreateTenant = parse_json(&body)?;
+    let key = state.tenants.create(&c.name)?;
+    tracing::info!(tenant = %c.name, action = "tenant.create", "audit");
+    Ok(HttpResponse::Created().json(json!({"object": "tenant", "name": c.name, "api_key": key})))
+}
+
+/// `GET /v1/tenants`.
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &state)?;
+    let data: Vec<_> = state.tenants.list().into_iter().map(|(name, created)| json!({"object": "tenant", "name": name, "created_at": created})).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+/// `DELETE /v1/tenants/{name}`: the tenant, its key and its adapters.
+pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &state)?;
+    let name = path.into_inner();
+    state.tenants.delete(&name)?;
+    for info in state.registry.list(&name).unwrap_or_default() {
+        state.registry.delete(&name, &info.name)?;
+    }
+    tracing::info!(tenant = %name, action = "tenant.delete", "audit");
+    Ok(HttpResponse::Ok().json(json!({"object": "tenant.deleted", "name": name, "deleted": true})))
+}
+
+/// `POST /v1/tenants/{name}/rotate_key`: a new key; the old one stops working.
+pub async fn rotate(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    require_admin(&req, &state)?;
+    let name = path.into_inner();
+    let key = state.tenants.rotate(&name)?;
+    tracing::info!(tenant = %name, action = "tenant.rotate_key", "audit");
+    Ok(HttpResponse::Ok().json(json!({"object": "tenant", "name": name, "api_key": key})))
+}
