@@ -90,6 +90,7 @@ impl std::fmt::Debug for AuthSettings {
 pub struct LoraSettings {
     pub max_rank: usize,
     pub max_resident: usize,
+    pub max_resident_bytes: usize,
     pub max_upload_bytes: usize,
 }
 

@@ -107,7 +107,7 @@ pub fn serve(
         settings.lora.max_resident,
     )?;
     let metrics = Metrics::new();
-    let registry = registry.with_metrics(metrics.clone());
+    let registry = registry.with_metrics(metrics.clone()).with_byte_budget(settings.lora.max_resident_bytes);
     if settings.auth.admin_key.is_empty() {
         tracing::warn!("no auth.admin_key configured: serving OPEN, as the single tenant `default`; set LIFELORA_AUTH__ADMIN_KEY for tenants and keys");
     }

@@ -178,3 +178,40 @@ fn bad_uploads_and_unknown_adapters_get_openai_errors_and_write_nothing() {
     let store = s.adapters_dir.path().join("adapters");
     assert!(!store.exists() || std::fs::read_dir(&store).unwrap().count() == 0);
 }
+
+#[test]
+fn a_promotion_during_a_stream_leaves_that_stream_on_its_version() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &[]);
+    let (c1, w1, r1) = fixture("q_v_r8");
+    let (c2, w2, _) = fixture("all_linear_r4");
+    assert_eq!(upload(&s, "", &[("name", b"bot"), ("config", &c1), ("weights", &w1)]).0, 201);
+    assert_eq!(upload(&s, "?promote=false", &[("name", b"bot"), ("config", &c2), ("weights", &w2)]).0, 201);
+    let prompt = ids(&r1["prompts"][0]["prompt_token_ids"]);
+    let request = |model: &str, stream: bool| {
+        json!({"model": model, "prompt": prompt, "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": stream})
+    };
+    let (_, v1) = s.post("/v1/completions", &request("bot@v1", false));
+    let (_, v2) = s.post("/v1/completions", &request("bot@v2", false));
+    assert_ne!(v1["choices"][0]["text"], v2["choices"][0]["text"]);
+    // Start streaming on the current version (v1), promote v2 mid-stream.
+    let resp = ureq::post(&format!("{}/v1/completions", s.base)).send_json(request("bot", true)).unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resp.into_reader()));
+    let first = lines.by_ref().find(|l| l.as_ref().is_ok_and(|l| l.starts_with("data: {"))).unwrap().unwrap();
+    let (status, _) = s.post("/v1/adapters/bot/versions/2/promote", &json!({}));
+    assert_eq!(status, 200);
+    let mut text = String::new();
+    for line in std::iter::once(Ok(first)).chain(lines) {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert_eq!(text, v1["choices"][0]["text"].as_str().unwrap(), "the stream switched versions");
+    // Requests that start after the promotion see v2.
+    let (_, after) = s.post("/v1/completions", &request("bot", false));
+    assert_eq!(after["choices"][0]["text"], v2["choices"][0]["text"]);
+}

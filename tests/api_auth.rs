@@ -79,6 +79,11 @@ fn keys_isolate_tenants_and_the_admin_manages_them() {
     assert_openai_error(st, &v, 404);
     // The admin acts as a tenant through the header.
     assert_eq!(call(&s, "POST", "/v1/completions", Some(ADMIN), Some("acme"), Some(req.clone())).0, 200);
+    let mut with_field = req.clone();
+    with_field["tenant"] = json!("acme");
+    assert_eq!(call(&s, "POST", "/v1/completions", Some(ADMIN), None, Some(with_field.clone())).0, 200);
+    let (st, v) = call(&s, "POST", "/v1/completions", Some(&globex_key), None, Some(with_field));
+    assert_openai_error(st, &v, 403);
     let (st, v) = call(&s, "POST", "/v1/completions", Some(ADMIN), None, Some(req.clone()));
     assert_openai_error(st, &v, 400);
     let (st, v) = call(&s, "POST", "/v1/completions", Some(ADMIN), Some("nobody"), Some(req.clone()));

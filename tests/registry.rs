@@ -76,3 +76,23 @@ fn residency_keeps_at_most_the_limit_and_reloads_on_demand() {
     assert_eq!(reg.resolve("t", "one").unwrap().adapter.max_rank, 8);
     assert_eq!(reg.resident_count(), 1);
 }
+
+#[test]
+fn a_byte_budget_evicts_and_frees_the_dropped_adapters() {
+    let (Some(a), Some(b)) = (files("q_v_r8"), files("rslora_r16")) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), 8);
+    reg.upload("t", "one", &a.0, &a.1, true).unwrap();
+    reg.upload("t", "two", &b.0, &b.1, true).unwrap();
+    let one = reg.resolve("t", "one").unwrap().adapter;
+    let one_bytes = one.bytes();
+    drop(one);
+    // A budget that fits one adapter only: loading the second drops the first.
+    let reg = reg.with_byte_budget(one_bytes + 1);
+    let weak = std::sync::Arc::downgrade(&reg.resolve("t", "one").unwrap().adapter);
+    let two = reg.resolve("t", "two").unwrap().adapter;
+    assert_eq!(reg.resident_count(), 1);
+    assert_eq!(reg.resident_bytes(), two.bytes());
+    // Nothing else holds the evicted version: its memory is gone.
+    assert!(weak.upgrade().is_none(), "evicted adapter still alive");
+}

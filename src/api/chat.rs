@@ -68,7 +68,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: ChatRequest = parse_json(&body)?;
-    let tenant = super::tenant::tenant_of(&req, &state)?;
+    let tenant = super::tenant::tenant_for(&req, &state, r.tenant.as_deref())?;
     let resolved = state.resolve_model(&tenant, &r.model)?;
     let adapter = resolved.as_ref().map(|r| r.adapter.clone());
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;

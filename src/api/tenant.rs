@@ -65,10 +65,20 @@ pub fn caller(req: &HttpRequest, state: &AppState) -> Result<Caller, ApiError> {
 
 /// The tenant a request acts as (the admin names one with the header).
 pub fn tenant_of(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+    tenant_for(req, state, None)
+}
+
+/// As [`tenant_of`], where the body may name the tenant too (`tenant`
+/// field): the admin acts as it; a tenant key may only name itself.
+pub fn tenant_for(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<String, ApiError> {
     match caller(req, state)? {
-        Caller::Tenant(t) => Ok(t),
+        Caller::Tenant(t) => match named {
+            Some(n) if n != t => Err(forbidden()),
+            _ => Ok(t),
+        },
         Caller::Admin => {
-            let name = req.headers().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::trim).unwrap_or("");
+            let header = req.headers().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::trim);
+            let name = named.or(header).unwrap_or("");
             if name.is_empty() {
                 return Err(ApiError::invalid(
                     "the admin key acts as a tenant named by the X-Lifelora-Tenant header",

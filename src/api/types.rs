@@ -63,6 +63,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
+    /// Extension: the tenant an admin-key request acts as.
+    pub tenant: Option<String>,
     /// Extension (as vLLM): include `token_ids` in each choice.
     pub return_token_ids: Option<bool>,
     pub user: Option<String>,
@@ -114,6 +116,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<serde_json::Value>,
     pub response_format: Option<serde_json::Value>,
+    /// Extension: the tenant an admin-key request acts as.
+    pub tenant: Option<String>,
     pub user: Option<String>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,

@@ -61,6 +61,7 @@ pub struct Registry {
     current: DashMap<Key, Arc<ArcSwapOption<u32>>>,
     resident: DashMap<(String, String, u32), Resident>,
     max_resident: usize,
+    max_resident_bytes: usize,
     tick: AtomicU64,
     metrics: Option<crate::metrics::Metrics>,
 }
@@ -95,6 +96,7 @@ impl Registry {
             current: DashMap::new(),
             resident: DashMap::new(),
             max_resident: max_resident.max(1),
+            max_resident_bytes: usize::MAX,
             tick: AtomicU64::new(0),
             metrics: None,
         };
@@ -105,6 +107,17 @@ impl Registry {
             }
         }
         Ok(r)
+    }
+
+    /// Caps the bytes loaded adapters may hold (the most recent one always stays).
+    pub fn with_byte_budget(mut self, bytes: usize) -> Self {
+        self.max_resident_bytes = bytes.max(1);
+        self
+    }
+
+    /// Bytes held by loaded adapters.
+    pub fn resident_bytes(&self) -> usize {
+        self.resident.iter().map(|r| r.adapter.bytes()).sum()
     }
 
     /// Reports residency, loads and hits to `metrics`.
@@ -174,7 +187,11 @@ impl Registry {
     /// Drops least recently used adapters beyond the limit (sequences that
     /// hold one keep it alive until they finish; then its memory is freed).
     fn evict(&self) {
-        while self.resident.len() > self.max_resident {
+        let over = || {
+            let bytes: usize = self.resident.iter().map(|r| r.adapter.bytes()).sum();
+            self.resident.len() > self.max_resident || (self.resident.len() > 1 && bytes > self.max_resident_bytes)
+        };
+        while over() {
             let oldest = self
                 .resident
                 .iter()
