@@ -26,6 +26,10 @@ pub struct Metrics {
     pub adapter_load_seconds: Histogram,
     pub adapter_cache_hits: IntCounter,
     pub adapter_cache_misses: IntCounter,
+    /// Per tenant and adapter (`base` for the base model).
+    pub adapter_requests: IntCounterVec,
+    pub adapter_prompt_tokens: IntCounterVec,
+    pub adapter_generated_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -91,6 +95,12 @@ impl Metrics {
         let adapter_cache_hits = IntCounter::new("adapter_cache_hits_total", "Adapter lookups served from memory").expect("valid metric");
         let adapter_cache_misses =
             IntCounter::new("adapter_cache_misses_total", "Adapter lookups that loaded from the store").expect("valid metric");
+        let by_adapter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["tenant", "adapter"]).expect("valid metric")
+        };
+        let adapter_requests = by_adapter("adapter_requests_total", "Generation requests by tenant and adapter");
+        let adapter_prompt_tokens = by_adapter("adapter_prompt_tokens_total", "Prompt tokens by tenant and adapter");
+        let adapter_generated_tokens = by_adapter("adapter_generated_tokens_total", "Generated tokens by tenant and adapter");
         let m = Metrics {
             registry,
             requests,
@@ -110,6 +120,9 @@ impl Metrics {
             adapter_load_seconds,
             adapter_cache_hits,
             adapter_cache_misses,
+            adapter_requests,
+            adapter_prompt_tokens,
+            adapter_generated_tokens,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -129,11 +142,22 @@ impl Metrics {
             Box::new(m.adapter_load_seconds.clone()),
             Box::new(m.adapter_cache_hits.clone()),
             Box::new(m.adapter_cache_misses.clone()),
+            Box::new(m.adapter_requests.clone()),
+            Box::new(m.adapter_prompt_tokens.clone()),
+            Box::new(m.adapter_generated_tokens.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
         m
+    }
+
+    /// Counts one request's tokens for its tenant and adapter.
+    pub fn record_usage(&self, tenant: &str, adapter: &str, prompt_tokens: usize, generated_tokens: usize) {
+        let labels = [tenant, adapter];
+        self.adapter_requests.with_label_values(&labels).inc();
+        self.adapter_prompt_tokens.with_label_values(&labels).inc_by(prompt_tokens as u64);
+        self.adapter_generated_tokens.with_label_values(&labels).inc_by(generated_tokens as u64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -97,6 +97,15 @@ fn uploaded_adapters_serve_peft_completions_alone_and_mixed() {
             assert_eq!(got, want);
         }
     });
+    // Per-adapter metrics: requests and tokens by tenant and adapter.
+    let (_, text) = s.get("/metrics");
+    let value = |metric: &str, adapter: &str| -> f64 {
+        let prefix = format!("{metric}{{adapter=\"{adapter}\",tenant=\"default\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {prefix}")).parse().unwrap()
+    };
+    assert_eq!(value("lifelora_adapter_requests_total", "q-v-r8"), 3.0);
+    assert_eq!(value("lifelora_adapter_generated_tokens_total", "q-v-r8"), 96.0);
+    assert_eq!(value("lifelora_adapter_requests_total", "base"), 9.0);
 }
 
 #[test]
@@ -214,4 +223,50 @@ fn a_promotion_during_a_stream_leaves_that_stream_on_its_version() {
     // Requests that start after the promotion see v2.
     let (_, after) = s.post("/v1/completions", &request("bot", false));
     assert_eq!(after["choices"][0]["text"], v2["choices"][0]["text"]);
+}
+
+/// A PEFT adapter with random weights (r=16 on q, k, v, o), as files.
+fn random_adapter(seed: u64, layers: usize, hidden: usize, kv: usize) -> (Vec<u8>, Vec<u8>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = std::collections::HashMap::new();
+    let r = 16;
+    for l in 0..layers {
+        for (m, out) in [("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden)] {
+            let mut rand = |n: usize| (0..n).map(|_| rng.gen_range(-0.3f32..0.3)).collect::<Vec<f32>>();
+            let key = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            let a = candle_core::Tensor::from_vec(rand(r * hidden), (r, hidden), &candle_core::Device::Cpu).unwrap();
+            let b = candle_core::Tensor::from_vec(rand(out * r), (out, r), &candle_core::Device::Cpu).unwrap();
+            tensors.insert(format!("{key}.lora_A.weight"), a);
+            tensors.insert(format!("{key}.lora_B.weight"), b);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let config = br#"{"peft_type":"LORA","r":16,"lora_alpha":16,"target_modules":["q_proj","k_proj","v_proj","o_proj"]}"#.to_vec();
+    (config, std::fs::read(path).unwrap())
+}
+
+#[test]
+fn thirty_two_distinct_adapters_concurrently_equal_one_at_a_time() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &[]);
+    // stories260K: 5 layers, hidden 64, 4 kv heads of 8.
+    for i in 0..32u64 {
+        let (c, w) = random_adapter(i, 5, 64, 32);
+        let name = format!("a{i}");
+        assert_eq!(upload(&s, "", &[("name", name.as_bytes()), ("config", &c), ("weights", &w)]).0, 201);
+    }
+    let prompt: Vec<u64> = vec![1, 482, 82, 508, 499, 496];
+    let alone: Vec<Vec<u64>> = (0..32).map(|i| greedy(&s, &format!("a{i}"), &prompt, 24)).collect();
+    let distinct: std::collections::HashSet<_> = alone.iter().collect();
+    assert!(distinct.len() > 16, "adapters barely change the output ({} distinct)", distinct.len());
+    let s = &s;
+    let together: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..32).map(|i| { let p = &prompt; scope.spawn(move || greedy(s, &format!("a{i}"), p, 24)) }).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(s.metric("lifelora_batch_size_sum") > s.metric("lifelora_batch_size_count"), "no step batched several sequences");
 }

@@ -11,7 +11,7 @@ use crate::model::TextTokenizer;
 use super::body::{parse_json, read_limited};
 use super::error::ApiError;
 use super::generate::{collect_all, merged, random_id, submit_all, unix_now};
-use super::sse::{self, ChunkFormatter};
+use super::sse::{self, ChunkFormatter, UsageSink};
 use super::state::AppState;
 use super::types::{ChatMessageIn, ChatRequest, MessageContent, Usage};
 use super::validate;
@@ -71,6 +71,7 @@ pub async fn create(
     let tenant = super::tenant::tenant_for(&req, &state, r.tenant.as_deref())?;
     let resolved = state.resolve_model(&tenant, &r.model)?;
     let adapter = resolved.as_ref().map(|r| r.adapter.clone());
+    let adapter_label = resolved.as_ref().map_or_else(|| "base".to_string(), |r| r.name.clone());
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.tools
         .as_ref()
@@ -153,6 +154,7 @@ pub async fn create(
     let tok = state.model.tokenizer.clone();
     if v.stream {
         let fmt = ChatChunks {
+            usage_sink: UsageSink { metrics: state.metrics.clone(), tenant: tenant.clone(), adapter: adapter_label.clone() },
             id,
             created,
             model,
@@ -165,6 +167,7 @@ pub async fn create(
     let results = collect_all(subs).await?;
     let prompt_tokens = results.first().map_or(0, |c| c.prompt_tokens);
     let completion_tokens: usize = results.iter().map(|c| c.completion_tokens).sum();
+    state.metrics.record_usage(&tenant, &adapter_label, prompt_tokens, completion_tokens);
     let choices: Vec<Value> = results
         .iter()
         .map(|c| {
@@ -200,6 +203,7 @@ fn token_logprob_json(tok: &TextTokenizer, id: u32, p: Option<&PositionLogprobs>
 }
 
 struct ChatChunks {
+    usage_sink: UsageSink,
     id: String,
     created: u64,
     model: String,
@@ -256,6 +260,10 @@ impl ChunkFormatter for ChatChunks {
             }
         }
         out
+    }
+
+    fn finished(&mut self, usage: Usage) {
+        self.usage_sink.record(usage);
     }
 
     fn usage_chunk(&self, usage: Usage) -> Value {

@@ -10,7 +10,7 @@ use crate::model::TextTokenizer;
 use super::body::{parse_json, read_limited};
 use super::error::ApiError;
 use super::generate::{collect_all, merged, random_id, submit_all, unix_now, ChoiceResult};
-use super::sse::{self, ChunkFormatter};
+use super::sse::{self, ChunkFormatter, UsageSink};
 use super::state::AppState;
 use super::types::{CompletionRequest, PromptInput, Usage};
 use super::validate;
@@ -29,6 +29,7 @@ pub async fn create(
     let tenant = super::tenant::tenant_for(&req, &state, r.tenant.as_deref())?;
     let resolved = state.resolve_model(&tenant, &r.model)?;
     let adapter = resolved.as_ref().map(|r| r.adapter.clone());
+    let adapter_label = resolved.as_ref().map_or_else(|| "base".to_string(), |r| r.name.clone());
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
@@ -112,6 +113,7 @@ pub async fn create(
     let model = r.model.clone();
     if v.stream {
         let fmt = CompletionChunks {
+            usage_sink: UsageSink { metrics: state.metrics.clone(), tenant: tenant.clone(), adapter: adapter_label.clone() },
             id,
             created,
             model,
@@ -143,6 +145,7 @@ pub async fn create(
         })
         .collect();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    state.metrics.record_usage(&tenant, &adapter_label, usage.prompt_tokens, usage.completion_tokens);
     Ok(HttpResponse::Ok().json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": choices, "usage": usage,
@@ -219,6 +222,7 @@ impl LogprobsAcc {
 }
 
 struct CompletionChunks {
+    usage_sink: UsageSink,
     id: String,
     created: u64,
     model: String,
@@ -289,6 +293,10 @@ impl ChunkFormatter for CompletionChunks {
             }
         }
         out
+    }
+
+    fn finished(&mut self, usage: Usage) {
+        self.usage_sink.record(usage);
     }
 
     fn usage_chunk(&self, usage: Usage) -> Value {

@@ -13,12 +13,28 @@ use crate::engine::Event;
 use super::error::ApiError;
 use super::types::Usage;
 
+/// Where a request's token counts go when it ends (per-adapter metrics).
+pub struct UsageSink {
+    pub metrics: crate::metrics::Metrics,
+    pub tenant: String,
+    pub adapter: String,
+}
+
+impl UsageSink {
+    /// Records the request's usage.
+    pub fn record(&self, usage: Usage) {
+        self.metrics.record_usage(&self.tenant, &self.adapter, usage.prompt_tokens, usage.completion_tokens);
+    }
+}
+
 /// Turns one endpoint's events into its chunk objects.
 pub trait ChunkFormatter: Send + 'static {
     /// Chunks for one event of choice `index` (of prompt `prompt_index`).
     fn on_event(&mut self, index: usize, prompt_index: usize, event: Event) -> Vec<Value>;
     /// The final chunk that carries `usage`.
     fn usage_chunk(&self, usage: Usage) -> Value;
+    /// Called once when the stream has ended with the request's usage.
+    fn finished(&mut self, _usage: Usage) {}
 }
 
 /// Longest silence before a keep-alive comment.
@@ -97,9 +113,9 @@ where
                     }
                 }
                 None => {
+                    let usage = Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
+                    st.formatter.finished(usage);
                     if st.include_usage {
-                        let usage =
-                            Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
                         st.queue.push_back(frame(&st.formatter.usage_chunk(usage)));
                     }
                     st.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));

@@ -143,6 +143,15 @@ impl Embedding {
         }
     }
 
+    /// The whole table as a dense f32 tensor (merges and references).
+    fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.clone()),
+            Embedding::Quantized(q) => q.dequantize(&q.device()),
+            Embedding::Native(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
+        }
+    }
+
     /// The same table as an output head (tied embeddings).
     fn as_projection(&self) -> candle_core::Result<Projection> {
         match self {
@@ -226,6 +235,26 @@ impl Llama {
             Embedding::Native(q) => q.bytes(),
         };
         blocks + embed + self.lm_head.weight_bytes()
+    }
+
+    /// Every weight as a dense tensor under its Hugging Face name (q/k in
+    /// rotate-half order): the reference a merged adapter is checked
+    /// against, and what an exporter would write. Never the serving path.
+    pub fn dense_weights(&self) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        out.insert("model.embed_tokens.weight".to_string(), self.embed.dense()?);
+        out.insert("model.norm.weight".to_string(), self.final_norm.clone());
+        out.insert("lm_head.weight".to_string(), self.lm_head.dense_weight()?);
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.insert(format!("{p}.input_layernorm.weight"), b.input_norm.clone());
+            out.insert(format!("{p}.post_attention_layernorm.weight"), b.post_attention_norm.clone());
+            for site in Site::ALL {
+                let group = if matches!(site, Site::Gate | Site::Up | Site::Down) { "mlp" } else { "self_attn" };
+                out.insert(format!("{p}.{group}.{}.weight", site.module_name()), b.site_weight(site)?.contiguous()?);
+            }
+        }
+        Ok(out)
     }
 
     /// The transformer blocks (for LoRA site listing and tests).
