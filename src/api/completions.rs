@@ -26,10 +26,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: CompletionRequest = parse_json(&body)?;
-    let tenant = super::tenant::tenant_for(&req, &state, r.tenant.as_deref())?;
-    let resolved = state.resolve_model(&tenant, &r.model)?;
-    let adapter = resolved.as_ref().map(|r| r.adapter.clone());
-    let adapter_label = resolved.as_ref().map_or_else(|| "base".to_string(), |r| r.name.clone());
+    let super::state::Target { tenant, adapter, label: adapter_label } = state.target(&req, &r.model, r.tenant.as_deref())?;
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(

@@ -10,6 +10,15 @@ use crate::registry::{Registry, Resolved};
 
 use super::error::ApiError;
 
+/// A generation request's tenant and adapter.
+pub struct Target {
+    pub tenant: String,
+    /// The resolved adapter version (`None`: the base model).
+    pub adapter: Option<Arc<crate::lora::LoraAdapter>>,
+    /// The adapter's name for metrics, `base` for the base model.
+    pub label: String,
+}
+
 /// Shared by all workers; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -38,6 +47,18 @@ impl AppState {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Who a generation request acts as and which adapter it runs: the
+    /// prologue both generation endpoints share.
+    pub fn target(&self, req: &actix_web::HttpRequest, model: &str, named_tenant: Option<&str>) -> Result<Target, ApiError> {
+        let tenant = super::tenant::tenant_for(req, self, named_tenant)?;
+        let resolved = self.resolve_model(&tenant, model)?;
+        Ok(Target {
+            adapter: resolved.as_ref().map(|r| r.adapter.clone()),
+            label: resolved.map_or_else(|| "base".to_string(), |r| r.name),
+            tenant,
+        })
     }
 
     /// The context length in tokens.
