@@ -1,5 +1,6 @@
 //! A loaded LoRA adapter: per (layer, module) the pair `Aᵀ` `[in, r]` and
-//! `s·Bᵀ` `[r, out]`, laid out once at load so a delta is two matmuls.
+//! `s·Bᵀ` `[r, out]`, laid out once at load so that a row's delta reads
+//! both row by row, accumulating in the order a matmul does.
 
 use std::collections::HashMap;
 

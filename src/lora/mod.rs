@@ -3,6 +3,8 @@
 
 pub mod adapter;
 pub mod batched;
+pub mod grouped;
+pub mod init;
 pub mod peft;
 
 pub use adapter::{LoraAdapter, LoraModule, SiteSpec};

@@ -6,7 +6,7 @@
 //! chunks and non-f32/non-CPU tensors take the matmul path.
 
 use candle_core::{DType, Device, Storage, Tensor};
-use super::parallel::{for_ranges, DisjointOut};
+use super::parallel::{for_ranges_on, for_ranges_rayon, DisjointOut, Pool};
 
 /// Shapes shared by every call in a model.
 #[derive(Debug, Clone, Copy)]
@@ -14,6 +14,8 @@ pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The pool the model's matmuls run on (see [`Pool`]).
+    pub pool: Pool,
 }
 
 /// One decode query and where its keys and values live.
@@ -44,11 +46,7 @@ fn cpu_f32<'a>(storage: &'a Storage, t: &Tensor) -> Option<&'a [f32]> {
 /// Attention for many single-token queries at once; returns
 /// `[queries, heads * head_dim]` row-major, or `None` if a tensor is not CPU f32.
 pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Option<Vec<f32>> {
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
-    } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
     let rep = heads / kv_heads;
     let width = heads * head_dim;
     let guards: Vec<_> = queries
@@ -93,7 +91,7 @@ pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Optio
     let tasks = queries.len() * heads;
     {
         let shared = DisjointOut::new(&mut out);
-        for_ranges(tasks, work, |range| {
+        for_ranges_on(shape.pool, tasks, work, |range| {
             for task in range {
                 // SAFETY: each task owns its own head_dim slice.
                 one(task, unsafe { shared.piece(task * head_dim, head_dim) });
@@ -113,11 +111,7 @@ pub fn prefill(
     v: &Tensor,
     past: usize,
 ) -> candle_core::Result<Tensor> {
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
-    } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
     let len = q.dim(0)?;
     let rep = heads / kv_heads;
     // [len, kvh, rep, hd] -> [kvh, rep * len, hd]: query head h reads kv head h / rep.
@@ -190,7 +184,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         let mut dst = vec![0f32; src.len()];
         let rows = src.len() / total;
         let shared = DisjointOut::new(&mut dst);
-        for_ranges(rows, src.len() * 4, |range| {
+        for_ranges_rayon(rows, src.len() * 4, |range| {
             for row in range {
                 // SAFETY: each row is written by exactly one task.
                 let d = unsafe { shared.piece(row * total, total) };

@@ -9,6 +9,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::attention::{self, AttentionShape};
+use super::parallel::Pool;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
@@ -173,6 +174,9 @@ pub struct Llama {
     rope: RopeTable,
     dtype: DType,
     device: Device,
+    /// Where our kernels between matmuls run: with the quantized matmuls on
+    /// the barrier pool, or with dense gemm on rayon's.
+    pool: Pool,
 }
 
 impl Llama {
@@ -193,6 +197,8 @@ impl Llama {
             None => embed.as_projection()?,
         };
         let rope = RopeTable::new(&config, dtype, &device)?;
+        let quantized = blocks.iter().any(|b| b.qkv.is_quantized() || b.gate_up.is_quantized());
+        let pool = if quantized { Pool::Barrier } else { Pool::Rayon };
         Ok(Llama {
             config,
             embed,
@@ -202,6 +208,7 @@ impl Llama {
             rope,
             dtype,
             device,
+            pool,
         })
     }
 
@@ -358,6 +365,7 @@ impl Llama {
             heads: self.config.num_attention_heads,
             kv_heads: self.config.num_key_value_heads,
             head_dim: self.config.head_dim,
+            pool: self.pool,
         }
     }
 
@@ -376,7 +384,7 @@ impl Llama {
         if segments.is_empty() {
             return Ok(y);
         }
-        match batched::delta(x, layer, parts, segments)? {
+        match batched::delta(x, layer, parts, segments, self.pool)? {
             Some(d) => {
                 let d = d.to_dtype(y.dtype())?;
                 y + d

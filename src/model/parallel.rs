@@ -18,6 +18,45 @@ pub fn for_ranges(n: usize, work: usize, f: impl Fn(Range<usize>) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, f);
 }
 
+/// Which worker pool a kernel runs on. Candle's dense matmuls (gemm) run
+/// on rayon's global pool, its quantized matmuls and our quantized kernels
+/// on its barrier pool; a kernel placed between matmuls should use the
+/// same pool as they do, or on few cores the idle pool's spinning workers
+/// take turns with the busy one (measured: 10-20% of a decode step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    Barrier,
+    Rayon,
+}
+
+/// [`for_ranges`] on the pool `pool` names.
+pub fn for_ranges_on(pool: Pool, n: usize, work: usize, f: impl Fn(Range<usize>) + Sync) {
+    match pool {
+        Pool::Barrier => for_ranges(n, work, f),
+        Pool::Rayon => for_ranges_rayon(n, work, f),
+    }
+}
+
+/// [`for_ranges`] on rayon's global pool.
+pub fn for_ranges_rayon(n: usize, work: usize, f: impl Fn(Range<usize>) + Sync) {
+    if n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().min(n);
+    if work < 1 << 15 || threads <= 1 {
+        f(0..n);
+        return;
+    }
+    let chunk = n.div_ceil(threads);
+    rayon::scope(|scope| {
+        let f = &f;
+        for start in (chunk..n).step_by(chunk) {
+            scope.spawn(move |_| f(start..(start + chunk).min(n)));
+        }
+        f(0..chunk.min(n));
+    });
+}
+
 /// A mutable output that parallel tasks write in disjoint pieces.
 pub struct DisjointOut<'a> {
     ptr: *mut f32,
