@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
     pub base_url: String,
-    pub model: Option<String>,
+    /// Model ids, request `i` naming `models[i % len]` (so streams spread
+    /// across adapters); empty: the first model the server lists.
+    pub models: Vec<String>,
+    /// Sent as `Authorization: Bearer` when set.
+    pub api_key: Option<String>,
     pub concurrency: usize,
     pub requests: usize,
     pub max_tokens: usize,
@@ -89,9 +93,13 @@ pub enum LoadError {
 }
 
 /// Asks the server which model it serves.
-fn discover_model(base: &str) -> Result<String, LoadError> {
+fn discover_model(base: &str, api_key: Option<&str>) -> Result<String, LoadError> {
     let url = format!("{base}/v1/models");
-    let v: serde_json::Value = ureq::get(&url)
+    let mut req = ureq::get(&url);
+    if let Some(key) = api_key {
+        req = req.set("Authorization", &format!("Bearer {key}"));
+    }
+    let v: serde_json::Value = req
         .call()
         .map_err(|e| LoadError::Unreachable {
             url: url.clone(),
@@ -117,8 +125,11 @@ fn one_request(spec: &LoadSpec, model: &str) -> Result<Sample, String> {
         "model": model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": spec.ignore_eos,
     });
-    let resp = ureq::post(&format!("{}/v1/completions", spec.base_url))
-        .timeout(Duration::from_secs(600))
+    let mut req = ureq::post(&format!("{}/v1/completions", spec.base_url)).timeout(Duration::from_secs(600));
+    if let Some(key) = &spec.api_key {
+        req = req.set("Authorization", &format!("Bearer {key}"));
+    }
+    let resp = req
         .send_json(body)
         .map_err(|e| e.to_string())?;
     let mut ttft = None;
@@ -156,10 +167,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
         base_url: base.clone(),
         ..spec.clone()
     };
-    let model = match &spec.model {
-        Some(m) => m.clone(),
-        None => discover_model(&base)?,
-    };
+    let models = if spec.models.is_empty() { vec![discover_model(&base, spec.api_key.as_deref())?] } else { spec.models.clone() };
     let next = Arc::new(Mutex::new(0usize));
     let samples = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(Mutex::new(0usize));
@@ -167,14 +175,15 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
     std::thread::scope(|s| {
         for _ in 0..spec.concurrency.max(1) {
             s.spawn(|| loop {
-                {
+                let i = {
                     let mut n = next.lock().unwrap_or_else(|p| p.into_inner());
                     if *n >= spec.requests {
                         return;
                     }
                     *n += 1;
-                }
-                match one_request(&spec, &model) {
+                    *n - 1
+                };
+                match one_request(&spec, &models[i % models.len()]) {
                     Ok(sample) => samples
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

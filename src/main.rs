@@ -58,13 +58,35 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a random LoRA adapter (PEFT files) for a model: for
+    /// benchmarks and tests of adapter serving.
+    GenerateAdapter {
+        /// The base model (as for `serve --model`).
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 32.0)]
+        alpha: f64,
+        /// Comma-separated PEFT module names.
+        #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj", value_delimiter = ',')]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Drive a running server with concurrent streaming clients.
     Bench {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
-        /// Model id (default: the first listed by the server).
-        #[arg(long)]
-        model: Option<String>,
+        /// Model id; repeat (or comma-separate) to spread requests over
+        /// several, round robin (default: the first listed by the server).
+        #[arg(long, value_delimiter = ',')]
+        model: Vec<String>,
+        /// API key (tenant or admin), sent as a bearer token.
+        #[arg(long, env = "LIFELORA_API_KEY")]
+        api_key: Option<String>,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
         #[arg(long, default_value_t = 64)]
@@ -182,9 +204,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::GenerateAdapter { model, rank, alpha, targets, seed, out } => {
+            match generate_adapter(&model, rank, alpha, &targets, seed, &out) {
+                Ok(()) => {
+                    println!("wrote {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bench {
             url,
             model,
+            api_key,
             concurrency,
             requests,
             max_tokens,
@@ -193,7 +228,8 @@ fn main() -> ExitCode {
         } => {
             let spec = lifelora::loadgen::LoadSpec {
                 base_url: url,
-                model,
+                models: model,
+                api_key,
                 concurrency,
                 requests,
                 max_tokens,
@@ -212,4 +248,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Loads `model` (for its shapes), draws a random adapter and writes it as PEFT files into `out`.
+fn generate_adapter(model: &str, rank: usize, alpha: f64, targets: &[String], seed: u64, out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
+    let mut settings = Settings::load(None)?;
+    settings.model.path = model.to_string();
+    let loaded = lifelora::serve::load_model(&settings)?;
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let spec = FreshSpec { targets: &targets, rank, alpha, seed, init_b: InitB::Random };
+    let adapter = fresh_adapter(&loaded.model.lora_sites(), &spec, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    if adapter.is_empty() {
+        return Err(format!("no module of the model matches --targets {targets:?}").into());
+    }
+    let (config, weights) = lifelora::lora::peft_writer::to_peft_files(&adapter, &loaded.id)?;
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("adapter_config.json"), config)?;
+    std::fs::write(out.join("adapter_model.safetensors"), weights)?;
+    Ok(())
 }

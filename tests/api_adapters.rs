@@ -184,7 +184,7 @@ fn bad_uploads_and_unknown_adapters_get_openai_errors_and_write_nothing() {
     // Nothing was written for any refused upload.
     let (_, listing) = s.get("/v1/adapters");
     assert_eq!(serde_json::from_str::<Value>(&listing).unwrap()["data"].as_array().unwrap().len(), 0);
-    let store = s.adapters_dir.path().join("adapters");
+    let store = s.root.join("adapters");
     assert!(!store.exists() || std::fs::read_dir(&store).unwrap().count() == 0);
 }
 

@@ -98,5 +98,5 @@ fn keys_isolate_tenants_and_the_admin_manages_them() {
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     assert_eq!(call(&s, "DELETE", "/v1/tenants/acme", Some(ADMIN), None, None).0, 200);
     assert_eq!(call(&s, "GET", "/v1/models", Some(new_key), None, None).0, 401);
-    assert!(!s.adapters_dir.path().join("adapters/acme/support").exists());
+    assert!(!s.root.join("adapters/acme/support").exists());
 }

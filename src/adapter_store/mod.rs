@@ -233,6 +233,7 @@ impl AdapterStore {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let tenant_dir = self.root.join(tenant);
         sync_dir(&tenant_dir)?;
+        sync_dir(&self.root)?;
         let version = self.versions(tenant, name)?.last().map_or(1, |m| m.version + 1);
         let mut sha = std::collections::BTreeMap::new();
         sha.insert(CONFIG_FILE.to_string(), hex_sha256(new.config));

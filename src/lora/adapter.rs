@@ -54,6 +54,11 @@ impl LoraAdapter {
         self.modules.get(&(layer, module.to_string()))
     }
 
+    /// Every adapted `(layer, module)` with its weights, in no set order.
+    pub fn modules(&self) -> impl Iterator<Item = (usize, &str, &LoraModule)> {
+        self.modules.iter().map(|((l, m), v)| (*l, m.as_str(), v))
+    }
+
     /// Module names the adapter touches (sorted, deduplicated).
     pub fn target_modules(&self) -> Vec<String> {
         let mut names: Vec<String> = self.modules.keys().map(|(_, m)| m.clone()).collect();

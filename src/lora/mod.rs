@@ -6,6 +6,7 @@ pub mod batched;
 pub mod grouped;
 pub mod init;
 pub mod peft;
+pub mod peft_writer;
 
 pub use adapter::{LoraAdapter, LoraModule, SiteSpec};
 pub use batched::AdapterSegment;

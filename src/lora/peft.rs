@@ -156,7 +156,8 @@ fn parse_key(key: &str) -> Result<(usize, String, bool), LoraError> {
     Ok((layer, module, is_a))
 }
 
-fn full_module_name(layer: usize, module: &str) -> String {
+/// PEFT's module path for `(layer, module)`, as it appears in tensor keys and patterns.
+pub fn full_module_name(layer: usize, module: &str) -> String {
     let group = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
     format!("model.layers.{layer}.{group}.{module}")
 }

@@ -33,8 +33,10 @@ use std::time::Duration;
 /// A `lifelora serve` child process on an ephemeral port; killed on drop.
 pub struct TestServer {
     child: Child,
-    /// The adapter store root, removed with the server.
-    pub adapters_dir: tempfile::TempDir,
+    /// The state root (adapter store, tenants file, database), removed with
+    /// the server unless given by the caller.
+    pub root: PathBuf,
+    _owned_root: Option<tempfile::TempDir>,
     pub base: String,
     pub model: String,
 }
@@ -42,15 +44,25 @@ pub struct TestServer {
 impl TestServer {
     /// Serves `model_dir` (None: the built-in model) with extra env settings.
     pub fn start(model_dir: Option<&std::path::Path>, env: &[(&str, &str)]) -> TestServer {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let root = temp.path().to_path_buf();
+        let mut server = Self::start_in(&root, model_dir, env);
+        server._owned_root = Some(temp);
+        server
+    }
+
+    /// Like [`TestServer::start`] with its state under `root`, which
+    /// outlives it: for restarts over the same store.
+    pub fn start_in(root: &std::path::Path, model_dir: Option<&std::path::Path>, env: &[(&str, &str)]) -> TestServer {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifelora"));
         cmd.args(["serve", "--port", "0", "--host", "127.0.0.1"]);
         if let Some(d) = model_dir {
             cmd.arg("--model").arg(d);
         }
         cmd.env("LIFELORA_LOG__LEVEL", "warn");
-        let adapters_dir = tempfile::tempdir().expect("temp dir");
-        cmd.env("LIFELORA_STORAGE__ADAPTERS_DIR", adapters_dir.path().join("adapters"));
-        cmd.env("LIFELORA_STORAGE__TENANTS_FILE", adapters_dir.path().join("tenants.json"));
+        cmd.env("LIFELORA_STORAGE__ADAPTERS_DIR", root.join("adapters"));
+        cmd.env("LIFELORA_STORAGE__TENANTS_FILE", root.join("tenants.json"));
+        cmd.env("LIFELORA_STORAGE__DATABASE", root.join("lifelora.db"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -72,7 +84,7 @@ impl TestServer {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let mut server = TestServer { child, adapters_dir, base, model: String::new() };
+        let mut server = TestServer { child, root: root.to_path_buf(), _owned_root: None, base, model: String::new() };
         // /health names the model without a key (the server may require one);
         // if this fails, dropping `server` kills the child.
         let health: serde_json::Value =
@@ -153,6 +165,19 @@ pub fn assert_openai_error(status: u16, body: &serde_json::Value, expected: u16)
         e.get("param").is_some() && e.get("code").is_some(),
         "param/code missing: {body}"
     );
+}
+
+impl TestServer {
+    /// SIGKILL: the process dies at once, mid-write if it was writing.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for TestServer {
