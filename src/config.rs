@@ -32,6 +32,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub lora: LoraSettings,
     pub storage: StorageSettings,
+    pub learning: LearningSettings,
     pub log: LogSettings,
 }
 
@@ -92,6 +93,14 @@ pub struct LoraSettings {
     pub max_resident: usize,
     pub max_resident_bytes: usize,
     pub max_upload_bytes: usize,
+}
+
+/// Learning from feedback: what is kept and how the learner trains.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearningSettings {
+    /// Days a completion (and the feedback on it) stays in the log; 0 keeps all.
+    pub retention_days: u64,
 }
 
 /// Where runtime data lives.

@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod registry;
 pub mod model;
 pub mod serve;
+pub mod store;
 pub mod tenants;

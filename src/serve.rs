@@ -28,6 +28,8 @@ pub enum ServeError {
     Tenants(#[from] crate::tenants::TenantError),
     #[error("adapter registry: {0}")]
     Registry(#[from] crate::registry::RegistryError),
+    #[error("database: {0}")]
+    Records(#[from] crate::store::StoreError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
 }
@@ -112,6 +114,9 @@ pub fn serve(
         tracing::warn!("no auth.admin_key configured: serving OPEN, as the single tenant `default`; set LIFELORA_AUTH__ADMIN_KEY for tenants and keys");
     }
     let tenants = crate::tenants::Tenants::open(&settings.storage.tenants_file)?;
+    let records: Arc<dyn crate::store::RecordStore> =
+        Arc::new(crate::store::SqliteStore::open(Path::new(&settings.storage.database))?);
+    spawn_retention_sweep(records.clone(), settings.learning.retention_days);
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,
@@ -121,6 +126,7 @@ pub fn serve(
         metrics,
         settings: Arc::new(settings),
         created: crate::api::generate::unix_now(),
+        records,
     };
     let result = actix_web::rt::System::new().block_on(async move {
         server::run(state, |addr| {
@@ -131,4 +137,31 @@ pub fn serve(
     });
     engine.shutdown();
     Ok(result?)
+}
+
+/// Deletes logged completions (and their feedback) older than
+/// `retention_days`, at start and then hourly, on a background thread.
+fn spawn_retention_sweep(records: Arc<dyn crate::store::RecordStore>, retention_days: u64) {
+    if retention_days == 0 {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("retention".into()).spawn(move || loop {
+        let cutoff = crate::store::now().saturating_sub(retention_days * 86_400);
+        match records.tenants() {
+            Ok(tenants) => {
+                for t in tenants {
+                    match records.prune_completions(&t, cutoff) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tenant = %t, deleted = n, "retention: old completions deleted"),
+                        Err(e) => tracing::error!(tenant = %t, "retention sweep failed: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!("retention sweep failed: {e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the retention sweep: {e}");
+    }
 }

@@ -11,8 +11,8 @@ use crate::model::TextTokenizer;
 use super::body::{parse_json, read_limited};
 use super::error::ApiError;
 use super::generate::{collect_all, merged, random_id, submit_all, unix_now};
-use super::sse::{self, ChunkFormatter, UsageSink};
-use super::state::AppState;
+use super::sse::{self, ChunkFormatter};
+use super::state::{AppState, LogEntry};
 use super::types::{ChatMessageIn, ChatRequest, MessageContent, Usage};
 use super::validate;
 
@@ -68,7 +68,8 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: ChatRequest = parse_json(&body)?;
-    let super::state::Target { tenant, adapter, label: adapter_label } = state.target(&req, &r.model, r.tenant.as_deref())?;
+    let target = state.target(&req, &r.model, r.tenant.as_deref())?;
+    let adapter = target.adapter.clone();
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.tools
         .as_ref()
@@ -146,12 +147,15 @@ pub async fn create(
     };
     let subs = submit_all(&state.engine, vec![request], v.n)?;
     let id = random_id("chatcmpl");
+    let sink = state.request_end(
+        &target,
+        LogEntry { id: id.clone(), kind: "chat", body: serde_json::from_slice(&body).unwrap_or_default(), rendered_prompts: vec![rendered], n: v.n },
+    );
     let created = unix_now();
     let model = r.model.clone();
     let tok = state.model.tokenizer.clone();
     if v.stream {
         let fmt = ChatChunks {
-            usage_sink: UsageSink { metrics: state.metrics.clone(), tenant: tenant.clone(), adapter: adapter_label.clone() },
             id,
             created,
             model,
@@ -159,12 +163,15 @@ pub async fn create(
             started: Default::default(),
             include_usage: v.include_usage,
         };
-        return Ok(sse::respond(merged(subs), fmt, v.include_usage));
+        return Ok(sse::respond(merged(subs), fmt, v.include_usage, sink));
     }
     let results = collect_all(subs).await?;
     let prompt_tokens = results.first().map_or(0, |c| c.prompt_tokens);
     let completion_tokens: usize = results.iter().map(|c| c.completion_tokens).sum();
-    state.metrics.record_usage(&tenant, &adapter_label, prompt_tokens, completion_tokens);
+    let outputs = results.iter().map(|c| c.text.clone()).collect();
+    web::block(move || sink.finish(Usage::new(prompt_tokens, completion_tokens), outputs))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let choices: Vec<Value> = results
         .iter()
         .map(|c| {
@@ -200,7 +207,6 @@ fn token_logprob_json(tok: &TextTokenizer, id: u32, p: Option<&PositionLogprobs>
 }
 
 struct ChatChunks {
-    usage_sink: UsageSink,
     id: String,
     created: u64,
     model: String,
@@ -257,10 +263,6 @@ impl ChunkFormatter for ChatChunks {
             }
         }
         out
-    }
-
-    fn finished(&mut self, usage: Usage) {
-        self.usage_sink.record(usage);
     }
 
     fn usage_chunk(&self, usage: Usage) -> Value {

@@ -10,8 +10,8 @@ use crate::model::TextTokenizer;
 use super::body::{parse_json, read_limited};
 use super::error::ApiError;
 use super::generate::{collect_all, merged, random_id, submit_all, unix_now, ChoiceResult};
-use super::sse::{self, ChunkFormatter, UsageSink};
-use super::state::AppState;
+use super::sse::{self, ChunkFormatter};
+use super::state::{AppState, LogEntry};
 use super::types::{CompletionRequest, PromptInput, Usage};
 use super::validate;
 
@@ -26,7 +26,8 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: CompletionRequest = parse_json(&body)?;
-    let super::state::Target { tenant, adapter, label: adapter_label } = state.target(&req, &r.model, r.tenant.as_deref())?;
+    let target = state.target(&req, &r.model, r.tenant.as_deref())?;
+    let adapter = target.adapter.clone();
     let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
@@ -106,11 +107,19 @@ pub async fn create(
     }
     let subs = submit_all(&state.engine, requests, v.n)?;
     let id = random_id("cmpl");
+    let rendered_prompts = match &r.prompt {
+        PromptInput::Text(t) => vec![t.clone()],
+        PromptInput::Texts(ts) => ts.clone(),
+        _ => prompts.iter().map(|p| tok.decode(p).unwrap_or_default()).collect(),
+    };
+    let sink = state.request_end(
+        &target,
+        LogEntry { id: id.clone(), kind: "completion", body: serde_json::from_slice(&body).unwrap_or_default(), rendered_prompts, n: v.n },
+    );
     let created = unix_now();
     let model = r.model.clone();
     if v.stream {
         let fmt = CompletionChunks {
-            usage_sink: UsageSink { metrics: state.metrics.clone(), tenant: tenant.clone(), adapter: adapter_label.clone() },
             id,
             created,
             model,
@@ -121,7 +130,7 @@ pub async fn create(
             logprobs,
             offsets: Default::default(),
         };
-        return Ok(sse::respond(merged(subs), fmt, v.include_usage));
+        return Ok(sse::respond(merged(subs), fmt, v.include_usage, sink));
     }
     let results = collect_all(subs).await?;
     let mut usage = Usage::default();
@@ -142,7 +151,8 @@ pub async fn create(
         })
         .collect();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    state.metrics.record_usage(&tenant, &adapter_label, usage.prompt_tokens, usage.completion_tokens);
+    let outputs = results.iter().map(|c| c.text.clone()).collect();
+    web::block(move || sink.finish(usage, outputs)).await.map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": choices, "usage": usage,
@@ -219,7 +229,6 @@ impl LogprobsAcc {
 }
 
 struct CompletionChunks {
-    usage_sink: UsageSink,
     id: String,
     created: u64,
     model: String,
@@ -290,10 +299,6 @@ impl ChunkFormatter for CompletionChunks {
             }
         }
         out
-    }
-
-    fn finished(&mut self, usage: Usage) {
-        self.usage_sink.record(usage);
     }
 
     fn usage_chunk(&self, usage: Usage) -> Value {

@@ -195,3 +195,18 @@ impl From<ModelError> for ApiError {
         }
     }
 }
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::NotFound(what) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("{what} does not exist or you do not have access to it"),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("not_found"),
+            },
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod body;
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod feedback;
 pub mod generate;
 pub mod models;
 pub mod server;

@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, chat, completions, models, tenants};
+use super::{adapters, chat, completions, feedback, models, tenants};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -31,6 +31,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters/{name}/versions/{version}/promote", web::post().to(adapters::promote))
         .route("/v1/adapters/{name}/versions/{version}/download", web::get().to(adapters::download))
         .route("/v1/adapters/{name}/rollback", web::post().to(adapters::rollback))
+        .route("/v1/feedback", web::post().to(feedback::create))
+        .route("/v1/feedback", web::get().to(feedback::list))
         .route("/health", web::get().to(models::health))
         .route("/metrics", web::get().to(models::metrics));
 }

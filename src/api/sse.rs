@@ -13,17 +13,29 @@ use crate::engine::Event;
 use super::error::ApiError;
 use super::types::Usage;
 
-/// Where a request's token counts go when it ends (per-adapter metrics).
+/// What happens when a request ends: its token counts go to the
+/// per-adapter metrics, and (unless the request said `store: false`) the
+/// completion goes to the completion log.
 pub struct UsageSink {
     pub metrics: crate::metrics::Metrics,
     pub tenant: String,
     pub adapter: String,
+    /// The log entry, its outputs still empty; `None`: not logged.
+    pub log: Option<(std::sync::Arc<dyn crate::store::RecordStore>, crate::store::CompletionRecord)>,
 }
 
 impl UsageSink {
-    /// Records the request's usage.
-    pub fn record(&self, usage: Usage) {
+    /// Records the request's usage and logs its outputs (choice texts by
+    /// index). Blocks on the database commit: call off the async runtime
+    /// or accept a few milliseconds.
+    pub fn finish(self, usage: Usage, outputs: Vec<String>) {
         self.metrics.record_usage(&self.tenant, &self.adapter, usage.prompt_tokens, usage.completion_tokens);
+        if let Some((store, mut record)) = self.log {
+            record.outputs = outputs;
+            if let Err(e) = store.log_completion(&record) {
+                tracing::error!(id = %record.id, "completion log write failed: {e}");
+            }
+        }
     }
 }
 
@@ -33,8 +45,6 @@ pub trait ChunkFormatter: Send + 'static {
     fn on_event(&mut self, index: usize, prompt_index: usize, event: Event) -> Vec<Value>;
     /// The final chunk that carries `usage`.
     fn usage_chunk(&self, usage: Usage) -> Value;
-    /// Called once when the stream has ended with the request's usage.
-    fn finished(&mut self, _usage: Usage) {}
 }
 
 /// Longest silence before a keep-alive comment.
@@ -48,6 +58,9 @@ struct State<S, F> {
     include_usage: bool,
     prompt_tokens: BTreeMap<usize, usize>,
     completion_tokens: usize,
+    /// Each choice's text so far, by index.
+    texts: BTreeMap<usize, String>,
+    sink: Option<UsageSink>,
     done: bool,
 }
 
@@ -56,7 +69,7 @@ fn frame(v: &Value) -> Bytes {
 }
 
 /// Streams `events` as an SSE response.
-pub fn respond<S, F>(events: S, formatter: F, include_usage: bool) -> HttpResponse
+pub fn respond<S, F>(events: S, formatter: F, include_usage: bool, sink: UsageSink) -> HttpResponse
 where
     S: Stream<Item = (usize, usize, Event)> + Unpin + 'static,
     F: ChunkFormatter,
@@ -68,6 +81,8 @@ where
         include_usage,
         prompt_tokens: BTreeMap::new(),
         completion_tokens: 0,
+        texts: BTreeMap::new(),
+        sink: Some(sink),
         done: false,
     };
     let body = stream::unfold(state, |mut st| async move {
@@ -89,6 +104,12 @@ where
             };
             match next {
                 Some((index, prompt_index, event)) => {
+                    match &event {
+                        Event::Token { text, .. } | Event::Done { text, .. } => {
+                            st.texts.entry(index).or_default().push_str(text)
+                        }
+                        _ => {}
+                    }
                     if let Event::Done {
                         prompt_tokens,
                         completion_tokens,
@@ -114,7 +135,10 @@ where
                 }
                 None => {
                     let usage = Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
-                    st.formatter.finished(usage);
+                    if let Some(sink) = st.sink.take() {
+                        let outputs = std::mem::take(&mut st.texts).into_values().collect();
+                        sink.finish(usage, outputs);
+                    }
                     if st.include_usage {
                         st.queue.push_back(frame(&st.formatter.usage_chunk(usage)));
                     }

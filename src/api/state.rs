@@ -17,6 +17,22 @@ pub struct Target {
     pub adapter: Option<Arc<crate::lora::LoraAdapter>>,
     /// The adapter's name for metrics, `base` for the base model.
     pub label: String,
+    /// The adapter's name and resolved version (`None`: the base model).
+    pub adapter_ref: Option<(String, u32)>,
+}
+
+/// A generation request as the completion log records it.
+pub struct LogEntry {
+    /// The `id` the response carries.
+    pub id: String,
+    /// `completion` or `chat`.
+    pub kind: &'static str,
+    /// The request body (parsed); the prompt or messages are taken from it
+    /// and the rest kept as the sampling settings.
+    pub body: serde_json::Value,
+    /// Each prompt as the model saw it.
+    pub rendered_prompts: Vec<String>,
+    pub n: usize,
 }
 
 /// Shared by all workers; cheap to clone.
@@ -30,6 +46,8 @@ pub struct AppState {
     pub tenants: Arc<crate::tenants::Tenants>,
     /// When the model was loaded (`created` of `/v1/models`).
     pub created: u64,
+    /// The completion log and feedback.
+    pub records: Arc<dyn crate::store::RecordStore>,
 }
 
 impl AppState {
@@ -56,9 +74,38 @@ impl AppState {
         let resolved = self.resolve_model(&tenant, model)?;
         Ok(Target {
             adapter: resolved.as_ref().map(|r| r.adapter.clone()),
+            adapter_ref: resolved.as_ref().map(|r| (r.name.clone(), r.version)),
             label: resolved.map_or_else(|| "base".to_string(), |r| r.name),
             tenant,
         })
+    }
+
+    /// What runs when a generation request ends: usage metrics, and the
+    /// completion log unless the body says `"store": false`.
+    pub fn request_end(&self, target: &Target, entry: LogEntry) -> super::sse::UsageSink {
+        let LogEntry { id, kind, mut body, rendered_prompts, n } = entry;
+        let store = body.get("store").and_then(serde_json::Value::as_bool) != Some(false);
+        let log = store.then(|| {
+            let prompt = body
+                .as_object_mut()
+                .and_then(|o| o.remove(if kind == "chat" { "messages" } else { "prompt" }))
+                .unwrap_or_default();
+            let record = crate::store::CompletionRecord {
+                id,
+                tenant: target.tenant.clone(),
+                adapter: target.adapter_ref.as_ref().map(|(n, _)| n.clone()),
+                adapter_version: target.adapter_ref.as_ref().map(|(_, v)| *v),
+                kind: kind.to_string(),
+                prompt,
+                rendered_prompts,
+                n: n as u32,
+                outputs: Vec::new(),
+                settings: body,
+                created_at: crate::store::now(),
+            };
+            (self.records.clone(), record)
+        });
+        super::sse::UsageSink { metrics: self.metrics.clone(), tenant: target.tenant.clone(), adapter: target.label.clone(), log }
     }
 
     /// The context length in tokens.

@@ -67,6 +67,8 @@ pub struct CompletionRequest {
     pub tenant: Option<String>,
     /// Extension (as vLLM): include `token_ids` in each choice.
     pub return_token_ids: Option<bool>,
+    /// OpenAI's field: `false` keeps the completion out of the log.
+    pub store: Option<bool>,
     pub user: Option<String>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -118,6 +120,8 @@ pub struct ChatRequest {
     pub response_format: Option<serde_json::Value>,
     /// Extension: the tenant an admin-key request acts as.
     pub tenant: Option<String>,
+    /// OpenAI's field: `false` keeps the completion out of the log.
+    pub store: Option<bool>,
     pub user: Option<String>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,

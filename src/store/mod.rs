@@ -1,0 +1,105 @@
+//! The embedded record of what the server said and what users thought of
+//! it: the completion log and feedback (later: training jobs). A trait, so
+//! a server-grade database can replace the default SQLite file.
+
+pub mod sqlite;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use sqlite::SqliteStore;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// One logged completion: what was asked, of which adapter version, and
+/// what each choice answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRecord {
+    /// The `id` the API returned (`cmpl-…` or `chatcmpl-…`).
+    pub id: String,
+    pub tenant: String,
+    /// `None` for the base model.
+    pub adapter: Option<String>,
+    pub adapter_version: Option<u32>,
+    /// `completion` or `chat`.
+    pub kind: String,
+    /// The prompt text, or the chat messages as sent.
+    pub prompt: Value,
+    /// Each prompt exactly as the model saw it (chat template applied);
+    /// choice `i` answers prompt `i / n`.
+    pub rendered_prompts: Vec<String>,
+    /// Choices per prompt.
+    pub n: u32,
+    /// Each choice's text, by index.
+    pub outputs: Vec<String>,
+    /// Sampling settings as sent (temperature, top_p, max_tokens, ...).
+    pub settings: Value,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// A user's judgement of one choice of a completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackRecord {
+    /// `fb-…`.
+    pub id: String,
+    pub completion_id: String,
+    pub tenant: String,
+    /// The adapter that produced the completion (None: the base model).
+    pub adapter: Option<String>,
+    pub adapter_version: Option<u32>,
+    pub choice_index: u32,
+    /// +1, -1, or none (a correction alone).
+    pub rating: Option<i8>,
+    pub correction: Option<String>,
+    pub comment: Option<String>,
+    pub created_at: u64,
+}
+
+/// What a feedback listing may be narrowed to.
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackQuery {
+    /// Only feedback on completions of this adapter (`Some("")`: of the base model).
+    pub adapter: Option<String>,
+    /// Only items created after this id (cursor pagination).
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// Storage of the completion log and feedback. Implementations must make
+/// every write durable before returning (an acknowledged write survives a
+/// crash) and scope every read to one tenant.
+pub trait RecordStore: Send + Sync {
+    /// Logs a completion.
+    fn log_completion(&self, record: &CompletionRecord) -> Result<(), StoreError>;
+    /// A tenant's completion by id (another tenant's is `NotFound`).
+    fn completion(&self, tenant: &str, id: &str) -> Result<CompletionRecord, StoreError>;
+    /// Stores feedback; durable (committed) when this returns.
+    fn add_feedback(&self, record: &FeedbackRecord) -> Result<(), StoreError>;
+    /// A tenant's feedback, oldest first.
+    fn feedback(&self, tenant: &str, query: &FeedbackQuery) -> Result<Vec<FeedbackRecord>, StoreError>;
+    /// Deletes a tenant's completions (and their feedback) older than `before` (epoch seconds). Returns how many.
+    fn prune_completions(&self, tenant: &str, before: u64) -> Result<usize, StoreError>;
+    /// Every tenant with logged completions (for retention sweeps).
+    fn tenants(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

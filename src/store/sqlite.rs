@@ -1,0 +1,323 @@
+//! [`RecordStore`] on one SQLite file in WAL mode with `synchronous=FULL`:
+//! a committed write survives a power cut, readers never block the writer.
+//! One connection behind a mutex: writes are small and the server's write
+//! rate is bounded by generation, far below what SQLite sustains.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{CompletionRecord, FeedbackQuery, FeedbackRecord, RecordStore, StoreError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS completions (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    adapter TEXT,
+    adapter_version INTEGER,
+    kind TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    rendered_prompts TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    outputs TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS completions_by_tenant ON completions (tenant, created_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    completion_id TEXT NOT NULL REFERENCES completions (id) ON DELETE CASCADE,
+    tenant TEXT NOT NULL,
+    adapter TEXT,
+    adapter_version INTEGER,
+    choice_index INTEGER NOT NULL,
+    rating INTEGER,
+    correction TEXT,
+    comment TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_by_tenant ON feedback (tenant, adapter, seq);
+";
+
+/// The SQLite-backed store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(format!("{}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store (tests).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written
+        // (transactions roll back), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn feedback_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FeedbackRecord> {
+    Ok(FeedbackRecord {
+        id: row.get("id")?,
+        completion_id: row.get("completion_id")?,
+        tenant: row.get("tenant")?,
+        adapter: row.get("adapter")?,
+        adapter_version: row.get("adapter_version")?,
+        choice_index: row.get("choice_index")?,
+        rating: row.get("rating")?,
+        correction: row.get("correction")?,
+        comment: row.get("comment")?,
+        created_at: row.get::<_, i64>("created_at")? as u64,
+    })
+}
+
+impl RecordStore for SqliteStore {
+    fn log_completion(&self, r: &CompletionRecord) -> Result<(), StoreError> {
+        let outputs = serde_json::to_string(&r.outputs).map_err(|e| corrupt("outputs", e))?;
+        self.conn().execute(
+            "INSERT INTO completions (id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, n, outputs, settings, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.id,
+                r.tenant,
+                r.adapter,
+                r.adapter_version,
+                r.kind,
+                r.prompt.to_string(),
+                serde_json::to_string(&r.rendered_prompts).map_err(|e| corrupt("rendered_prompts", e))?,
+                r.n,
+                outputs,
+                r.settings.to_string(),
+                r.created_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn completion(&self, tenant: &str, id: &str) -> Result<CompletionRecord, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n
+                 FROM completions WHERE id = ?1 AND tenant = ?2",
+                params![id, tenant],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                        row.get::<_, Option<u32>>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, String>(6)?,
+                        row.get::<_, String>(7)?,
+                        row.get::<_, String>(8)?,
+                        row.get::<_, i64>(9)?,
+                        row.get::<_, u32>(10)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n)) = row else {
+            return Err(StoreError::NotFound(format!("completion {id}")));
+        };
+        Ok(CompletionRecord {
+            id,
+            tenant,
+            adapter,
+            adapter_version,
+            kind,
+            prompt: serde_json::from_str(&prompt).map_err(|e| corrupt("prompt", e))?,
+            rendered_prompts: serde_json::from_str(&rendered_prompts).map_err(|e| corrupt("rendered_prompts", e))?,
+            n,
+            outputs: serde_json::from_str(&outputs).map_err(|e| corrupt("outputs", e))?,
+            settings: serde_json::from_str(&settings).map_err(|e| corrupt("settings", e))?,
+            created_at: created_at as u64,
+        })
+    }
+
+    fn add_feedback(&self, r: &FeedbackRecord) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO feedback (id, completion_id, tenant, adapter, adapter_version, choice_index, rating, correction, comment, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                r.id,
+                r.completion_id,
+                r.tenant,
+                r.adapter,
+                r.adapter_version,
+                r.choice_index,
+                r.rating,
+                r.correction,
+                r.comment,
+                r.created_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn feedback(&self, tenant: &str, q: &FeedbackQuery) -> Result<Vec<FeedbackRecord>, StoreError> {
+        let conn = self.conn();
+        let after_seq: i64 = match &q.after {
+            None => 0,
+            Some(id) => conn
+                .query_row("SELECT seq FROM feedback WHERE id = ?1 AND tenant = ?2", params![id, tenant], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("feedback {id}")))?,
+        };
+        let limit = if q.limit == 0 { i64::MAX } else { q.limit as i64 };
+        let mut out = Vec::new();
+        match &q.adapter {
+            None => {
+                let mut stmt = conn.prepare(
+                    "SELECT * FROM feedback WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                for r in stmt.query_map(params![tenant, after_seq, limit], feedback_from_row)? {
+                    out.push(r?);
+                }
+            }
+            Some(adapter) => {
+                let mut stmt = conn.prepare(
+                    "SELECT * FROM feedback WHERE tenant = ?1 AND IFNULL(adapter, '') = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+                )?;
+                for r in stmt.query_map(params![tenant, adapter, after_seq, limit], feedback_from_row)? {
+                    out.push(r?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn prune_completions(&self, tenant: &str, before: u64) -> Result<usize, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM completions WHERE tenant = ?1 AND created_at < ?2", params![tenant, before as i64])?;
+        Ok(n)
+    }
+
+    fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT tenant FROM completions ORDER BY tenant")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<Result<_, _>>().map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn completion(id: &str, tenant: &str, adapter: Option<&str>, at: u64) -> CompletionRecord {
+        CompletionRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            adapter: adapter.map(str::to_string),
+            adapter_version: adapter.map(|_| 3),
+            kind: "chat".into(),
+            prompt: json!([{"role": "user", "content": "hi"}]),
+            rendered_prompts: vec!["<user>hi</user>".into()],
+            n: 2,
+            outputs: vec!["hello".into(), "hey".into()],
+            settings: json!({"temperature": 0}),
+            created_at: at,
+        }
+    }
+
+    fn feedback(id: &str, completion_id: &str, tenant: &str, adapter: Option<&str>) -> FeedbackRecord {
+        FeedbackRecord {
+            id: id.into(),
+            completion_id: completion_id.into(),
+            tenant: tenant.into(),
+            adapter: adapter.map(str::to_string),
+            adapter_version: None,
+            choice_index: 0,
+            rating: Some(-1),
+            correction: Some("better".into()),
+            comment: None,
+            created_at: 5,
+        }
+    }
+
+    #[test]
+    fn completions_are_read_back_only_by_their_tenant() {
+        let s = SqliteStore::in_memory().unwrap();
+        let c = completion("chatcmpl-1", "acme", Some("bot"), 10);
+        s.log_completion(&c).unwrap();
+        assert_eq!(s.completion("acme", "chatcmpl-1").unwrap(), c);
+        assert!(matches!(s.completion("other", "chatcmpl-1"), Err(StoreError::NotFound(_))));
+        assert!(s.log_completion(&c).is_err(), "ids are unique");
+    }
+
+    #[test]
+    fn feedback_lists_by_adapter_with_a_cursor_and_retention_prunes_it() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.log_completion(&completion("c1", "acme", Some("bot"), 10)).unwrap();
+        s.log_completion(&completion("c2", "acme", None, 20)).unwrap();
+        s.add_feedback(&feedback("f1", "c1", "acme", Some("bot"))).unwrap();
+        s.add_feedback(&feedback("f2", "c2", "acme", None)).unwrap();
+        s.add_feedback(&feedback("f3", "c1", "acme", Some("bot"))).unwrap();
+        let all = s.feedback("acme", &FeedbackQuery::default()).unwrap();
+        assert_eq!(all.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["f1", "f2", "f3"]);
+        let bot = s.feedback("acme", &FeedbackQuery { adapter: Some("bot".into()), ..Default::default() }).unwrap();
+        assert_eq!(bot.len(), 2);
+        let base = s.feedback("acme", &FeedbackQuery { adapter: Some(String::new()), ..Default::default() }).unwrap();
+        assert_eq!(base[0].id, "f2");
+        let page = s.feedback("acme", &FeedbackQuery { after: Some("f1".into()), limit: 1, ..Default::default() }).unwrap();
+        assert_eq!(page[0].id, "f2");
+        assert!(s.feedback("other", &FeedbackQuery::default()).unwrap().is_empty());
+        assert_eq!(s.prune_completions("acme", 15).unwrap(), 1);
+        let left = s.feedback("acme", &FeedbackQuery::default()).unwrap();
+        assert_eq!(left.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["f2"], "feedback goes with its completion");
+    }
+
+    #[test]
+    fn feedback_on_a_missing_completion_is_refused() {
+        let s = SqliteStore::in_memory().unwrap();
+        assert!(s.add_feedback(&feedback("f1", "nope", "acme", None)).is_err());
+    }
+
+    #[test]
+    fn a_file_store_keeps_its_records_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/db.sqlite");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.log_completion(&completion("c1", "acme", None, 1)).unwrap();
+            s.add_feedback(&feedback("f1", "c1", "acme", None)).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.feedback("acme", &FeedbackQuery::default()).unwrap().len(), 1);
+    }
+}
