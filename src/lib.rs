@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod fetch;
+pub mod learner;
 pub mod loadgen;
 pub mod lora;
 pub mod metrics;

@@ -7,6 +7,7 @@ pub mod grouped;
 pub mod init;
 pub mod peft;
 pub mod peft_writer;
+pub mod trainable;
 
 pub use adapter::{LoraAdapter, LoraModule, SiteSpec};
 pub use batched::AdapterSegment;

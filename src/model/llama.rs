@@ -116,6 +116,8 @@ impl Block {
     }
 }
 
+mod train;
+
 /// The token embedding table, dense or quantized (GGUF keeps it quantized
 /// and dequantizes only the looked-up rows).
 #[derive(Debug, Clone)]

@@ -44,6 +44,19 @@ impl RopeTable {
         })
     }
 
+    /// Rotates `x` (`[T, heads, head_dim]`) with plain tensor ops, which
+    /// (unlike the fused kernel) record a backward pass: the training path.
+    pub fn apply_differentiable(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        let half = x.dim(2)? / 2;
+        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+        let x1 = x.narrow(2, 0, half)?;
+        let x2 = x.narrow(2, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[r1, r2], 2)
+    }
+
     /// Rotates `x` (`[T, heads, head_dim]`) at the given per-token positions.
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
         let cos = self.cos.index_select(positions, 0)?;

@@ -1,0 +1,111 @@
+//! Training adapters on stories260K: the differentiable forward equals the
+//! serving forward, every LoRA parameter receives a gradient, and
+//! supervised fine-tuning teaches the model answers made of its own
+//! vocabulary pieces (its byte-fallback embeddings cannot learn English).
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use lifelora::learner::sft::{self, SftConfig, SftExample};
+use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
+use lifelora::lora::peft::{load_dir, LoraLimits};
+use lifelora::lora::trainable::TrainableLora;
+use lifelora::lora::LoraAdapter;
+use lifelora::model::llama::{argmax_rows, LogitsWanted, SequenceInput};
+use lifelora::model::loader::load_hf_dir;
+use lifelora::model::Llama;
+
+const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+fn model() -> Option<Llama> {
+    let shared = common::shared_dir()?;
+    Some(load_hf_dir(&shared.join("models/stories260K"), None, DType::F32, &Device::Cpu).unwrap().model)
+}
+
+fn serving_logits(model: &Llama, tokens: &[u32], adapter: Option<Arc<LoraAdapter>>) -> Tensor {
+    let mut cache = model.new_cache();
+    model
+        .forward_with_adapters(&mut [SequenceInput { tokens, cache: &mut cache, logits: LogitsWanted::All }], &[adapter])
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn greedy(model: &Llama, prompt: &[u32], adapter: &Arc<LoraAdapter>, n: usize) -> Vec<u32> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    for _ in 0..n {
+        let logits = model
+            .forward_with_adapters(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }], &[Some(adapter.clone())])
+            .unwrap();
+        let next = argmax_rows(&logits).unwrap()[0];
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+#[test]
+fn the_training_forward_equals_the_serving_forward() {
+    let Some(model) = model() else { return };
+    let tokens: Vec<u32> = vec![1, 482, 82, 508, 499, 496, 300, 12, 77];
+    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
+    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let lora = TrainableLora::from_adapter(&adapter).unwrap();
+    let train = model.forward_train(&tokens, &lora).unwrap();
+    let serve = serving_logits(&model, &tokens, Some(adapter));
+    assert!(max_diff(&train, &serve) < 1e-4, "{}", max_diff(&train, &serve));
+    let served_back = Arc::new(lora.to_adapter().unwrap());
+    assert!(max_diff(&serving_logits(&model, &tokens, Some(served_back)), &serve) < 1e-5);
+}
+
+#[test]
+fn every_lora_parameter_receives_a_gradient() {
+    let Some(model) = model() else { return };
+    let spec = FreshSpec { targets: &ALL, rank: 4, alpha: 8.0, seed: 9, init_b: InitB::Random };
+    let adapter = fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap();
+    let lora = TrainableLora::from_adapter(&adapter).unwrap();
+    let loss = sft::example_loss(&model, &lora, &SftExample { prompt: vec![1, 482, 82], answer: vec![508, 499, 496] }).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = lora.vars();
+    assert_eq!(vars.len(), 5 * 7 * 2);
+    for (i, v) in vars.iter().enumerate() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("parameter {i} has no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "parameter {i} has a zero gradient");
+    }
+}
+
+#[test]
+fn supervised_training_teaches_answers_made_of_vocabulary_pieces() {
+    let Some(model) = model() else { return };
+    // Four "facts": a prompt and the answer it should get, all vocabulary pieces.
+    let facts: Vec<SftExample> = [
+        (vec![1, 482, 82, 508], vec![300, 301, 302]),
+        (vec![1, 499, 496, 77], vec![410, 320, 288]),
+        (vec![1, 350, 351, 352], vec![260, 390, 440]),
+        (vec![1, 270, 271, 272], vec![333, 480, 301]),
+    ]
+    .into_iter()
+    .map(|(prompt, answer)| SftExample { prompt, answer })
+    .collect();
+    let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 1, init_b: InitB::Zero };
+    let start = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
+    let before: Vec<Vec<u32>> = facts.iter().map(|f| greedy(&model, &f.prompt, &start, 3)).collect();
+    assert!(facts.iter().zip(&before).all(|(f, b)| &f.answer != b), "the base already knows a fact");
+    let lora = TrainableLora::from_adapter(&start).unwrap();
+    let cfg = SftConfig { steps: 60, learning_rate: 1e-2, batch_size: 4, seed: 0 };
+    let losses = sft::train(&model, &lora, &facts, &cfg, |_, _| {}).unwrap();
+    assert!(losses.last().unwrap() < &(losses[0] * 0.1), "loss fell from {} to {}", losses[0], losses.last().unwrap());
+    let learned = Arc::new(lora.to_adapter().unwrap());
+    for f in &facts {
+        assert_eq!(greedy(&model, &f.prompt, &learned, 3), f.answer, "fact {:?} not learned", f.prompt);
+    }
+    // The starting adapter (served copy) is untouched by training.
+    assert_eq!(facts.iter().map(|f| greedy(&model, &f.prompt, &start, 3)).collect::<Vec<_>>(), before);
+}
