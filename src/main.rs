@@ -76,6 +76,36 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train a PEFT adapter from OpenAI fine-tuning JSONL, offline, on the
+    /// same code path as the server's learner.
+    Train {
+        /// The base model (as for `serve --model`); must be an f32 checkpoint.
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter to start from (default: a fresh one).
+        #[arg(long)]
+        adapter_dir: Option<PathBuf>,
+        /// JSONL: chat `messages` or `prompt`/`completion` lines.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where the trained PEFT files go.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", value_delimiter = ',')]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        learning_rate: f64,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Drive a running server with concurrent streaming clients.
     Bench {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -216,6 +246,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Train { model, adapter_dir, data, out, rank, alpha, targets, steps, learning_rate, batch_size, seed } => {
+            let job = TrainJob { model, adapter_dir, data, out, rank, alpha, targets, steps, learning_rate, batch_size, seed };
+            match train_offline(&job) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bench {
             url,
             model,
@@ -266,5 +306,81 @@ fn generate_adapter(model: &str, rank: usize, alpha: f64, targets: &[String], se
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("adapter_config.json"), config)?;
     std::fs::write(out.join("adapter_model.safetensors"), weights)?;
+    Ok(())
+}
+
+/// The arguments of `lifelora train`.
+struct TrainJob {
+    model: String,
+    adapter_dir: Option<PathBuf>,
+    data: PathBuf,
+    out: PathBuf,
+    rank: usize,
+    alpha: f64,
+    targets: Vec<String>,
+    steps: usize,
+    learning_rate: f64,
+    batch_size: usize,
+    seed: u64,
+}
+
+/// `lifelora train`: load, parse the JSONL (reporting bad lines), train with a progress bar, write PEFT files.
+fn train_offline(job: &TrainJob) -> Result<(), Box<dyn std::error::Error>> {
+    use lifelora::learner::{dataset, sft};
+    use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
+    let mut settings = Settings::load(None)?;
+    settings.model.path = job.model.clone();
+    let loaded = lifelora::serve::load_model(&settings)?;
+    let text = std::fs::read_to_string(&job.data).map_err(|e| format!("{}: {e}", job.data.display()))?;
+    let (examples, errors) = dataset::parse_jsonl(&text, &loaded.tokenizer, &loaded.chat);
+    for e in &errors {
+        eprintln!("{}: skipped {e}", job.data.display());
+    }
+    if examples.is_empty() {
+        return Err(format!("{}: no usable examples", job.data.display()).into());
+    }
+    let sites = loaded.model.lora_sites();
+    let start = match &job.adapter_dir {
+        Some(dir) => lifelora::lora::peft::load_dir(dir, &sites, &lifelora::lora::peft::LoraLimits { max_rank: usize::MAX }, candle_core::DType::F32, loaded.model.device())?,
+        None => {
+            let targets: Vec<&str> = job.targets.iter().map(String::as_str).collect();
+            let spec = FreshSpec { targets: &targets, rank: job.rank, alpha: job.alpha, seed: job.seed, init_b: InitB::Zero };
+            fresh_adapter(&sites, &spec, candle_core::DType::F32, loaded.model.device())?
+        }
+    };
+    if start.is_empty() {
+        return Err("the adapter targets no module of this model".into());
+    }
+    let lora = lifelora::lora::trainable::TrainableLora::from_adapter(&start)?;
+    let bar = indicatif::ProgressBar::new(job.steps as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} [{elapsed}<{eta}]")?);
+    let cfg = sft::SftConfig { steps: job.steps, learning_rate: job.learning_rate, batch_size: job.batch_size, seed: job.seed };
+    let started = std::time::Instant::now();
+    let losses = sft::train(&loaded.model, &lora, &examples, &cfg, |_, loss| {
+        bar.set_message(format!("{loss:.4}"));
+        bar.inc(1);
+    })?;
+    bar.finish();
+    let adapter = lora.to_adapter()?;
+    let (config, weights) = lifelora::lora::peft_writer::to_peft_files(&adapter, &loaded.id)?;
+    // Written whole beside the destination, then renamed into place.
+    let tmp = job.out.with_extension("lifelora-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::write(tmp.join("adapter_config.json"), config)?;
+    std::fs::write(tmp.join("adapter_model.safetensors"), weights)?;
+    if job.out.exists() {
+        std::fs::remove_dir_all(&job.out)?;
+    }
+    std::fs::rename(&tmp, &job.out)?;
+    println!(
+        "trained on {} examples ({} lines skipped) in {:.1}s: loss {:.4} -> {:.4}; wrote {}",
+        examples.len(),
+        errors.len(),
+        started.elapsed().as_secs_f64(),
+        losses.first().copied().unwrap_or(f32::NAN),
+        losses.last().copied().unwrap_or(f32::NAN),
+        job.out.display()
+    );
     Ok(())
 }

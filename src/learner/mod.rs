@@ -2,6 +2,7 @@
 //! `sft` trains on prompt → answer pairs with candle's autograd, only the
 //! LoRA matrices trainable, on the serving model's frozen weights.
 
+pub mod dataset;
 pub mod sft;
 
 /// Why training failed.

@@ -86,6 +86,16 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Encodes text that continues a prompt (an answer to train on): no
+    /// BOS, and the end-of-sequence token appended so the model learns to stop.
+    pub fn encode_answer(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = self.encode_raw(text, false)?;
+        if let Some(eos) = self.eos_ids.first() {
+            ids.push(*eos);
+        }
+        Ok(ids)
+    }
+
     fn ensure_bos(&self, ids: &mut Vec<u32>) {
         if let (true, Some(bos)) = (self.add_bos_token, self.bos_id) {
             if ids.first() != Some(&bos) {
