@@ -101,6 +101,33 @@ pub struct LoraSettings {
 pub struct LearningSettings {
     /// Days a completion (and the feedback on it) stays in the log; 0 keeps all.
     pub retention_days: u64,
+    /// The adapter that feedback on the base model trains (created when missing).
+    pub default_adapter: String,
+    /// New feedback items on one adapter that start a training run by themselves (0: only on demand).
+    pub min_new_feedback: usize,
+    /// A fresh adapter's rank, alpha and target modules.
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    /// Optimizer steps per run, learning rate, examples per step.
+    pub steps: usize,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    /// Earlier accepted examples replayed per run, at most.
+    pub max_replay: usize,
+    /// Gate: the replay set's loss may rise by at most this (nats per token).
+    pub max_regression: f64,
+    /// Gate: mean KL(base ‖ candidate) on general prompts, at most (nats).
+    pub max_base_drift: f64,
+    /// Gate: top-1 agreement with the base on general prompts, at least.
+    pub min_base_agreement: f64,
+    /// Learning without forgetting: weight of KL(base ‖ adapted), anchor
+    /// sequences per step, and how many anchors the base model samples.
+    pub kl_weight: f64,
+    pub kl_anchors_per_step: usize,
+    pub kl_anchor_count: usize,
+    /// Threads the learner's tensor work may use (serving keeps the rest).
+    pub threads: usize,
 }
 
 /// Where runtime data lives.

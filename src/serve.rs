@@ -117,10 +117,13 @@ pub fn serve(
     let records: Arc<dyn crate::store::RecordStore> =
         Arc::new(crate::store::SqliteStore::open(Path::new(&settings.storage.database))?);
     spawn_retention_sweep(records.clone(), settings.learning.retention_days);
+    let registry = Arc::new(registry);
+    let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone())?;
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,
-        registry: Arc::new(registry),
+        learner,
+        registry,
         tenants: Arc::new(tenants),
         engine: engine.clone(),
         metrics,

@@ -135,6 +135,7 @@ pub async fn create(
         &state.settings.engine,
         false,
     )?;
+    let prompt_ids = prompt.clone();
     let request = GenerationRequest {
         prompt,
         params: v.params.clone(),
@@ -149,7 +150,7 @@ pub async fn create(
     let id = random_id("chatcmpl");
     let sink = state.request_end(
         &target,
-        LogEntry { id: id.clone(), kind: "chat", body: serde_json::from_slice(&body).unwrap_or_default(), rendered_prompts: vec![rendered], n: v.n },
+        LogEntry { id: id.clone(), kind: "chat", body: serde_json::from_slice(&body).unwrap_or_default(), rendered_prompts: vec![rendered], prompt_ids: vec![prompt_ids], n: v.n },
     );
     let created = unix_now();
     let model = r.model.clone();

@@ -114,7 +114,7 @@ pub async fn create(
     };
     let sink = state.request_end(
         &target,
-        LogEntry { id: id.clone(), kind: "completion", body: serde_json::from_slice(&body).unwrap_or_default(), rendered_prompts, n: v.n },
+        LogEntry { id: id.clone(), kind: "completion", body: serde_json::from_slice(&body).unwrap_or_default(), rendered_prompts, prompt_ids: prompts.clone(), n: v.n },
     );
     let created = unix_now();
     let model = r.model.clone();

@@ -109,6 +109,10 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
+    let adapter = accepted.adapter.clone().unwrap_or_else(|| state.learner.settings().default_adapter.clone());
+    let (learner, tenant) = (state.learner.clone(), accepted.tenant.clone());
+    // Counting pending feedback touches the database: off the async runtime.
+    actix_web::rt::task::spawn_blocking(move || learner.maybe_trigger(&tenant, &adapter));
     Ok(HttpResponse::Accepted().json(feedback_json(&accepted)))
 }
 

@@ -116,8 +116,5 @@ pub fn unix_now() -> u64 {
 
 /// A random response id such as `cmpl-3f9a…`.
 pub fn random_id(prefix: &str) -> String {
-    use rand::Rng;
-    let mut rng = rand::thread_rng();
-    let n: u128 = rng.gen();
-    format!("{prefix}-{n:032x}")
+    crate::store::new_id(prefix)
 }

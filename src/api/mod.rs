@@ -7,6 +7,7 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod feedback;
+pub mod fine_tuning;
 pub mod generate;
 pub mod models;
 pub mod server;

@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, chat, completions, feedback, models, tenants};
+use super::{adapters, chat, completions, feedback, fine_tuning, models, tenants};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -31,6 +31,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters/{name}/versions/{version}/promote", web::post().to(adapters::promote))
         .route("/v1/adapters/{name}/versions/{version}/download", web::get().to(adapters::download))
         .route("/v1/adapters/{name}/rollback", web::post().to(adapters::rollback))
+        .route("/v1/adapters/{name}/train", web::post().to(fine_tuning::train))
+        .route("/v1/fine_tuning/jobs", web::get().to(fine_tuning::list))
+        .route("/v1/fine_tuning/jobs/{id}", web::get().to(fine_tuning::get))
+        .route("/v1/fine_tuning/jobs/{id}/events", web::get().to(fine_tuning::events))
+        .route("/v1/fine_tuning/jobs/{id}/checkpoints", web::get().to(fine_tuning::checkpoints))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", web::post().to(fine_tuning::cancel))
         .route("/v1/feedback", web::post().to(feedback::create))
         .route("/v1/feedback", web::get().to(feedback::list))
         .route("/health", web::get().to(models::health))

@@ -30,8 +30,9 @@ pub struct LogEntry {
     /// The request body (parsed); the prompt or messages are taken from it
     /// and the rest kept as the sampling settings.
     pub body: serde_json::Value,
-    /// Each prompt as the model saw it.
+    /// Each prompt as the model saw it, as text and as token ids.
     pub rendered_prompts: Vec<String>,
+    pub prompt_ids: Vec<Vec<u32>>,
     pub n: usize,
 }
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub created: u64,
     /// The completion log and feedback.
     pub records: Arc<dyn crate::store::RecordStore>,
+    /// The background learner (queues training runs).
+    pub learner: crate::learner::Learner,
 }
 
 impl AppState {
@@ -83,7 +86,7 @@ impl AppState {
     /// What runs when a generation request ends: usage metrics, and the
     /// completion log unless the body says `"store": false`.
     pub fn request_end(&self, target: &Target, entry: LogEntry) -> super::sse::UsageSink {
-        let LogEntry { id, kind, mut body, rendered_prompts, n } = entry;
+        let LogEntry { id, kind, mut body, rendered_prompts, prompt_ids, n } = entry;
         let store = body.get("store").and_then(serde_json::Value::as_bool) != Some(false);
         let log = store.then(|| {
             let prompt = body
@@ -98,6 +101,7 @@ impl AppState {
                 kind: kind.to_string(),
                 prompt,
                 rendered_prompts,
+                prompt_ids,
                 n: n as u32,
                 outputs: Vec::new(),
                 settings: body,

@@ -3,7 +3,11 @@
 //! LoRA matrices trainable, on the serving model's frozen weights.
 
 pub mod dataset;
+pub mod eval;
 pub mod sft;
+pub mod worker;
+
+pub use worker::Learner;
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,45 @@ pub struct SftExample {
     pub answer: Vec<u32>,
 }
 
+/// Learning without forgetting: sequences on which the adapted model's
+/// next-token distributions are pulled toward the base model's,
+/// `weight · KL(base ‖ adapted)` added to the loss on `per_step` of them
+/// each step.
+#[derive(Debug, Clone, Default)]
+pub struct KlAnchors {
+    /// `(tokens, answer_start, base log-probabilities [answer len, vocab])`.
+    pub anchors: Vec<(Vec<u32>, usize, Tensor)>,
+    pub weight: f64,
+    pub per_step: usize,
+}
+
+impl KlAnchors {
+    /// Builds the anchors' base log-probabilities once (a base model's
+    /// property, so callers cache the result).
+    pub fn new(model: &Llama, anchors: &[(Vec<u32>, usize)], weight: f64, per_step: usize) -> candle_core::Result<Self> {
+        let mut out = Vec::with_capacity(anchors.len());
+        let none = TrainableLora::empty();
+        for (tokens, start) in anchors {
+            let n = tokens.len() - start;
+            if *start == 0 || n == 0 {
+                continue;
+            }
+            let logits = model.forward_train(&tokens[..tokens.len() - 1], &none)?.narrow(0, start - 1, n)?;
+            out.push((tokens.clone(), *start, candle_nn::ops::log_softmax(&logits, D::Minus1)?.detach()));
+        }
+        Ok(KlAnchors { anchors: out, weight, per_step })
+    }
+
+    /// `KL(base ‖ adapted)` per position on anchor `i` (differentiable).
+    fn kl(&self, model: &Llama, lora: &TrainableLora, i: usize) -> candle_core::Result<Tensor> {
+        let (tokens, start, base) = &self.anchors[i];
+        let n = tokens.len() - start;
+        let logits = model.forward_train(&tokens[..tokens.len() - 1], lora)?.narrow(0, start - 1, n)?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        (base.exp()? * (base - lp)?)?.sum_all()? / n as f64
+    }
+}
+
 /// How to train.
 #[derive(Debug, Clone)]
 pub struct SftConfig {
@@ -56,6 +95,33 @@ pub fn train(
     cfg: &SftConfig,
     mut on_step: impl FnMut(usize, f32),
 ) -> Result<Vec<f32>, LearnError> {
+    train_until(model, lora, examples, cfg, |s, l| {
+        on_step(s, l);
+        true
+    })
+}
+
+/// [`train`] that stops early when `on_step` returns false (cancellation).
+pub fn train_until(
+    model: &Llama,
+    lora: &TrainableLora,
+    examples: &[SftExample],
+    cfg: &SftConfig,
+    on_step: impl FnMut(usize, f32) -> bool,
+) -> Result<Vec<f32>, LearnError> {
+    train_regularized(model, lora, examples, cfg, None, on_step)
+}
+
+/// [`train_until`] with an optional KL pull toward the base on anchors.
+/// The losses reported are the supervised part alone.
+pub fn train_regularized(
+    model: &Llama,
+    lora: &TrainableLora,
+    examples: &[SftExample],
+    cfg: &SftConfig,
+    anchors: Option<&KlAnchors>,
+    mut on_step: impl FnMut(usize, f32) -> bool,
+) -> Result<Vec<f32>, LearnError> {
     if !model.trainable() {
         return Err(LearnError::NotTrainable("quantized or non-f32 weights; serve an f32 checkpoint to train".into()));
     }
@@ -85,13 +151,22 @@ pub fn train(
         }
         let Some(total) = batch_loss else { break };
         let loss = (total / n as f64)?;
-        let grads = loss.backward()?;
+        let mut objective = loss.clone();
+        if let Some(a) = anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0) {
+            for k in 0..a.per_step {
+                let i = (step * a.per_step + k) % a.anchors.len();
+                objective = (objective + (a.kl(model, lora, i)? * (a.weight / a.per_step as f64))?)?;
+            }
+        }
+        let grads = objective.backward()?;
         opt.step(&grads)?;
         // The gradient store also holds the frozen weights' gradients: drop it now.
         drop(grads);
         let value = loss.to_scalar::<f32>()?;
         losses.push(value);
-        on_step(step, value);
+        if !on_step(step, value) {
+            break;
+        }
     }
     Ok(losses)
 }

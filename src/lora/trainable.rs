@@ -37,6 +37,11 @@ impl TrainableLora {
         Ok(TrainableLora { modules })
     }
 
+    /// No modules: the base model alone.
+    pub fn empty() -> Self {
+        TrainableLora { modules: HashMap::new() }
+    }
+
     /// Every trainable variable (for the optimizer).
     pub fn vars(&self) -> Vec<Var> {
         let mut keys: Vec<&(usize, String)> = self.modules.keys().collect();

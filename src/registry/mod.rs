@@ -214,21 +214,38 @@ impl Registry {
     /// Validates and stores an uploaded adapter as a new version; promotes it
     /// unless told not to. Nothing is written when validation fails.
     pub fn upload(&self, tenant: &str, name: &str, config: &[u8], weights: &[u8], promote: bool) -> Result<(Manifest, Pointer), RegistryError> {
+        let parent = self.current_version(tenant, name);
+        self.add_version(tenant, name, config, weights, Source::Upload, parent, serde_json::Value::Null, promote)
+    }
+
+    /// Validates and stores a new version from any source (uploads, the
+    /// learner's candidates with their metrics), promoting it if asked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        config: &[u8],
+        weights: &[u8],
+        source: Source,
+        parent: Option<u32>,
+        metrics: serde_json::Value,
+        promote: bool,
+    ) -> Result<(Manifest, Pointer), RegistryError> {
         crate::adapter_store::validate_name(tenant)?;
         crate::adapter_store::validate_name(name)?;
         let adapter = peft::parse(config, weights, &self.sites, &self.limits, self.dtype, &self.device)?;
-        let parent = self.current_version(tenant, name);
         let manifest = self.store.write_version(
             tenant,
             name,
             NewVersion {
                 config,
                 weights,
-                source: Source::Upload,
+                source,
                 parent,
                 rank: adapter.max_rank,
                 target_modules: adapter.target_modules(),
-                metrics: serde_json::Value::Null,
+                metrics,
             },
         )?;
         let pointer = if promote { self.promote(tenant, name, manifest.version)? } else { self.store.pointer(tenant, name)? };

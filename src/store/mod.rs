@@ -43,6 +43,9 @@ pub struct CompletionRecord {
     /// Each prompt exactly as the model saw it (chat template applied);
     /// choice `i` answers prompt `i / n`.
     pub rendered_prompts: Vec<String>,
+    /// Each prompt's token ids exactly as the model saw them (what training replays).
+    #[serde(default)]
+    pub prompt_ids: Vec<Vec<u32>>,
     /// Choices per prompt.
     pub n: u32,
     /// Each choice's text, by index.
@@ -71,6 +74,43 @@ pub struct FeedbackRecord {
     pub created_at: u64,
 }
 
+/// A learner run, served as OpenAI's `fine_tuning.job`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// `ftjob-…`.
+    pub id: String,
+    pub tenant: String,
+    /// The adapter trained.
+    pub adapter: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    /// Why it failed, or why its candidate was rejected.
+    pub error: Option<String>,
+    /// The version the run started from (None: a fresh adapter).
+    pub parent_version: Option<u32>,
+    /// The version it wrote (promoted or rejected).
+    pub result_version: Option<u32>,
+    /// The feedback it learned from.
+    pub feedback_ids: Vec<String>,
+    pub hyperparameters: Value,
+    /// Training and evaluation figures.
+    pub metrics: Value,
+}
+
+/// One line of a job's history (`fine_tuning.job.event`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub id: String,
+    pub job_id: String,
+    pub created_at: u64,
+    /// `info` or `error`.
+    pub level: String,
+    pub message: String,
+    pub data: Value,
+}
+
 /// What a feedback listing may be narrowed to.
 #[derive(Debug, Clone, Default)]
 pub struct FeedbackQuery {
@@ -97,9 +137,38 @@ pub trait RecordStore: Send + Sync {
     fn prune_completions(&self, tenant: &str, before: u64) -> Result<usize, StoreError>;
     /// Every tenant with logged completions (for retention sweeps).
     fn tenants(&self) -> Result<Vec<String>, StoreError>;
+    /// The completions (any tenant's is refused) that `ids` name, by id.
+    fn completions_for(&self, tenant: &str, ids: &[String]) -> Result<Vec<CompletionRecord>, StoreError>;
+    /// Feedback of a tenant's adapter not yet learned by a succeeded job.
+    fn pending_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError>;
+    /// Feedback of a tenant's adapter that succeeded jobs learned (the replay set).
+    fn learned_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError>;
+
+    /// Inserts or replaces a job (by id).
+    fn save_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// A job by id alone (the learner's lookup; the API always scopes by tenant).
+    fn job_by_id(&self, id: &str) -> Result<JobRecord, StoreError>;
+    /// A tenant's job (another tenant's is `NotFound`).
+    fn job(&self, tenant: &str, id: &str) -> Result<JobRecord, StoreError>;
+    /// A tenant's jobs, newest first, optionally of one adapter, after a cursor.
+    fn jobs(&self, tenant: &str, adapter: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+    /// Appends an event to a job's history.
+    fn add_job_event(&self, event: &JobEvent) -> Result<(), StoreError>;
+    /// A job's events, newest first.
+    fn job_events(&self, job_id: &str, limit: usize) -> Result<Vec<JobEvent>, StoreError>;
+    /// Marks every queued or running job failed with `reason` (at start:
+    /// nothing runs before the learner does). Returns them.
+    fn fail_unfinished_jobs(&self, reason: &str) -> Result<Vec<JobRecord>, StoreError>;
 }
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A random id such as `fb-3f9a…` (128 bits).
+pub fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u128 = rand::thread_rng().gen();
+    format!("{prefix}-{n:032x}")
 }

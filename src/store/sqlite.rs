@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{CompletionRecord, FeedbackQuery, FeedbackRecord, RecordStore, StoreError};
+use super::{CompletionRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS completions (
@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS completions (
     kind TEXT NOT NULL,
     prompt TEXT NOT NULL,
     rendered_prompts TEXT NOT NULL,
+    prompt_ids TEXT NOT NULL,
     n INTEGER NOT NULL,
     outputs TEXT NOT NULL,
     settings TEXT NOT NULL,
@@ -39,6 +40,26 @@ CREATE TABLE IF NOT EXISTS feedback (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_by_tenant ON feedback (tenant, adapter, seq);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, adapter, seq);
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS feedback_learned (
+    feedback_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (feedback_id, job_id)
+);
 ";
 
 /// The SQLite-backed store.
@@ -102,12 +123,27 @@ fn feedback_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FeedbackRecord
     })
 }
 
+impl SqliteStore {
+    /// A tenant adapter's feedback (`""` for the base model) for which a
+    /// succeeded job's learning record `EXISTS` or `NOT EXISTS`.
+    fn feedback_where(&self, tenant: &str, adapter: &str, exists: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT * FROM feedback f WHERE tenant = ?1 AND IFNULL(adapter, '') = ?2 AND {exists}
+             (SELECT 1 FROM feedback_learned l WHERE l.feedback_id = f.id) ORDER BY seq"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![tenant, adapter], feedback_from_row)?;
+        rows.collect::<Result<_, _>>().map_err(StoreError::from)
+    }
+}
+
 impl RecordStore for SqliteStore {
     fn log_completion(&self, r: &CompletionRecord) -> Result<(), StoreError> {
         let outputs = serde_json::to_string(&r.outputs).map_err(|e| corrupt("outputs", e))?;
         self.conn().execute(
-            "INSERT INTO completions (id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, n, outputs, settings, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            "INSERT INTO completions (id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, n, outputs, settings, created_at, prompt_ids)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 r.id,
                 r.tenant,
@@ -119,7 +155,8 @@ impl RecordStore for SqliteStore {
                 r.n,
                 outputs,
                 r.settings.to_string(),
-                r.created_at as i64
+                r.created_at as i64,
+                serde_json::to_string(&r.prompt_ids).map_err(|e| corrupt("prompt_ids", e))?
             ],
         )?;
         Ok(())
@@ -129,7 +166,7 @@ impl RecordStore for SqliteStore {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n
+                "SELECT id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n, prompt_ids
                  FROM completions WHERE id = ?1 AND tenant = ?2",
                 params![id, tenant],
                 |row| {
@@ -145,11 +182,12 @@ impl RecordStore for SqliteStore {
                         row.get::<_, String>(8)?,
                         row.get::<_, i64>(9)?,
                         row.get::<_, u32>(10)?,
+                        row.get::<_, String>(11)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n)) = row else {
+        let Some((id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n, prompt_ids)) = row else {
             return Err(StoreError::NotFound(format!("completion {id}")));
         };
         Ok(CompletionRecord {
@@ -161,6 +199,7 @@ impl RecordStore for SqliteStore {
             prompt: serde_json::from_str(&prompt).map_err(|e| corrupt("prompt", e))?,
             rendered_prompts: serde_json::from_str(&rendered_prompts).map_err(|e| corrupt("rendered_prompts", e))?,
             n,
+            prompt_ids: serde_json::from_str(&prompt_ids).map_err(|e| corrupt("prompt_ids", e))?,
             outputs: serde_json::from_str(&outputs).map_err(|e| corrupt("outputs", e))?,
             settings: serde_json::from_str(&settings).map_err(|e| corrupt("settings", e))?,
             created_at: created_at as u64,
@@ -232,6 +271,108 @@ impl RecordStore for SqliteStore {
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         rows.collect::<Result<_, _>>().map_err(StoreError::from)
     }
+
+    fn completions_for(&self, tenant: &str, ids: &[String]) -> Result<Vec<CompletionRecord>, StoreError> {
+        ids.iter().map(|id| self.completion(tenant, id)).collect()
+    }
+
+    fn pending_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
+        self.feedback_where(tenant, adapter, "NOT EXISTS")
+    }
+
+    fn learned_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
+        self.feedback_where(tenant, adapter, "EXISTS")
+    }
+
+    fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let body = serde_json::to_string(job).map_err(|e| corrupt("job", e))?;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO jobs (id, tenant, adapter, status, body) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+            params![job.id, job.tenant, job.adapter, job.status, body],
+        )?;
+        if job.status == "succeeded" {
+            for f in &job.feedback_ids {
+                tx.execute("INSERT OR IGNORE INTO feedback_learned (feedback_id, job_id) VALUES (?1, ?2)", params![f, job.id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn job_by_id(&self, id: &str) -> Result<JobRecord, StoreError> {
+        let body: Option<String> =
+            self.conn().query_row("SELECT body FROM jobs WHERE id = ?1", params![id], |r| r.get(0)).optional()?;
+        let body = body.ok_or_else(|| StoreError::NotFound(format!("fine-tuning job {id}")))?;
+        serde_json::from_str(&body).map_err(|e| corrupt("job", e))
+    }
+
+    fn job(&self, tenant: &str, id: &str) -> Result<JobRecord, StoreError> {
+        let body: Option<String> = self
+            .conn()
+            .query_row("SELECT body FROM jobs WHERE id = ?1 AND tenant = ?2", params![id, tenant], |r| r.get(0))
+            .optional()?;
+        let body = body.ok_or_else(|| StoreError::NotFound(format!("fine-tuning job {id}")))?;
+        serde_json::from_str(&body).map_err(|e| corrupt("job", e))
+    }
+
+    fn jobs(&self, tenant: &str, adapter: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let conn = self.conn();
+        let before_seq: i64 = match after {
+            None => i64::MAX,
+            Some(id) => conn
+                .query_row("SELECT seq FROM jobs WHERE id = ?1 AND tenant = ?2", params![id, tenant], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("fine-tuning job {id}")))?,
+        };
+        let mut stmt = conn.prepare(
+            "SELECT body FROM jobs WHERE tenant = ?1 AND (?2 IS NULL OR adapter = ?2) AND seq < ?3 ORDER BY seq DESC LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![tenant, adapter, before_seq, limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r?).map_err(|e| corrupt("job", e))?);
+        }
+        Ok(out)
+    }
+
+    fn add_job_event(&self, event: &JobEvent) -> Result<(), StoreError> {
+        let body = serde_json::to_string(event).map_err(|e| corrupt("event", e))?;
+        self.conn().execute("INSERT INTO job_events (job_id, body) VALUES (?1, ?2)", params![event.job_id, body])?;
+        Ok(())
+    }
+
+    fn job_events(&self, job_id: &str, limit: usize) -> Result<Vec<JobEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT ?2")?;
+        let rows = stmt.query_map(params![job_id, limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r?).map_err(|e| corrupt("event", e))?);
+        }
+        Ok(out)
+    }
+
+    fn fail_unfinished_jobs(&self, reason: &str) -> Result<Vec<JobRecord>, StoreError> {
+        let bodies: Vec<String> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT body FROM jobs WHERE status IN ('queued', 'running', 'validating_files')")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut failed = Vec::new();
+        for b in bodies {
+            let mut job: JobRecord = serde_json::from_str(&b).map_err(|e| corrupt("job", e))?;
+            job.status = "failed".into();
+            job.error = Some(reason.to_string());
+            job.finished_at = Some(super::now());
+            self.save_job(&job)?;
+            failed.push(job);
+        }
+        Ok(failed)
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +389,7 @@ mod tests {
             kind: "chat".into(),
             prompt: json!([{"role": "user", "content": "hi"}]),
             rendered_prompts: vec!["<user>hi</user>".into()],
+            prompt_ids: vec![vec![1, 5, 6]],
             n: 2,
             outputs: vec!["hello".into(), "hey".into()],
             settings: json!({"temperature": 0}),

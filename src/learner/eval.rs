@@ -1,0 +1,230 @@
+//! The measurements the eval gate decides on, all teacher-forced or greedy
+//! through the serving forward pass (what users will actually get): loss
+//! and exact match on examples, and drift from the base model on general
+//! prompts (mean KL of next-token distributions over the base's own
+//! answers, and top-1 agreement).
+
+use std::sync::Arc;
+
+use candle_core::{Tensor, D};
+
+use super::sft::SftExample;
+use crate::lora::LoraAdapter;
+use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::llama::{argmax_rows, Llama, LogitsWanted, SequenceInput};
+use crate::model::TextTokenizer;
+
+/// General prompts for the drift measure: never trained on.
+pub const GENERAL_PROMPTS: [&str; 12] = [
+    "What is the capital of France?",
+    "Give me a tip for learning a new language.",
+    "Why is the sky blue?",
+    "Write one sentence about the sea.",
+    "What color is grass?",
+    "How many legs does a spider have?",
+    "Name a fruit that is yellow.",
+    "What do bees make?",
+    "Suggest a name for a pet cat.",
+    "What is two plus three?",
+    "Describe a rainy day in a few words.",
+    "What is a good breakfast?",
+];
+
+/// A general prompt with the base model's own greedy answer.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    pub tokens: Vec<u32>,
+    /// Where the answer starts in `tokens`.
+    pub answer_start: usize,
+}
+
+fn logits_all(model: &Llama, tokens: &[u32], adapter: Option<&Arc<LoraAdapter>>) -> candle_core::Result<Tensor> {
+    let mut cache = model.new_cache();
+    model
+        .forward_with_adapters(&mut [SequenceInput { tokens, cache: &mut cache, logits: LogitsWanted::All }], &[adapter.cloned()])
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// Greedy continuation of `prompt`, `n` tokens (stops early at `eos`).
+pub fn greedy(model: &Llama, prompt: &[u32], adapter: Option<&Arc<LoraAdapter>>, n: usize, eos: &[u32]) -> candle_core::Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(n);
+    let mut input = prompt.to_vec();
+    for _ in 0..n {
+        if cache.len() + input.len() >= model.config.max_position_embeddings {
+            break;
+        }
+        let logits = model
+            .forward_with_adapters(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }], &[adapter.cloned()])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let next = argmax_rows(&logits)?[0];
+        out.push(next);
+        if eos.contains(&next) {
+            break;
+        }
+        input = vec![next];
+    }
+    Ok(out)
+}
+
+/// Mean per-token cross-entropy of the examples' answers.
+pub fn mean_loss(model: &Llama, adapter: Option<&Arc<LoraAdapter>>, examples: &[SftExample]) -> candle_core::Result<f64> {
+    let (mut total, mut count) = (0f64, 0usize);
+    for e in examples {
+        let tokens: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
+        let logits = logits_all(model, &tokens[..tokens.len() - 1], adapter)?;
+        let logits = logits.narrow(0, e.prompt.len() - 1, e.answer.len())?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::from_vec(e.answer.clone(), (e.answer.len(), 1), lp.device())?;
+        let picked = lp.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()?;
+        total -= picked as f64;
+        count += e.answer.len();
+    }
+    Ok(if count == 0 { 0.0 } else { total / count as f64 })
+}
+
+/// Share of examples whose greedy answer reproduces the expected one exactly.
+pub fn exact_match(model: &Llama, adapter: Option<&Arc<LoraAdapter>>, examples: &[SftExample]) -> candle_core::Result<f64> {
+    if examples.is_empty() {
+        return Ok(0.0);
+    }
+    let mut hits = 0;
+    for e in examples {
+        if greedy(model, &e.prompt, adapter, e.answer.len(), &[])? == e.answer {
+            hits += 1;
+        }
+    }
+    Ok(hits as f64 / examples.len() as f64)
+}
+
+/// The general prompts with the base model's greedy answers (up to `answer_tokens`).
+pub fn build_anchors(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    chat: &ChatTemplate,
+    answer_tokens: usize,
+) -> Result<Vec<Anchor>, crate::model::ModelError> {
+    let mut anchors = Vec::with_capacity(GENERAL_PROMPTS.len());
+    for p in GENERAL_PROMPTS {
+        let prompt = if chat.has_model_template() {
+            let rendered = chat.render(&[ChatMessage { role: "user".into(), content: p.into() }])?;
+            tokenizer.encode_chat(&rendered)?
+        } else {
+            tokenizer.encode_prompt(p)?
+        };
+        let answer = greedy(model, &prompt, None, answer_tokens, &tokenizer.eos_ids)?;
+        if answer.is_empty() {
+            continue;
+        }
+        let answer_start = prompt.len();
+        anchors.push(Anchor { tokens: prompt.into_iter().chain(answer).collect(), answer_start });
+    }
+    Ok(anchors)
+}
+
+/// Mean KL(base ‖ adapted) of the next-token distributions over the
+/// anchors' answer positions, and the share of positions where both pick
+/// the same top token.
+pub fn drift(model: &Llama, adapter: &Arc<LoraAdapter>, anchors: &[Anchor]) -> candle_core::Result<(f64, f64)> {
+    let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
+    for a in anchors {
+        let n = a.tokens.len() - a.answer_start;
+        let input = &a.tokens[..a.tokens.len() - 1];
+        let base = logits_all(model, input, None)?.narrow(0, a.answer_start - 1, n)?;
+        let cand = logits_all(model, input, Some(adapter))?.narrow(0, a.answer_start - 1, n)?;
+        let lp_base = candle_nn::ops::log_softmax(&base, D::Minus1)?;
+        let lp_cand = candle_nn::ops::log_softmax(&cand, D::Minus1)?;
+        let kl = (lp_base.exp()? * (&lp_base - &lp_cand)?)?.sum_all()?.to_scalar::<f32>()?;
+        kl_sum += kl as f64;
+        let (tb, tc) = (argmax_rows(&base)?, argmax_rows(&cand)?);
+        agree += tb.iter().zip(&tc).filter(|(x, y)| x == y).count();
+        positions += n;
+    }
+    if positions == 0 {
+        return Ok((0.0, 1.0));
+    }
+    Ok((kl_sum / positions as f64, agree as f64 / positions as f64))
+}
+
+/// Samples `n` tokens after `prompt` at `temperature` (stops at `eos`).
+pub fn sample(
+    model: &Llama,
+    prompt: &[u32],
+    n: usize,
+    temperature: f64,
+    rng: &mut impl rand::Rng,
+    eos: &[u32],
+) -> candle_core::Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(n);
+    let mut input = prompt.to_vec();
+    for _ in 0..n {
+        if cache.len() + input.len() >= model.config.max_position_embeddings {
+            break;
+        }
+        let logits = model
+            .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature.max(1e-3))?)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut r: f32 = rng.gen();
+        let mut next = probs.len() as u32 - 1;
+        for (i, p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                next = i as u32;
+                break;
+            }
+        }
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    Ok(out)
+}
+
+/// Anchors for learning without forgetting, drawn from the base model
+/// itself: `count` short questions it samples (temperature 1), each with
+/// its own greedy answer. Disjoint from [`GENERAL_PROMPTS`], which measure drift.
+pub fn training_anchors(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    chat: &ChatTemplate,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<Anchor>, crate::model::ModelError> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let eos = &tokenizer.eos_ids;
+    let mut anchors = Vec::with_capacity(count);
+    for _ in 0..count * 2 {
+        if anchors.len() == count {
+            break;
+        }
+        let prompt = if chat.has_model_template() {
+            let ask = chat.render(&[ChatMessage { role: "user".into(), content: "Write one short question that a user might ask an assistant.".into() }])?;
+            let question = sample(model, &tokenizer.encode_chat(&ask)?, 24, 1.0, &mut rng, eos)?;
+            let question = tokenizer.decode(&question)?;
+            if question.trim().is_empty() {
+                continue;
+            }
+            tokenizer.encode_chat(&chat.render(&[ChatMessage { role: "user".into(), content: question.trim().to_string() }])?)?
+        } else {
+            let start = tokenizer.encode_prompt("")?;
+            let mut p = start.clone();
+            p.extend(sample(model, &start, 12, 1.0, &mut rng, eos)?);
+            p
+        };
+        if prompt.is_empty() {
+            continue;
+        }
+        let answer = greedy(model, &prompt, None, 24, eos)?;
+        if answer.is_empty() {
+            continue;
+        }
+        let answer_start = prompt.len();
+        anchors.push(Anchor { tokens: prompt.into_iter().chain(answer).collect(), answer_start });
+    }
+    Ok(anchors)
+}

@@ -1,0 +1,455 @@
+//! The background learner: one thread, its tensor work confined to a
+//! small rayon pool of its own (`learning.threads`) so serving keeps the
+//! other cores. A run turns an adapter's pending feedback into examples,
+//! trains a candidate from the current version with earlier examples
+//! replayed, measures it, and either promotes it as a new version or keeps
+//! it as a rejected one with the reasons. Every run is a job with events.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::DType;
+use serde_json::{json, Value};
+
+use super::eval::{self, Anchor};
+use super::sft::{self, KlAnchors, SftConfig, SftExample};
+use crate::adapter_store::Source;
+use crate::config::LearningSettings;
+use crate::lora::init::{fresh_adapter, FreshSpec, InitB};
+use crate::lora::trainable::TrainableLora;
+use crate::model::LoadedModel;
+use crate::registry::Registry;
+use crate::store::{FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+
+/// Tokens of each general prompt's base answer used for the drift measure.
+const ANCHOR_ANSWER_TOKENS: usize = 24;
+
+/// The handle the API uses to queue and cancel runs.
+#[derive(Clone)]
+pub struct Learner {
+    inner: Arc<Inner>,
+    queue: Sender<String>,
+}
+
+struct Inner {
+    model: Arc<LoadedModel>,
+    registry: Arc<Registry>,
+    records: Arc<dyn RecordStore>,
+    settings: LearningSettings,
+    /// Jobs asked to stop.
+    cancelled: Mutex<HashSet<String>>,
+    anchors: OnceLock<Vec<Anchor>>,
+    kl_anchors: OnceLock<KlAnchors>,
+}
+
+/// Why a run could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the learner has stopped")]
+    Stopped,
+}
+
+impl Learner {
+    /// Starts the learner thread. Jobs left queued or running by a previous
+    /// process are marked failed first (their feedback stays pending).
+    pub fn start(model: Arc<LoadedModel>, registry: Arc<Registry>, records: Arc<dyn RecordStore>, settings: LearningSettings) -> Result<Self, StoreError> {
+        for job in records.fail_unfinished_jobs("the server stopped during this job; its feedback is still pending")? {
+            tracing::warn!(job = %job.id, tenant = %job.tenant, adapter = %job.adapter, "marked an interrupted training job failed");
+        }
+        let inner = Arc::new(Inner { model, registry, records, settings, cancelled: Mutex::new(HashSet::new()), anchors: OnceLock::new(), kl_anchors: OnceLock::new() });
+        let (tx, rx) = channel::<String>();
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("learner".into())
+            .spawn(move || {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(worker.settings.threads.max(1)).build();
+                for job_id in rx {
+                    match &pool {
+                        Ok(pool) => pool.install(|| worker.run(&job_id)),
+                        Err(_) => worker.run(&job_id),
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start the learner thread: {e}")))?;
+        Ok(Learner { inner, queue: tx })
+    }
+
+    /// The settings runs use.
+    pub fn settings(&self) -> &LearningSettings {
+        &self.inner.settings
+    }
+
+    /// Queues a run for `adapter` of `tenant`. `hyperparameters` may set
+    /// `n_steps`, `learning_rate`, `batch_size` over the settings.
+    pub fn submit(&self, tenant: &str, adapter: &str, hyperparameters: Value) -> Result<JobRecord, QueueError> {
+        let s = &self.inner.settings;
+        let hp = json!({
+            "n_steps": hyperparameters.get("n_steps").and_then(Value::as_u64).unwrap_or(s.steps as u64),
+            "learning_rate": hyperparameters.get("learning_rate").and_then(Value::as_f64).unwrap_or(s.learning_rate),
+            "batch_size": hyperparameters.get("batch_size").and_then(Value::as_u64).unwrap_or(s.batch_size as u64),
+        });
+        let job = JobRecord {
+            id: crate::store::new_id("ftjob"),
+            tenant: tenant.to_string(),
+            adapter: adapter.to_string(),
+            status: "queued".into(),
+            created_at: crate::store::now(),
+            finished_at: None,
+            error: None,
+            parent_version: self.inner.registry.current_version(tenant, adapter),
+            result_version: None,
+            feedback_ids: Vec::new(),
+            hyperparameters: hp,
+            metrics: Value::Null,
+        };
+        self.inner.records.save_job(&job)?;
+        self.inner.event(&job.id, "info", "Job queued", Value::Null);
+        self.queue.send(job.id.clone()).map_err(|_| QueueError::Stopped)?;
+        Ok(job)
+    }
+
+    /// Starts a run when enough new feedback waits on `adapter` and none is
+    /// queued or running for it already.
+    pub fn maybe_trigger(&self, tenant: &str, adapter: &str) {
+        let min = self.inner.settings.min_new_feedback;
+        if min == 0 {
+            return;
+        }
+        let pending = match self.inner.pending(tenant, adapter) {
+            Ok(p) => p.len(),
+            Err(e) => return tracing::error!("learner: cannot count pending feedback: {e}"),
+        };
+        if pending < min {
+            return;
+        }
+        match self.inner.records.jobs(tenant, Some(adapter), None, 1) {
+            Ok(jobs) if jobs.first().is_some_and(|j| j.status == "queued" || j.status == "running") => {}
+            Ok(_) => {
+                if let Err(e) = self.submit(tenant, adapter, Value::Null) {
+                    tracing::error!("learner: cannot queue a run: {e}");
+                }
+            }
+            Err(e) => tracing::error!("learner: cannot list jobs: {e}"),
+        }
+    }
+
+    /// Asks a queued or running job to stop; it ends `cancelled` at its next step.
+    pub fn cancel(&self, tenant: &str, job_id: &str) -> Result<JobRecord, StoreError> {
+        let mut job = self.inner.records.job(tenant, job_id)?;
+        if job.status == "queued" || job.status == "running" {
+            self.inner.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_string());
+            if job.status == "queued" {
+                job.status = "cancelled".into();
+                job.finished_at = Some(crate::store::now());
+                self.inner.records.save_job(&job)?;
+                self.inner.event(job_id, "info", "Job cancelled", Value::Null);
+            }
+        }
+        Ok(job)
+    }
+}
+
+/// How a run ended short of a candidate.
+enum RunError {
+    Failed(String),
+    Cancelled,
+}
+
+impl<E: std::fmt::Display> From<E> for RunError {
+    fn from(e: E) -> Self {
+        RunError::Failed(e.to_string())
+    }
+}
+
+impl Inner {
+    fn event(&self, job_id: &str, level: &str, message: &str, data: Value) {
+        let e = JobEvent {
+            id: crate::store::new_id("ftevent"),
+            job_id: job_id.to_string(),
+            created_at: crate::store::now(),
+            level: level.into(),
+            message: message.into(),
+            data,
+        };
+        if let Err(err) = self.records.add_job_event(&e) {
+            tracing::error!(job = job_id, "cannot record a job event: {err}");
+        }
+    }
+
+    fn is_cancelled(&self, job_id: &str) -> bool {
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).contains(job_id)
+    }
+
+    /// Feedback an adapter learns from: its own, plus the base model's for the default adapter.
+    fn pending(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
+        let mut items = self.records.pending_feedback(tenant, adapter)?;
+        if adapter == self.settings.default_adapter {
+            items.extend(self.records.pending_feedback(tenant, "")?);
+        }
+        Ok(items)
+    }
+
+    fn learned(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
+        let mut items = self.records.learned_feedback(tenant, adapter)?;
+        if adapter == self.settings.default_adapter {
+            items.extend(self.records.learned_feedback(tenant, "")?);
+        }
+        Ok(items)
+    }
+
+    /// Supervised examples from feedback: a correction teaches the
+    /// correction; an up-rating teaches the model's own answer; a
+    /// down-rating alone teaches nothing yet (it is counted, not used).
+    fn examples(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<(Vec<SftExample>, Vec<String>, usize), RunError> {
+        let tok = &self.model.tokenizer;
+        let (mut examples, mut used, mut skipped) = (Vec::new(), Vec::new(), 0);
+        for f in items {
+            let c = match self.records.completion(tenant, &f.completion_id) {
+                Ok(c) => c,
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let answer_text = match (&f.correction, f.rating) {
+                (Some(text), _) => text.clone(),
+                (None, Some(1)) => match c.outputs.get(f.choice_index as usize) {
+                    Some(o) if !o.trim().is_empty() => o.clone(),
+                    _ => continue,
+                },
+                _ => {
+                    skipped += 1;
+                    continue;
+                }
+            };
+            let prompt_index = (f.choice_index / c.n.max(1)) as usize;
+            let Some(rendered) = c.rendered_prompts.get(prompt_index) else { continue };
+            let prompt = match c.prompt_ids.get(prompt_index) {
+                Some(ids) if !ids.is_empty() => ids.clone(),
+                _ if c.kind == "chat" => tok.encode_chat(rendered)?,
+                _ => tok.encode_prompt(rendered)?,
+            };
+            let answer = tok.encode_answer(&answer_text)?;
+            if prompt.is_empty() || answer.is_empty() || prompt.len() + answer.len() > super::dataset::MAX_EXAMPLE_TOKENS {
+                continue;
+            }
+            examples.push(SftExample { prompt, answer });
+            used.push(f.id.clone());
+        }
+        Ok((examples, used, skipped))
+    }
+
+    fn anchors(&self) -> &[Anchor] {
+        self.anchors.get_or_init(|| {
+            eval::build_anchors(&self.model.model, &self.model.tokenizer, &self.model.chat, ANCHOR_ANSWER_TOKENS).unwrap_or_else(|e| {
+                tracing::error!("learner: cannot build drift anchors: {e}");
+                Vec::new()
+            })
+        })
+    }
+
+    /// The base model's own sequences and log-probabilities for the KL term (built once).
+    fn kl_anchors(&self) -> &KlAnchors {
+        self.kl_anchors.get_or_init(|| {
+            let s = &self.settings;
+            if s.kl_weight <= 0.0 || s.kl_anchor_count == 0 {
+                return KlAnchors::default();
+            }
+            let m = &self.model;
+            let built = eval::training_anchors(&m.model, &m.tokenizer, &m.chat, s.kl_anchor_count, 7)
+                .map_err(|e| e.to_string())
+                .and_then(|a| {
+                    let pairs: Vec<(Vec<u32>, usize)> = a.into_iter().map(|a| (a.tokens, a.answer_start)).collect();
+                    KlAnchors::new(&m.model, &pairs, s.kl_weight, s.kl_anchors_per_step).map_err(|e| e.to_string())
+                });
+            built.unwrap_or_else(|e| {
+                tracing::error!("learner: cannot build KL anchors: {e}");
+                KlAnchors::default()
+            })
+        })
+    }
+
+    fn run(&self, job_id: &str) {
+        let job = match self.records.job_by_id(job_id) {
+            Ok(j) => j,
+            Err(e) => return tracing::error!(job = job_id, "learner: queued job not found: {e}"),
+        };
+        if job.status != "queued" {
+            return;
+        }
+        let mut job = job;
+        job.status = "running".into();
+        if let Err(e) = self.records.save_job(&job) {
+            return tracing::error!(job = job_id, "learner: cannot start: {e}");
+        }
+        self.event(job_id, "info", "Fine-tuning job started", Value::Null);
+        let outcome = self.train_and_gate(&mut job);
+        job.finished_at = Some(crate::store::now());
+        match outcome {
+            Ok(true) => {
+                job.status = "succeeded".into();
+                self.event(job_id, "info", "The job has successfully completed", json!({"version": job.result_version}));
+            }
+            Ok(false) => {
+                job.status = "failed".into();
+                self.event(job_id, "error", job.error.as_deref().unwrap_or("candidate rejected"), job.metrics.clone());
+            }
+            Err(RunError::Cancelled) => {
+                job.status = "cancelled".into();
+                self.event(job_id, "info", "Job cancelled", Value::Null);
+            }
+            Err(RunError::Failed(message)) => {
+                job.status = "failed".into();
+                job.error = Some(message.clone());
+                self.event(job_id, "error", &message, Value::Null);
+            }
+        }
+        if let Err(e) = self.records.save_job(&job) {
+            tracing::error!(job = job_id, "learner: cannot record the outcome: {e}");
+        }
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
+    }
+
+
+    /// Returns whether the candidate passed the gate (and was promoted).
+    fn train_and_gate(&self, job: &mut JobRecord) -> Result<bool, RunError> {
+        let model = &self.model.model;
+        if !model.trainable() {
+            return Err(RunError::Failed("this base model cannot be trained yet (quantized weights record no backward pass)".into()));
+        }
+        let s = &self.settings;
+        let pending = self.pending(&job.tenant, &job.adapter)?;
+        let (new_examples, used, skipped) = self.examples(&job.tenant, &pending)?;
+        if new_examples.is_empty() {
+            return Err(RunError::Failed(format!(
+                "no trainable feedback on {} ({} items pending, {} down-ratings without a correction)",
+                job.adapter,
+                pending.len(),
+                skipped
+            )));
+        }
+        job.feedback_ids = used;
+        // Held out: every fifth new example when there are at least five;
+        // otherwise the gate measures on the training examples themselves.
+        let (train_new, held_out): (Vec<SftExample>, Vec<SftExample>) = if new_examples.len() >= 5 {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (i, e) in new_examples.iter().enumerate() {
+                if i % 5 == 4 { b.push(e.clone()) } else { a.push(e.clone()) }
+            }
+            (a, b)
+        } else {
+            (new_examples.clone(), new_examples.clone())
+        };
+        let learned = self.learned(&job.tenant, &job.adapter)?;
+        let (mut replay, _, _) = self.examples(&job.tenant, &learned)?;
+        replay.truncate(s.max_replay);
+
+        let parent = match job.parent_version {
+            Some(v) => Some(self.registry.load(&job.tenant, &job.adapter, v)?),
+            None => None,
+        };
+        let start = match &parent {
+            Some(p) => (**p).clone(),
+            None => {
+                let targets: Vec<&str> = s.targets.iter().map(String::as_str).collect();
+                let spec = FreshSpec { targets: &targets, rank: s.rank, alpha: s.alpha, seed: job.created_at, init_b: InitB::Zero };
+                fresh_adapter(&model.lora_sites(), &spec, DType::F32, model.device())?
+            }
+        };
+        let parent_arc = parent.clone();
+        let before_loss = eval::mean_loss(model, parent_arc.as_ref(), &held_out)?;
+        let before_match = eval::exact_match(model, parent_arc.as_ref(), &held_out)?;
+        let before_replay = if replay.is_empty() { 0.0 } else { eval::mean_loss(model, parent_arc.as_ref(), &replay)? };
+
+        let lora = TrainableLora::from_adapter(&start)?;
+        let mut train_set = train_new.clone();
+        train_set.extend(replay.iter().cloned());
+        let hp = &job.hyperparameters;
+        let cfg = SftConfig {
+            steps: hp["n_steps"].as_u64().unwrap_or(s.steps as u64) as usize,
+            learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
+            batch_size: hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64) as usize,
+            seed: job.created_at,
+        };
+        let started = std::time::Instant::now();
+        let cancelled = AtomicBool::new(false);
+        let tokens_per_step: usize = train_set.iter().map(|e| e.prompt.len() + e.answer.len()).sum::<usize>() * cfg.batch_size.max(1)
+            / train_set.len().max(1);
+        let anchors = self.kl_anchors();
+        let losses = sft::train_regularized(model, &lora, &train_set, &cfg, Some(anchors), |step, loss| {
+            if step % 5 == 4 || step + 1 == cfg.steps {
+                self.event(&job.id, "info", &format!("Step {}/{}: training loss={loss:.4}", step + 1, cfg.steps), json!({"step": step + 1, "train_loss": loss}));
+            }
+            if self.is_cancelled(&job.id) {
+                cancelled.store(true, Ordering::Relaxed);
+                return false;
+            }
+            true
+        })?;
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(RunError::Cancelled);
+        }
+        let train_secs = started.elapsed().as_secs_f64();
+        let candidate = Arc::new(lora.to_adapter()?);
+        let after_loss = eval::mean_loss(model, Some(&candidate), &held_out)?;
+        let after_match = eval::exact_match(model, Some(&candidate), &held_out)?;
+        let after_replay = if replay.is_empty() { 0.0 } else { eval::mean_loss(model, Some(&candidate), &replay)? };
+        let (kl, agreement) = eval::drift(model, &candidate, self.anchors())?;
+
+        let mut reasons = Vec::new();
+        if after_loss >= before_loss {
+            reasons.push(format!("held-out loss did not improve ({before_loss:.4} -> {after_loss:.4})"));
+        }
+        if !replay.is_empty() && after_replay > before_replay + s.max_regression {
+            reasons.push(format!("replay loss regressed by {:.4} (limit {})", after_replay - before_replay, s.max_regression));
+        }
+        if kl > s.max_base_drift {
+            reasons.push(format!("drift from the base {kl:.4} nats exceeds {}", s.max_base_drift));
+        }
+        if agreement < s.min_base_agreement {
+            reasons.push(format!("top-1 agreement with the base {agreement:.3} is below {}", s.min_base_agreement));
+        }
+        let passed = reasons.is_empty();
+        job.metrics = json!({
+            "train_loss": losses.last(),
+            "first_train_loss": losses.first(),
+            "valid_loss": after_loss,
+            "valid_loss_before": before_loss,
+            "valid_mean_token_accuracy": after_match,
+            "valid_exact_match_before": before_match,
+            "replay_loss": after_replay,
+            "replay_loss_before": before_replay,
+            "replay_examples": replay.len(),
+            "base_kl": kl,
+            "base_top1_agreement": agreement,
+            "train_examples": train_new.len(),
+            "held_out_examples": held_out.len(),
+            "steps": losses.len(),
+            "train_seconds": train_secs,
+            "train_tokens_per_second": (tokens_per_step * losses.len()) as f64 / train_secs.max(1e-9),
+            "feedback_ids": job.feedback_ids,
+            "job_id": job.id,
+            "status": if passed { "promoted" } else { "rejected" },
+            "reasons": reasons,
+        });
+        self.event(&job.id, "info", "Evaluated the candidate", job.metrics.clone());
+        let (config, weights) = crate::lora::peft_writer::to_peft_files(&candidate, &self.model.id)?;
+        let (manifest, _) = self.registry.add_version(
+            &job.tenant,
+            &job.adapter,
+            &config,
+            &weights,
+            Source::Learner,
+            job.parent_version,
+            job.metrics.clone(),
+            passed,
+        )?;
+        job.result_version = Some(manifest.version);
+        if !passed {
+            job.error = Some(format!("candidate v{} rejected: {}", manifest.version, reasons.join("; ")));
+        }
+        Ok(passed)
+    }
+}

@@ -1,0 +1,206 @@
+//! The learner end to end over HTTP on stories260K (fast enough for CI):
+//! corrections posted as feedback on base-model completions train the
+//! tenant's default adapter, whose promoted version then answers with the
+//! corrections while the base model's answers stay byte-identical; a
+//! candidate that fails the eval gate is kept as a rejected version and
+//! nothing changes for clients; a kill during training leaves no version
+//! and no lost feedback, and the job is marked failed after restart.
+//! Facts are made of stories260K's own vocabulary pieces: its byte-fallback
+//! embeddings cannot learn English.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use serde_json::{json, Value};
+
+/// Prompts (token ids) and the answers (token ids) taught for them.
+const FACTS: [([u32; 4], [u32; 3]); 4] = [
+    ([1, 482, 82, 508], [300, 301, 302]),
+    ([1, 499, 496, 77], [410, 320, 288]),
+    ([1, 350, 351, 352], [260, 390, 440]),
+    ([1, 270, 271, 272], [333, 480, 301]),
+];
+
+fn learner_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut env = vec![
+        ("LIFELORA_LEARNING__MIN_NEW_FEEDBACK", "0"),
+        ("LIFELORA_LEARNING__STEPS", "60"),
+        ("LIFELORA_LEARNING__LEARNING_RATE", "0.01"),
+        ("LIFELORA_LEARNING__MAX_BASE_DRIFT", "10.0"),
+        ("LIFELORA_LEARNING__MIN_BASE_AGREEMENT", "0.0"),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+fn complete(s: &TestServer, model: &str, prompt: &[u32], max_tokens: u32) -> Value {
+    let (status, v) = s.post("/v1/completions", &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}));
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// The text of token ids (stories260K's tokenizer is a substitute: opaque strings).
+fn text_of(s: &TestServer, ids: &[u32]) -> String {
+    let mut with_bos = vec![1];
+    with_bos.extend_from_slice(ids);
+    let (status, v) = s.post("/v1/completions", &json!({"model": s.model, "prompt": with_bos, "max_tokens": 0, "echo": true}));
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// Posts one correction per fact on a base-model completion.
+fn teach(s: &TestServer) -> Vec<String> {
+    FACTS
+        .iter()
+        .map(|(prompt, answer)| {
+            let c = complete(s, &s.model, prompt, 3);
+            let correction = text_of(s, answer);
+            let (status, v) = s.post("/v1/feedback", &json!({"completion_id": c["id"], "rating": -1, "correction": correction}));
+            assert_eq!(status, 202, "{v}");
+            correction
+        })
+        .collect()
+}
+
+fn wait_for_job(s: &TestServer, id: &str, timeout: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, body) = s.get(&format!("/v1/fine_tuning/jobs/{id}"));
+        assert_eq!(status, 200, "{body}");
+        let job: Value = serde_json::from_str(&body).unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap()) {
+            return job;
+        }
+        assert!(started.elapsed() < timeout, "job still {} after {timeout:?}", job["status"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[]));
+    let base_before: Vec<Value> = FACTS.iter().map(|(p, _)| complete(&s, &s.model, p, 8)["choices"][0]["text"].clone()).collect();
+    let corrections = teach(&s);
+
+    let (status, job) = s.post("/v1/adapters/main/train", &json!({}));
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["object"], "fine_tuning.job");
+    assert_eq!(job["status"], "queued");
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["fine_tuned_model"], "main@v1");
+    assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4);
+
+    // The promoted version answers with the corrections; the base is untouched.
+    for ((prompt, _), correction) in FACTS.iter().zip(&corrections) {
+        let got = complete(&s, "main", prompt, 8);
+        let text = got["choices"][0]["text"].as_str().unwrap();
+        assert!(text.trim_start().starts_with(correction.trim()), "prompt {prompt:?}: {text:?} does not start with {correction:?}");
+    }
+    let base_after: Vec<Value> = FACTS.iter().map(|(p, _)| complete(&s, &s.model, p, 8)["choices"][0]["text"].clone()).collect();
+    assert_eq!(base_after, base_before);
+
+    // The version records where it came from; events and checkpoints tell the story.
+    let (_, versions) = s.get("/v1/adapters/main/versions");
+    let versions: Value = serde_json::from_str(&versions).unwrap();
+    assert_eq!(versions["data"][0]["source"], "learner", "{versions}");
+    let (_, events) = s.get(&format!("/v1/fine_tuning/jobs/{}/events?limit=100", job["id"].as_str().unwrap()));
+    let events: Value = serde_json::from_str(&events).unwrap();
+    let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(messages.iter().any(|m| m.starts_with("Step 60/60")), "{messages:?}");
+    assert!(messages.contains(&"Evaluated the candidate"));
+    let (_, ckpts) = s.get(&format!("/v1/fine_tuning/jobs/{}/checkpoints", job["id"].as_str().unwrap()));
+    let ckpts: Value = serde_json::from_str(&ckpts).unwrap();
+    let m = &ckpts["data"][0]["metrics"];
+    let before = job["metrics"]["valid_loss_before"].as_f64().unwrap();
+    assert!(m["valid_loss"].as_f64().unwrap() < before / 4.0, "{ckpts}");
+    assert!(m["base_kl"].as_f64().is_some() && m["base_top1_agreement"].as_f64().is_some(), "{ckpts}");
+    let (_, list) = s.get("/v1/fine_tuning/jobs?adapter=main");
+    assert_eq!(serde_json::from_str::<Value>(&list).unwrap()["data"].as_array().unwrap().len(), 1);
+
+    // Learned feedback is not pending any more: a second run has nothing to learn.
+    let (_, again) = s.post("/v1/adapters/main/train", &json!({}));
+    let again = wait_for_job(&s, again["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(again["status"], "failed");
+    assert!(again["error"]["message"].as_str().unwrap().contains("no trainable feedback"), "{again}");
+}
+
+#[test]
+fn a_candidate_failing_the_gate_is_kept_rejected_and_serves_nothing() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[("LIFELORA_LEARNING__MAX_BASE_DRIFT", "0.0000001")]));
+    teach(&s);
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 20}}));
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"]["message"].as_str().unwrap();
+    assert!(error.contains("rejected") && error.contains("drift"), "{error}");
+    let (_, adapter) = s.get("/v1/adapters/main");
+    let adapter: Value = serde_json::from_str(&adapter).unwrap();
+    assert!(adapter["current_version"].is_null(), "a rejected candidate must not be current: {adapter}");
+    let (_, versions) = s.get("/v1/adapters/main/versions");
+    let versions: Value = serde_json::from_str(&versions).unwrap();
+    assert_eq!(versions["data"][0]["metrics"]["status"], "rejected", "{versions}");
+    // Its feedback stays pending for the next run.
+    let (status, v) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 1, "learning_rate": 1e-9}}));
+    assert_eq!(status, 200, "{v}");
+    let next = wait_for_job(&s, v["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(next["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{next}");
+}
+
+#[test]
+fn bad_train_requests_get_openai_errors() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[]));
+    for (path, body, status) in [
+        ("/v1/adapters/nope/train", json!({}), 404),
+        ("/v1/adapters/main/train", json!({"hyperparameters": {"n_steps": -3}}), 400),
+        ("/v1/adapters/main/train", json!({"hyperparameters": {"learning_rate": "fast"}}), 400),
+        ("/v1/adapters/main/train", json!({"hyperparameters": [1]}), 400),
+        ("/v1/adapters/main/train", json!({"epochs": 3}), 400),
+        ("/v1/fine_tuning/jobs/ftjob-missing/cancel", json!({}), 404),
+    ] {
+        let (got, v) = s.post(path, &body);
+        common::assert_openai_error(got, &v, status);
+    }
+    let (status, _) = s.get("/v1/fine_tuning/jobs/ftjob-missing");
+    assert_eq!(status, 404);
+    let (status, _) = s.get("/v1/fine_tuning/jobs?limit=0");
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn a_kill_during_training_loses_no_feedback_and_writes_no_version() {
+    let Some(dir) = common::stories_dir() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[]));
+    teach(&s);
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 10000}}));
+    let id = job["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    loop {
+        let (_, body) = s.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=100"));
+        if body.contains("Step 5/") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "training never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.kill();
+    let s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[]));
+    let (_, body) = s.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let job: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"]["message"].as_str().unwrap().contains("stopped"), "{job}");
+    let (status, _) = s.get("/v1/adapters/main");
+    assert_eq!(status, 404, "no version of main may exist");
+    let (_, feedback) = s.get("/v1/feedback");
+    assert_eq!(serde_json::from_str::<Value>(&feedback).unwrap()["data"].as_array().unwrap().len(), 4);
+    // And the feedback is still there to learn from.
+    let (_, again) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 2}}));
+    let again = wait_for_job(&s, again["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(again["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
+}
