@@ -123,7 +123,7 @@ pub fn train_regularized(
     mut on_step: impl FnMut(usize, f32) -> bool,
 ) -> Result<Vec<f32>, LearnError> {
     if !model.trainable() {
-        return Err(LearnError::NotTrainable("quantized or non-f32 weights; serve an f32 checkpoint to train".into()));
+        return Err(LearnError::NotTrainable("activations are not f32; serve the model with dtype f32 to train".into()));
     }
     let usable: Vec<&SftExample> = examples.iter().filter(|e| !e.prompt.is_empty() && !e.answer.is_empty()).collect();
     if usable.is_empty() {

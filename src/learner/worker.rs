@@ -317,7 +317,7 @@ impl Inner {
     fn train_and_gate(&self, job: &mut JobRecord) -> Result<bool, RunError> {
         let model = &self.model.model;
         if !model.trainable() {
-            return Err(RunError::Failed("this base model cannot be trained yet (quantized weights record no backward pass)".into()));
+            return Err(RunError::Failed("this base model runs in bf16/f16; serve it with model.dtype = \"f32\" to train adapters".into()));
         }
         let s = &self.settings;
         let pending = self.pending(&job.tenant, &job.adapter)?;

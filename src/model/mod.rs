@@ -5,6 +5,7 @@ pub mod attention;
 pub mod builtin;
 pub mod chat;
 pub mod config;
+pub mod frozen_linear;
 pub mod gguf;
 pub mod gguf_meta;
 pub mod gguf_tokenizer;

@@ -268,11 +268,65 @@ impl Projection {
     }
 }
 
-impl Module for Projection {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
-            Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x)?,
+impl Projection {
+    /// `x Wᵀ` for a training step: differentiable with respect to `x`
+    /// only (the weight is frozen), through [`FrozenLinear`] on the CPU.
+    pub fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.forward(x);
+        }
+        let y = x.contiguous()?.apply_op1(super::frozen_linear::FrozenLinear { proj: self.clone() })?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// `dL/dx = dL/dy · W` for `dL/dy` `[T, out]`: quantized weights are
+    /// dequantized a tile of rows at a time, never whole.
+    pub fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let grad = grad.to_dtype(candle_core::DType::F32)?;
+        match &self.weight {
+            Weight::Dense(w) => grad.matmul(&w.to_dtype(candle_core::DType::F32)?),
+            Weight::Quantized(q) => grad.matmul(&q.dequantize(&q.device())?),
+            Weight::Native(q) => {
+                let mut acc: Option<Tensor> = None;
+                let mut start = 0;
+                while start < q.rows() {
+                    let len = super::frozen_linear::TILE_ROWS.min(q.rows() - start);
+                    let ids: Vec<u32> = (start as u32..(start + len) as u32).collect();
+                    let rows = q.dequantize_rows(&ids).ok_or_else(|| candle_core::Error::Msg("tile out of range".into()))?;
+                    let tile = Tensor::from_vec(rows, (len, q.cols()), grad.device())?;
+                    let part = grad.narrow(1, start, len)?.matmul(&tile)?;
+                    acc = Some(match acc {
+                        None => part,
+                        Some(a) => (a + part)?,
+                    });
+                    start += len;
+                }
+                acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
+            }
+            Weight::Stacked(parts) => {
+                let mut acc: Option<Tensor> = None;
+                let mut col = 0;
+                for p in parts {
+                    let part = p.input_grad(&grad.narrow(1, col, p.out_features)?)?;
+                    col += p.out_features;
+                    acc = Some(match acc {
+                        None => part,
+                        Some(a) => (a + part)?,
+                    });
+                }
+                acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
+            }
+        }
+    }
+
+    /// `x Wᵀ` without the bias.
+    pub fn forward_weight(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(x),
             Weight::Native(q) => {
                 let m = x.dim(0)?;
                 let xs = x
@@ -280,16 +334,22 @@ impl Module for Projection {
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 Tensor::from_vec(q.matmul(&xs, m), (m, q.rows()), x.device())?
-                    .to_dtype(x.dtype())?
+                    .to_dtype(x.dtype())
             }
             Weight::Stacked(parts) => {
                 let ys = parts
                     .iter()
                     .map(|p| p.forward(x))
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&ys, 1)?
+                Tensor::cat(&ys, 1)
             }
-        };
+        }
+    }
+}
+
+impl Module for Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.forward_weight(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
