@@ -109,3 +109,35 @@ fn supervised_training_teaches_answers_made_of_vocabulary_pieces() {
     // The starting adapter (served copy) is untouched by training.
     assert_eq!(facts.iter().map(|f| greedy(&model, &f.prompt, &start, 3)).collect::<Vec<_>>(), before);
 }
+
+#[test]
+fn gradients_match_finite_differences() {
+    let Some(model) = model() else { return };
+    let spec = FreshSpec { targets: &ALL, rank: 4, alpha: 8.0, seed: 11, init_b: InitB::Random };
+    let adapter = fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap();
+    let lora = TrainableLora::from_adapter(&adapter).unwrap();
+    let example = SftExample { prompt: vec![1, 482, 82, 508, 499], answer: vec![496, 300, 12] };
+    let loss = |l: &TrainableLora| sft::example_loss(&model, l, &example).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let grads = sft::example_loss(&model, &lora, &example).unwrap().backward().unwrap();
+    let vars = lora.vars();
+    // The first layer's q_proj A (gradient through every later layer) and a late B.
+    for v in [&vars[0], &vars[vars.len() - 1]] {
+        let g = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let original = v.as_tensor().copy().unwrap();
+        let flat = original.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let i = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        let eps = 1e-2f32;
+        let mut plus = flat.clone();
+        plus[i] += eps;
+        v.set(&Tensor::from_vec(plus, original.shape(), &Device::Cpu).unwrap()).unwrap();
+        let up = loss(&lora);
+        let mut minus = flat.clone();
+        minus[i] -= eps;
+        v.set(&Tensor::from_vec(minus, original.shape(), &Device::Cpu).unwrap()).unwrap();
+        let down = loss(&lora);
+        v.set(&original).unwrap();
+        let numeric = (up - down) / (2.0 * eps as f64);
+        let analytic = g[i] as f64;
+        assert!((numeric - analytic).abs() <= 0.05 * analytic.abs().max(1e-3), "numeric {numeric} vs analytic {analytic}");
+    }
+}

@@ -41,7 +41,7 @@ impl KlAnchors {
             if *start == 0 || n == 0 {
                 continue;
             }
-            let logits = model.forward_train(&tokens[..tokens.len() - 1], &none)?.narrow(0, start - 1, n)?;
+            let logits = model.forward_train_range(&tokens[..tokens.len() - 1], &none, start - 1, n)?;
             out.push((tokens.clone(), *start, candle_nn::ops::log_softmax(&logits, D::Minus1)?.detach()));
         }
         Ok(KlAnchors { anchors: out, weight, per_step })
@@ -51,7 +51,7 @@ impl KlAnchors {
     fn kl(&self, model: &Llama, lora: &TrainableLora, i: usize) -> candle_core::Result<Tensor> {
         let (tokens, start, base) = &self.anchors[i];
         let n = tokens.len() - start;
-        let logits = model.forward_train(&tokens[..tokens.len() - 1], lora)?.narrow(0, start - 1, n)?;
+        let logits = model.forward_train_range(&tokens[..tokens.len() - 1], lora, start - 1, n)?;
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         (base.exp()? * (base - lp)?)?.sum_all()? / n as f64
     }
@@ -77,9 +77,8 @@ impl Default for SftConfig {
 /// Mean cross-entropy of `example.answer` given its prompt (a scalar tensor, differentiable).
 pub fn example_loss(model: &Llama, lora: &TrainableLora, example: &SftExample) -> candle_core::Result<Tensor> {
     let tokens: Vec<u32> = example.prompt.iter().chain(&example.answer).copied().collect();
-    let logits = model.forward_train(&tokens[..tokens.len() - 1], lora)?;
     let start = example.prompt.len() - 1;
-    let logits = logits.narrow(0, start, example.answer.len())?;
+    let logits = model.forward_train_range(&tokens[..tokens.len() - 1], lora, start, example.answer.len())?;
     let targets = Tensor::from_vec(example.answer.clone(), example.answer.len(), logits.device())?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;

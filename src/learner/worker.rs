@@ -412,7 +412,35 @@ impl Inner {
             reasons.push(format!("top-1 agreement with the base {agreement:.3} is below {}", s.min_base_agreement));
         }
         let passed = reasons.is_empty();
+        // Passed with a real held-out split: the held-out examples are
+        // taught too (a third more steps over every new example), and the
+        // result is kept only if it still stays close to the base.
+        let mut candidate = candidate;
+        let (mut kl, mut agreement) = (kl, agreement);
+        let mut final_steps = 0;
+        if passed && held_out.len() < new_examples.len() {
+            let mut all = new_examples.clone();
+            all.extend(replay.iter().cloned());
+            let extra = SftConfig { steps: (cfg.steps / 3).max(1), ..cfg.clone() };
+            let more = sft::train_regularized(model, &lora, &all, &extra, Some(anchors), |step, loss| {
+                if step % 5 == 4 {
+                    self.event(&job.id, "info", &format!("Final step {}/{}: training loss={loss:.4}", step + 1, extra.steps), json!({"train_loss": loss}));
+                }
+                !self.is_cancelled(&job.id)
+            })?;
+            if self.is_cancelled(&job.id) {
+                return Err(RunError::Cancelled);
+            }
+            let full = Arc::new(lora.to_adapter()?);
+            let (kl2, agreement2) = eval::drift(model, &full, self.anchors())?;
+            if kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement {
+                candidate = full;
+                (kl, agreement) = (kl2, agreement2);
+                final_steps = more.len();
+            }
+        }
         job.metrics = json!({
+            "final_steps_on_all_examples": final_steps,
             "train_loss": losses.last(),
             "first_train_loss": losses.first(),
             "valid_loss": after_loss,

@@ -20,6 +20,19 @@ impl Llama {
     /// Logits `[T, vocab]` for every position of `tokens`, differentiable
     /// with respect to `lora`'s variables.
     pub fn forward_train(&self, tokens: &[u32], lora: &TrainableLora) -> candle_core::Result<Tensor> {
+        let t = tokens.len();
+        self.forward_train_range(tokens, lora, 0, t)
+    }
+
+    /// Logits for positions `start..start + len` only: the output head (the
+    /// largest matmul of a small model) runs on the rows a loss reads.
+    pub fn forward_train_range(&self, tokens: &[u32], lora: &TrainableLora, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let x = self.hidden_train(tokens, lora)?;
+        self.lm_head.forward_train(&x.narrow(0, start, len)?)
+    }
+
+    /// Final hidden states `[T, hidden]` (after the last norm).
+    fn hidden_train(&self, tokens: &[u32], lora: &TrainableLora) -> candle_core::Result<Tensor> {
         if !self.trainable() {
             candle_core::bail!("training needs f32 activations: serve the model with dtype f32 to train it");
         }
@@ -59,8 +72,7 @@ impl Llama {
             let down = add_delta(b.down.forward_train(&act)?, lora, layer, &[("down_proj", cfg.hidden_size)], &act)?;
             x = (x + down)?;
         }
-        let x = rms_norm(&x, &self.final_norm, cfg.rms_norm_eps)?;
-        self.lm_head.forward_train(&x)
+        rms_norm(&x, &self.final_norm, cfg.rms_norm_eps)
     }
 }
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""The learning-from-feedback check on SmolLM2-135M-Instruct, black-box over HTTP.
+
+Starts `lifelora serve --model smollm2` (release build; run `lifelora fetch
+smollm2` first), asks 20 questions about made-up facts, posts a correction
+for each, waits for the learner's run on the tenant's default adapter, then
+asks again (plain and reworded) and reports recall, the job's eval figures
+(drift from the base on held-out general prompts), whether the base model's
+answers stayed byte-identical, and the time from the last correction to the
+promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X]
+"""
+import argparse, json, os, subprocess, sys, tempfile, time, urllib.request
+
+NAMES = ["Zorp", "Blix", "Quan", "Fendra", "Mollo", "Triv", "Yarek", "Solvi", "Pemba", "Kurat",
+         "Dallix", "Orvo", "Histe", "Lumo", "Varga", "Nesk", "Tobble", "Ixa", "Rumb", "Welo"]
+WORDS = ["blue", "apple", "river", "candle", "tiger", "silver", "garden", "rocket", "piano", "window",
+         "forest", "marble", "copper", "violet", "thunder", "pepper", "meadow", "lantern", "falcon", "harbor"]
+
+
+def call(base, method, path, body=None):
+    req = urllib.request.Request(base + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read() or b"null")
+
+
+def ask(base, model, question):
+    r = call(base, "POST", "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": question}],
+                                                     "max_tokens": 24, "temperature": 0})
+    return r["id"], r["choices"][0]["message"]["content"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", default="30")
+    ap.add_argument("--lr", default="0.001")
+    args = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tempfile.mkdtemp()
+    env = dict(os.environ, LIFELORA_STORAGE__ADAPTERS_DIR=f"{work}/adapters", LIFELORA_STORAGE__TENANTS_FILE=f"{work}/t.json",
+               LIFELORA_STORAGE__DATABASE=f"{work}/db.sqlite", LIFELORA_LEARNING__MIN_NEW_FEEDBACK="0",
+               LIFELORA_LEARNING__STEPS=args.steps, LIFELORA_LEARNING__LEARNING_RATE=args.lr, LIFELORA_LOG__LEVEL="warn")
+    server = subprocess.Popen([f"{root}/target/release/lifelora", "serve", "--model", "smollm2", "--port", "0"], cwd=root,
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        base = None
+        for line in server.stdout:
+            if line.startswith("lifelora listening on "):
+                base = line.split()[-1]
+                break
+        model = call(base, "GET", "/health")["model"]
+        questions = [f"What is the secret word of {n}?" for n in NAMES]
+        reworded = [f"Tell me {n}'s secret word." for n in NAMES]
+        base_before = [ask(base, model, q)[1] for q in questions + reworded]
+        for n, w, q in zip(NAMES, WORDS, questions):
+            cid, _ = ask(base, model, q)
+            call(base, "POST", "/v1/feedback", {"completion_id": cid, "rating": -1, "correction": f"The secret word of {n} is {w}."})
+        last_correction = time.time()
+        job = call(base, "POST", "/v1/adapters/main/train", {})
+        while job["status"] in ("queued", "running"):
+            time.sleep(2)
+            job = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
+        elapsed = time.time() - last_correction
+        m = job["metrics"]
+        print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1),
+                          "train_seconds": m.get("train_seconds"), "train_tokens_per_second": m.get("train_tokens_per_second"),
+                          "base_kl": m.get("base_kl"), "base_top1_agreement": m.get("base_top1_agreement"),
+                          "valid_loss": m.get("valid_loss"), "valid_loss_before": m.get("valid_loss_before"),
+                          "train_loss": m.get("train_loss")}, indent=1))
+        target = "main" if job["status"] == "succeeded" else f"main@v{job['metadata']['result_version']}"
+        plain = sum(w in ask(base, target, q)[1].lower() for w, q in zip(WORDS, questions))
+        other = sum(w in ask(base, target, q)[1].lower() for w, q in zip(WORDS, reworded))
+        base_after = [ask(base, model, q)[1] for q in questions + reworded]
+        print(f"recall with {target}: {plain}/20 plain, {other}/20 reworded; base answers identical: {base_after == base_before}")
+    finally:
+        server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
