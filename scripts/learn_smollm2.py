@@ -7,7 +7,7 @@ for each, waits for the learner's run on the tenant's default adapter, then
 asks again (plain and reworded) and reports recall, the job's eval figures
 (drift from the base on held-out general prompts), whether the base model's
 answers stayed byte-identical, and the time from the last correction to the
-promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X]
+promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W]
 """
 import argparse, json, os, subprocess, sys, tempfile, time, urllib.request
 
@@ -34,12 +34,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", default="30")
     ap.add_argument("--lr", default="0.001")
+    ap.add_argument("--kl-weight", default="5.0")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tempfile.mkdtemp()
     env = dict(os.environ, LIFELORA_STORAGE__ADAPTERS_DIR=f"{work}/adapters", LIFELORA_STORAGE__TENANTS_FILE=f"{work}/t.json",
                LIFELORA_STORAGE__DATABASE=f"{work}/db.sqlite", LIFELORA_LEARNING__MIN_NEW_FEEDBACK="0",
-               LIFELORA_LEARNING__STEPS=args.steps, LIFELORA_LEARNING__LEARNING_RATE=args.lr, LIFELORA_LOG__LEVEL="warn")
+               LIFELORA_LEARNING__STEPS=args.steps, LIFELORA_LEARNING__LEARNING_RATE=args.lr, LIFELORA_LEARNING__KL_WEIGHT=args.kl_weight,
+               LIFELORA_LOG__LEVEL="warn")
     server = subprocess.Popen([f"{root}/target/release/lifelora", "serve", "--model", "smollm2", "--port", "0"], cwd=root,
                               env=env, stdout=subprocess.PIPE, text=True)
     try:

@@ -95,6 +95,20 @@ pub struct LoraSettings {
     pub max_upload_bytes: usize,
 }
 
+/// A float setting that may be written as an integer (`alpha = 16`, `LIFELORA_LEARNING__KL_WEIGHT=20`).
+fn float<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(i64),
+        Float(f64),
+    }
+    Ok(match Number::deserialize(d)? {
+        Number::Int(i) => i as f64,
+        Number::Float(f) => f,
+    })
+}
+
 /// Learning from feedback: what is kept and how the learner trains.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,25 +121,35 @@ pub struct LearningSettings {
     pub min_new_feedback: usize,
     /// A fresh adapter's rank, alpha and target modules.
     pub rank: usize,
+    #[serde(deserialize_with = "float")]
     pub alpha: f64,
     pub targets: Vec<String>,
     /// Optimizer steps per run, learning rate, examples per step.
     pub steps: usize,
+    #[serde(deserialize_with = "float")]
     pub learning_rate: f64,
     pub batch_size: usize,
     /// Earlier accepted examples replayed per run, at most.
     pub max_replay: usize,
     /// Gate: the replay set's loss may rise by at most this (nats per token).
+    #[serde(deserialize_with = "float")]
     pub max_regression: f64,
     /// Gate: mean KL(base ‖ candidate) on general prompts, at most (nats).
+    #[serde(deserialize_with = "float")]
     pub max_base_drift: f64,
     /// Gate: top-1 agreement with the base on general prompts, at least.
+    #[serde(deserialize_with = "float")]
     pub min_base_agreement: f64,
     /// Learning without forgetting: weight of KL(base ‖ adapted), anchor
     /// sequences per step, and how many anchors the base model samples.
+    #[serde(deserialize_with = "float")]
     pub kl_weight: f64,
     pub kl_anchors_per_step: usize,
     pub kl_anchor_count: usize,
+    /// While requests are being served the learner rests this many times
+    /// the length of each training step (3: at most a quarter of the time).
+    #[serde(deserialize_with = "float")]
+    pub serving_priority: f64,
     /// Threads the learner's tensor work may use (serving keeps the rest).
     pub threads: usize,
 }
@@ -253,6 +277,11 @@ fn apply_env(root: &mut toml::Table, name: &str, rest: &str, raw: &str) -> Resul
                 .parse::<toml::Table>()
                 .ok()
                 .and_then(|mut t| t.remove("v"))
+                // An integer where a float is expected is that float.
+                .map(|v| match (v, default) {
+                    (toml::Value::Integer(i), toml::Value::Float(_)) => toml::Value::Float(i as f64),
+                    (v, _) => v,
+                })
                 .filter(|v| v.same_type(default))
                 .ok_or_else(|| ConfigError::Invalid {
                     key: name.to_string(),

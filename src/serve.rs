@@ -118,7 +118,9 @@ pub fn serve(
         Arc::new(crate::store::SqliteStore::open(Path::new(&settings.storage.database))?);
     spawn_retention_sweep(records.clone(), settings.learning.retention_days);
     let registry = Arc::new(registry);
-    let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone())?;
+    let busy_metrics = metrics.clone();
+    let serving_busy = Box::new(move || busy_metrics.running_sequences.get() + busy_metrics.waiting_sequences.get() > 0);
+    let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone(), serving_busy)?;
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,

@@ -26,7 +26,7 @@ const FACTS: [([u32; 4], [u32; 3]); 4] = [
 fn learner_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut env = vec![
         ("LIFELORA_LEARNING__MIN_NEW_FEEDBACK", "0"),
-        ("LIFELORA_LEARNING__STEPS", "60"),
+        ("LIFELORA_LEARNING__STEPS", "80"),
         ("LIFELORA_LEARNING__LEARNING_RATE", "0.01"),
         ("LIFELORA_LEARNING__MAX_BASE_DRIFT", "10.0"),
         ("LIFELORA_LEARNING__MIN_BASE_AGREEMENT", "0.0"),
@@ -110,7 +110,7 @@ fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them
     let (_, events) = s.get(&format!("/v1/fine_tuning/jobs/{}/events?limit=100", job["id"].as_str().unwrap()));
     let events: Value = serde_json::from_str(&events).unwrap();
     let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
-    assert!(messages.iter().any(|m| m.starts_with("Step 60/60")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("Step 80/80")), "{messages:?}");
     assert!(messages.contains(&"Evaluated the candidate"));
     let (_, ckpts) = s.get(&format!("/v1/fine_tuning/jobs/{}/checkpoints", job["id"].as_str().unwrap()));
     let ckpts: Value = serde_json::from_str(&ckpts).unwrap();

@@ -42,6 +42,8 @@ struct Inner {
     cancelled: Mutex<HashSet<String>>,
     anchors: OnceLock<Vec<Anchor>>,
     kl_anchors: OnceLock<KlAnchors>,
+    /// Whether the engine is serving requests right now.
+    serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// Why a run could not be queued.
@@ -56,11 +58,17 @@ pub enum QueueError {
 impl Learner {
     /// Starts the learner thread. Jobs left queued or running by a previous
     /// process are marked failed first (their feedback stays pending).
-    pub fn start(model: Arc<LoadedModel>, registry: Arc<Registry>, records: Arc<dyn RecordStore>, settings: LearningSettings) -> Result<Self, StoreError> {
+    pub fn start(
+        model: Arc<LoadedModel>,
+        registry: Arc<Registry>,
+        records: Arc<dyn RecordStore>,
+        settings: LearningSettings,
+        serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> Result<Self, StoreError> {
         for job in records.fail_unfinished_jobs("the server stopped during this job; its feedback is still pending")? {
             tracing::warn!(job = %job.id, tenant = %job.tenant, adapter = %job.adapter, "marked an interrupted training job failed");
         }
-        let inner = Arc::new(Inner { model, registry, records, settings, cancelled: Mutex::new(HashSet::new()), anchors: OnceLock::new(), kl_anchors: OnceLock::new() });
+        let inner = Arc::new(Inner { model, registry, records, settings, cancelled: Mutex::new(HashSet::new()), anchors: OnceLock::new(), kl_anchors: OnceLock::new(), serving_busy });
         let (tx, rx) = channel::<String>();
         let worker = inner.clone();
         std::thread::Builder::new()
@@ -177,6 +185,17 @@ impl Inner {
         };
         if let Err(err) = self.records.add_job_event(&e) {
             tracing::error!(job = job_id, "cannot record a job event: {err}");
+        }
+    }
+
+    /// After a training step that took `spent`: while requests are being
+    /// served, rest `serving_priority` times as long (in short naps, so a
+    /// quiet engine or a cancellation ends the rest early).
+    fn yield_to_serving(&self, spent: std::time::Duration, job_id: &str) {
+        let rest = spent.mul_f64(self.settings.serving_priority.max(0.0));
+        let until = std::time::Instant::now() + rest;
+        while std::time::Instant::now() < until && (self.serving_busy)() && !self.is_cancelled(job_id) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
@@ -354,7 +373,7 @@ impl Inner {
             Some(p) => (**p).clone(),
             None => {
                 let targets: Vec<&str> = s.targets.iter().map(String::as_str).collect();
-                let spec = FreshSpec { targets: &targets, rank: s.rank, alpha: s.alpha, seed: job.created_at, init_b: InitB::Zero };
+                let spec = FreshSpec { targets: &targets, rank: s.rank, alpha: s.alpha, seed: 0, init_b: InitB::Zero };
                 fresh_adapter(&model.lora_sites(), &spec, DType::F32, model.device())?
             }
         };
@@ -371,14 +390,17 @@ impl Inner {
             steps: hp["n_steps"].as_u64().unwrap_or(s.steps as u64) as usize,
             learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
             batch_size: hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64) as usize,
-            seed: job.created_at,
+            seed: job.parent_version.unwrap_or(0) as u64,
         };
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
         let tokens_per_step: usize = train_set.iter().map(|e| e.prompt.len() + e.answer.len()).sum::<usize>() * cfg.batch_size.max(1)
             / train_set.len().max(1);
         let anchors = self.kl_anchors();
+        let mut step_started = std::time::Instant::now();
         let losses = sft::train_regularized(model, &lora, &train_set, &cfg, Some(anchors), |step, loss| {
+            self.yield_to_serving(step_started.elapsed(), &job.id);
+            step_started = std::time::Instant::now();
             if step % 5 == 4 || step + 1 == cfg.steps {
                 self.event(&job.id, "info", &format!("Step {}/{}: training loss={loss:.4}", step + 1, cfg.steps), json!({"step": step + 1, "train_loss": loss}));
             }
@@ -422,7 +444,10 @@ impl Inner {
             let mut all = new_examples.clone();
             all.extend(replay.iter().cloned());
             let extra = SftConfig { steps: (cfg.steps / 3).max(1), ..cfg.clone() };
+            let mut step_started = std::time::Instant::now();
             let more = sft::train_regularized(model, &lora, &all, &extra, Some(anchors), |step, loss| {
+                self.yield_to_serving(step_started.elapsed(), &job.id);
+                step_started = std::time::Instant::now();
                 if step % 5 == 4 {
                     self.event(&job.id, "info", &format!("Final step {}/{}: training loss={loss:.4}", step + 1, extra.steps), json!({"train_loss": loss}));
                 }
