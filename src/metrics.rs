@@ -30,6 +30,15 @@ pub struct Metrics {
     pub adapter_requests: IntCounterVec,
     pub adapter_prompt_tokens: IntCounterVec,
     pub adapter_generated_tokens: IntCounterVec,
+    /// Learner jobs by outcome (succeeded, rejected, failed, cancelled).
+    pub learner_jobs: IntCounterVec,
+    /// Training tokens per second of the last run.
+    pub learner_train_tokens_per_second: prometheus::Gauge,
+    /// The last candidate's eval figures by tenant, adapter and figure.
+    pub adapter_eval: prometheus::GaugeVec,
+    /// Promotions by source (upload, learner, manual) and rollbacks.
+    pub adapter_promotions: IntCounterVec,
+    pub adapter_rollbacks: IntCounter,
 }
 
 impl Metrics {
@@ -101,7 +110,23 @@ impl Metrics {
         let adapter_requests = by_adapter("adapter_requests_total", "Generation requests by tenant and adapter");
         let adapter_prompt_tokens = by_adapter("adapter_prompt_tokens_total", "Prompt tokens by tenant and adapter");
         let adapter_generated_tokens = by_adapter("adapter_generated_tokens_total", "Generated tokens by tenant and adapter");
+        let learner_jobs = IntCounterVec::new(Opts::new("learner_jobs_total", "Learner runs by outcome"), &["outcome"]).expect("valid metric");
+        let learner_train_tokens_per_second =
+            prometheus::Gauge::new("learner_train_tokens_per_second", "Training throughput of the last learner run").expect("valid metric");
+        let adapter_eval = prometheus::GaugeVec::new(
+            Opts::new("adapter_eval", "Last learner candidate's eval figures (valid_loss, base_kl, base_top1_agreement)"),
+            &["tenant", "adapter", "figure"],
+        )
+        .expect("valid metric");
+        let adapter_promotions =
+            IntCounterVec::new(Opts::new("adapter_promotions_total", "Versions made current, by source"), &["source"]).expect("valid metric");
+        let adapter_rollbacks = IntCounter::new("adapter_rollbacks_total", "Rollbacks to an earlier version").expect("valid metric");
         let m = Metrics {
+            learner_jobs,
+            learner_train_tokens_per_second,
+            adapter_eval,
+            adapter_promotions,
+            adapter_rollbacks,
             registry,
             requests,
             request_latency,
@@ -145,6 +170,11 @@ impl Metrics {
             Box::new(m.adapter_requests.clone()),
             Box::new(m.adapter_prompt_tokens.clone()),
             Box::new(m.adapter_generated_tokens.clone()),
+            Box::new(m.learner_jobs.clone()),
+            Box::new(m.learner_train_tokens_per_second.clone()),
+            Box::new(m.adapter_eval.clone()),
+            Box::new(m.adapter_promotions.clone()),
+            Box::new(m.adapter_rollbacks.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

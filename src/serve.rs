@@ -120,7 +120,7 @@ pub fn serve(
     let registry = Arc::new(registry);
     let busy_metrics = metrics.clone();
     let serving_busy = Box::new(move || busy_metrics.running_sequences.get() + busy_metrics.waiting_sequences.get() > 0);
-    let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone(), serving_busy)?;
+    let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone(), serving_busy, metrics.clone())?;
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let state = AppState {
         model,

@@ -149,6 +149,9 @@ pub async fn upload(
     let (manifest, pointer) = web::block(move || registry.upload(&tenant, &name, &config, &weights, promote))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
+    if promote {
+        state.metrics.adapter_promotions.with_label_values(&["upload"]).inc();
+    }
     let mut v = manifest_json(&manifest);
     v["object"] = json!("adapter.version");
     v["current_version"] = json!(pointer.current);
@@ -194,6 +197,7 @@ pub async fn promote(state: web::Data<AppState>, req: HttpRequest, path: web::Pa
     let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &name)?;
     let p = state.registry.promote(&tenant, &name, parse_version(&v)?)?;
+    state.metrics.adapter_promotions.with_label_values(&["manual"]).inc();
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": name, "version": p.current, "previous": p.history})))
 }
 
@@ -202,6 +206,7 @@ pub async fn rollback(state: web::Data<AppState>, req: HttpRequest, path: web::P
     let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &path)?;
     let p = state.registry.rollback(&tenant, &path)?;
+    state.metrics.adapter_rollbacks.inc();
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": path.into_inner(), "version": p.current, "previous": p.history})))
 }
 

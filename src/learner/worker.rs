@@ -44,6 +44,7 @@ struct Inner {
     kl_anchors: OnceLock<KlAnchors>,
     /// Whether the engine is serving requests right now.
     serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Why a run could not be queued.
@@ -64,11 +65,12 @@ impl Learner {
         records: Arc<dyn RecordStore>,
         settings: LearningSettings,
         serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
+        metrics: crate::metrics::Metrics,
     ) -> Result<Self, StoreError> {
         for job in records.fail_unfinished_jobs("the server stopped during this job; its feedback is still pending")? {
             tracing::warn!(job = %job.id, tenant = %job.tenant, adapter = %job.adapter, "marked an interrupted training job failed");
         }
-        let inner = Arc::new(Inner { model, registry, records, settings, cancelled: Mutex::new(HashSet::new()), anchors: OnceLock::new(), kl_anchors: OnceLock::new(), serving_busy });
+        let inner = Arc::new(Inner { model, registry, records, settings, cancelled: Mutex::new(HashSet::new()), anchors: OnceLock::new(), kl_anchors: OnceLock::new(), serving_busy, metrics });
         let (tx, rx) = channel::<String>();
         let worker = inner.clone();
         std::thread::Builder::new()
@@ -327,6 +329,19 @@ impl Inner {
         }
         if let Err(e) = self.records.save_job(&job) {
             tracing::error!(job = job_id, "learner: cannot record the outcome: {e}");
+        }
+        let outcome = if job.status == "failed" && job.result_version.is_some() { "rejected" } else { job.status.as_str() };
+        self.metrics.learner_jobs.with_label_values(&[outcome]).inc();
+        if job.status == "succeeded" {
+            self.metrics.adapter_promotions.with_label_values(&["learner"]).inc();
+        }
+        if let Some(tps) = job.metrics.get("train_tokens_per_second").and_then(Value::as_f64) {
+            self.metrics.learner_train_tokens_per_second.set(tps);
+        }
+        for figure in ["valid_loss", "base_kl", "base_top1_agreement"] {
+            if let Some(v) = job.metrics.get(figure).and_then(Value::as_f64) {
+                self.metrics.adapter_eval.with_label_values(&[&job.tenant, &job.adapter, figure]).set(v);
+            }
         }
         self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
     }
