@@ -76,3 +76,13 @@ fn a_disconnected_stream_frees_its_sequence() {
         "the abandoned stream ran to completion"
     );
 }
+
+#[test]
+fn sequence_gauges_return_to_zero_when_the_engine_goes_idle() {
+    let s = TestServer::start(None, &[]);
+    let (status, _) = s.post("/v1/completions", &serde_json::json!({"model": s.model, "prompt": "hi", "max_tokens": 4}));
+    assert_eq!(status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(s.metric("lifelora_running_sequences"), 0.0);
+    assert_eq!(s.metric("lifelora_waiting_sequences"), 0.0);
+}

@@ -32,6 +32,11 @@ pub fn run(
     let context = model.model.config.max_position_embeddings;
     loop {
         if scheduler.is_idle() {
+            // Idle: the gauges say so before the thread sleeps (the learner
+            // reads them to know when it may train at full speed).
+            metrics.running_sequences.set(0);
+            metrics.waiting_sequences.set(0);
+            metrics.kv_cache_bytes.set(scheduler.kv_reserved() as i64);
             match rx.recv() {
                 Ok(Command::Submit(seq)) => scheduler.waiting.push_back(*seq),
                 Ok(Command::Shutdown) | Err(_) => return,
