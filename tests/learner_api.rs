@@ -206,3 +206,32 @@ fn a_kill_during_training_loses_no_feedback_and_writes_no_version() {
     let again = wait_for_job(&s, again["id"].as_str().unwrap(), Duration::from_secs(60));
     assert_eq!(again["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
 }
+
+#[test]
+fn jsonl_examples_seed_an_adapter_with_bad_lines_reported() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[]));
+    let (status, v) = s.post_raw("/v1/adapters/main/examples", "not json\n{\"prompt\": \"x\"}\n");
+    common::assert_openai_error(status, &v, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("line 1"), "{v}");
+    let pairs: Vec<(String, String)> = FACTS.iter().map(|(p, a)| (text_of(&s, &p[1..]), text_of(&s, a))).collect();
+    let mut body: Vec<String> = pairs.iter().map(|(p, a)| json!({"prompt": p, "completion": a}).to_string()).collect();
+    body.insert(1, "{\"messages\": []}".to_string());
+    let (status, v) = s.post_raw("/v1/adapters/main/examples", &body.join("\n"));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["accepted"], 4);
+    assert_eq!(v["errors"][0]["line"], 2, "{v}");
+    let (status, v) = s.post_raw("/v1/adapters/nope/examples", &body.join("\n"));
+    common::assert_openai_error(status, &v, 404);
+
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({}));
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4);
+    for (prompt, answer) in &pairs {
+        let (status, v) = s.post("/v1/completions", &json!({"model": "main", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["text"].as_str().unwrap();
+        assert!(text.trim_start().starts_with(answer.trim()), "{prompt:?}: {text:?} does not start with {answer:?}");
+    }
+}

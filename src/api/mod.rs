@@ -6,6 +6,7 @@ pub mod body;
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod examples;
 pub mod feedback;
 pub mod fine_tuning;
 pub mod generate;

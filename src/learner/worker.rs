@@ -129,8 +129,9 @@ impl Learner {
         if min == 0 {
             return;
         }
+        let examples = self.inner.records.examples(tenant, adapter, false).map(|e| e.len()).unwrap_or(0);
         let pending = match self.inner.pending(tenant, adapter) {
-            Ok(p) => p.len(),
+            Ok(p) => p.len() + examples,
             Err(e) => return tracing::error!("learner: cannot count pending feedback: {e}"),
         };
         if pending < min {
@@ -355,7 +356,12 @@ impl Inner {
         }
         let s = &self.settings;
         let pending = self.pending(&job.tenant, &job.adapter)?;
-        let (new_examples, used, skipped) = self.examples(&job.tenant, &pending)?;
+        let (mut new_examples, mut used, skipped) = self.examples(&job.tenant, &pending)?;
+        // Examples given directly count as new until a run learns them.
+        for e in self.records.examples(&job.tenant, &job.adapter, false)? {
+            new_examples.push(SftExample { prompt: e.prompt_ids, answer: e.answer_ids });
+            used.push(e.id);
+        }
         if new_examples.is_empty() {
             return Err(RunError::Failed(format!(
                 "no trainable feedback on {} ({} items pending, {} down-ratings without a correction)",
@@ -378,6 +384,9 @@ impl Inner {
         };
         let learned = self.learned(&job.tenant, &job.adapter)?;
         let (mut replay, _, _) = self.examples(&job.tenant, &learned)?;
+        replay.extend(
+            self.records.examples(&job.tenant, &job.adapter, true)?.into_iter().map(|e| SftExample { prompt: e.prompt_ids, answer: e.answer_ids }),
+        );
         replay.truncate(s.max_replay);
 
         let parent = match job.parent_version {

@@ -111,6 +111,19 @@ pub struct JobEvent {
     pub data: Value,
 }
 
+/// A training example given directly (`POST /v1/adapters/{name}/examples`),
+/// tokenized as serving tokenizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExampleRecord {
+    /// `ex-…`.
+    pub id: String,
+    pub tenant: String,
+    pub adapter: String,
+    pub prompt_ids: Vec<u32>,
+    pub answer_ids: Vec<u32>,
+    pub created_at: u64,
+}
+
 /// What a feedback listing may be narrowed to.
 #[derive(Debug, Clone, Default)]
 pub struct FeedbackQuery {
@@ -143,6 +156,11 @@ pub trait RecordStore: Send + Sync {
     fn pending_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError>;
     /// Feedback of a tenant's adapter that succeeded jobs learned (the replay set).
     fn learned_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError>;
+
+    /// Stores examples, all or none (one transaction).
+    fn add_examples(&self, examples: &[ExampleRecord]) -> Result<(), StoreError>;
+    /// A tenant adapter's examples not yet learned by a succeeded job, or (`learned`) those already learned.
+    fn examples(&self, tenant: &str, adapter: &str, learned: bool) -> Result<Vec<ExampleRecord>, StoreError>;
 
     /// Inserts or replaces a job (by id).
     fn save_job(&self, job: &JobRecord) -> Result<(), StoreError>;

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{CompletionRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use super::{CompletionRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS completions (
@@ -55,6 +55,14 @@ CREATE TABLE IF NOT EXISTS job_events (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS examples (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS examples_by_adapter ON examples (tenant, adapter, seq);
 CREATE TABLE IF NOT EXISTS feedback_learned (
     feedback_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
@@ -282,6 +290,36 @@ impl RecordStore for SqliteStore {
 
     fn learned_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
         self.feedback_where(tenant, adapter, "EXISTS")
+    }
+
+    fn add_examples(&self, examples: &[ExampleRecord]) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        for e in examples {
+            let body = serde_json::to_string(e).map_err(|err| corrupt("example", err))?;
+            tx.execute(
+                "INSERT INTO examples (id, tenant, adapter, body) VALUES (?1, ?2, ?3, ?4)",
+                params![e.id, e.tenant, e.adapter, body],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn examples(&self, tenant: &str, adapter: &str, learned: bool) -> Result<Vec<ExampleRecord>, StoreError> {
+        let conn = self.conn();
+        let exists = if learned { "EXISTS" } else { "NOT EXISTS" };
+        let sql = format!(
+            "SELECT body FROM examples e WHERE tenant = ?1 AND adapter = ?2 AND {exists}
+             (SELECT 1 FROM feedback_learned l WHERE l.feedback_id = e.id) ORDER BY seq"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![tenant, adapter], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(serde_json::from_str(&r?).map_err(|e| corrupt("example", e))?);
+        }
+        Ok(out)
     }
 
     fn save_job(&self, job: &JobRecord) -> Result<(), StoreError> {
