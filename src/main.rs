@@ -223,28 +223,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match lifelora::model::builtin::write_hf_dir(&cfg, seed, &out) {
-                Ok(()) => {
-                    println!("wrote {}", out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            report_written(lifelora::model::builtin::write_hf_dir(&cfg, seed, &out), &out)
         }
         Command::GenerateAdapter { model, rank, alpha, targets, seed, out } => {
-            match generate_adapter(&model, rank, alpha, &targets, seed, &out) {
-                Ok(()) => {
-                    println!("wrote {}", out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            report_written(generate_adapter(&model, rank, alpha, &targets, seed, &out), &out)
         }
         Command::Train { model, adapter_dir, data, out, rank, alpha, targets, steps, learning_rate, batch_size, seed } => {
             let job = TrainJob { model, adapter_dir, data, out, rank, alpha, targets, steps, learning_rate, batch_size, seed };
@@ -383,4 +365,18 @@ fn train_offline(job: &TrainJob) -> Result<(), Box<dyn std::error::Error>> {
         job.out.display()
     );
     Ok(())
+}
+
+/// Exit status and message of a command that writes `out`.
+fn report_written<E: std::fmt::Display>(result: Result<(), E>, out: &std::path::Path) -> ExitCode {
+    match result {
+        Ok(()) => {
+            println!("wrote {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

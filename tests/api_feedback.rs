@@ -138,6 +138,10 @@ fn bad_feedback_gets_openai_errors_and_stores_nothing() {
     }
     let (status, v) = s.post_raw("/v1/feedback", "{not json");
     assert_openai_error(status, &v, 400);
+    for query in ["limit=abc", "limit=0", "surprise=1"] {
+        let (status, v) = call(&s, "GET", &format!("/v1/feedback?{query}"), None, None);
+        assert_openai_error(status, &v, 400);
+    }
     let (status, v) = call(&s, "POST", "/v1/chat/completions", None, Some(json!({"model": s.model, "messages": [{"role": "user", "content": "x"}], "store": "yes"})));
     assert_openai_error(status, &v, 400);
     let (_, listing) = s.get("/v1/feedback");

@@ -61,6 +61,8 @@ pub async fn run(
         let metrics = data.metrics.clone();
         App::new()
             .app_data(data.clone())
+            // Bad query strings (`?limit=abc`, unknown keys) answer in the OpenAI error shape too.
+            .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::invalid(format!("invalid query string: {e}"), None).into()))
             .wrap_fn(move |req, srv| {
                 let started = Instant::now();
                 let metrics = metrics.clone();

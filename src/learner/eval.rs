@@ -45,8 +45,18 @@ fn logits_all(model: &Llama, tokens: &[u32], adapter: Option<&Arc<LoraAdapter>>)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
-/// Greedy continuation of `prompt`, `n` tokens (stops early at `eos`).
-pub fn greedy(model: &Llama, prompt: &[u32], adapter: Option<&Arc<LoraAdapter>>, n: usize, eos: &[u32]) -> candle_core::Result<Vec<u32>> {
+/// Decodes up to `n` tokens after `prompt`, `pick` choosing each from the
+/// last row's logits; stops at an `eos` token (kept in the output when
+/// `keep_eos`) or the context length.
+fn decode(
+    model: &Llama,
+    prompt: &[u32],
+    adapter: Option<&Arc<LoraAdapter>>,
+    n: usize,
+    eos: &[u32],
+    keep_eos: bool,
+    mut pick: impl FnMut(&Tensor) -> candle_core::Result<u32>,
+) -> candle_core::Result<Vec<u32>> {
     let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(n);
     let mut input = prompt.to_vec();
@@ -57,14 +67,22 @@ pub fn greedy(model: &Llama, prompt: &[u32], adapter: Option<&Arc<LoraAdapter>>,
         let logits = model
             .forward_with_adapters(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }], &[adapter.cloned()])
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let next = argmax_rows(&logits)?[0];
-        out.push(next);
-        if eos.contains(&next) {
+        let next = pick(&logits)?;
+        let stop = eos.contains(&next);
+        if !stop || keep_eos {
+            out.push(next);
+        }
+        if stop {
             break;
         }
         input = vec![next];
     }
     Ok(out)
+}
+
+/// Greedy continuation of `prompt`, `n` tokens (stops early at `eos`, which it keeps).
+pub fn greedy(model: &Llama, prompt: &[u32], adapter: Option<&Arc<LoraAdapter>>, n: usize, eos: &[u32]) -> candle_core::Result<Vec<u32>> {
+    decode(model, prompt, adapter, n, eos, true, |logits| Ok(argmax_rows(logits)?[0]))
 }
 
 /// Mean per-token cross-entropy of the examples' answers.
@@ -146,7 +164,8 @@ pub fn drift(model: &Llama, adapter: &Arc<LoraAdapter>, anchors: &[Anchor]) -> c
     Ok((kl_sum / positions as f64, agree as f64 / positions as f64))
 }
 
-/// Samples `n` tokens after `prompt` at `temperature` (stops at `eos`).
+/// Samples `n` tokens of the base model after `prompt` at `temperature`
+/// (stops at `eos`, which it drops).
 pub fn sample(
     model: &Llama,
     prompt: &[u32],
@@ -155,33 +174,17 @@ pub fn sample(
     rng: &mut impl rand::Rng,
     eos: &[u32],
 ) -> candle_core::Result<Vec<u32>> {
-    let mut cache = model.new_cache();
-    let mut out = Vec::with_capacity(n);
-    let mut input = prompt.to_vec();
-    for _ in 0..n {
-        if cache.len() + input.len() >= model.config.max_position_embeddings {
-            break;
-        }
-        let logits = model
-            .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    decode(model, prompt, None, n, eos, false, |logits| {
         let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature.max(1e-3))?)?.flatten_all()?.to_vec1::<f32>()?;
         let mut r: f32 = rng.gen();
-        let mut next = probs.len() as u32 - 1;
         for (i, p) in probs.iter().enumerate() {
             r -= p;
             if r <= 0.0 {
-                next = i as u32;
-                break;
+                return Ok(i as u32);
             }
         }
-        if eos.contains(&next) {
-            break;
-        }
-        out.push(next);
-        input = vec![next];
-    }
-    Ok(out)
+        Ok(probs.len() as u32 - 1)
+    })
 }
 
 /// Anchors for learning without forgetting, drawn from the base model

@@ -35,17 +35,14 @@ pub fn delta(
     segments: &[AdapterSegment],
     pool: Pool,
 ) -> candle_core::Result<Option<Tensor>> {
-    let touched = segments.iter().any(|s| {
-        s.adapter.as_ref().is_some_and(|a| parts.iter().any(|(m, _)| a.module(layer, m).is_some()))
-    });
-    if !touched {
-        return Ok(None);
-    }
     let modules: Vec<&super::LoraModule> = segments
         .iter()
         .filter_map(|s| s.adapter.as_deref())
         .flat_map(|a| parts.iter().filter_map(move |(m, _)| a.module(layer, m)))
         .collect();
+    if modules.is_empty() {
+        return Ok(None);
+    }
     if grouped::applies(x, &modules) {
         return grouped::delta(x, layer, parts, segments, pool).map(Some);
     }

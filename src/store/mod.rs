@@ -150,8 +150,6 @@ pub trait RecordStore: Send + Sync {
     fn prune_completions(&self, tenant: &str, before: u64) -> Result<usize, StoreError>;
     /// Every tenant with logged completions (for retention sweeps).
     fn tenants(&self) -> Result<Vec<String>, StoreError>;
-    /// The completions (any tenant's is refused) that `ids` name, by id.
-    fn completions_for(&self, tenant: &str, ids: &[String]) -> Result<Vec<CompletionRecord>, StoreError>;
     /// Feedback of a tenant's adapter not yet learned by a succeeded job.
     fn pending_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError>;
     /// Feedback of a tenant's adapter that succeeded jobs learned (the replay set).

@@ -280,10 +280,6 @@ impl RecordStore for SqliteStore {
         rows.collect::<Result<_, _>>().map_err(StoreError::from)
     }
 
-    fn completions_for(&self, tenant: &str, ids: &[String]) -> Result<Vec<CompletionRecord>, StoreError> {
-        ids.iter().map(|id| self.completion(tenant, id)).collect()
-    }
-
     fn pending_feedback(&self, tenant: &str, adapter: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
         self.feedback_where(tenant, adapter, "NOT EXISTS")
     }
@@ -396,7 +392,7 @@ impl RecordStore for SqliteStore {
     fn fail_unfinished_jobs(&self, reason: &str) -> Result<Vec<JobRecord>, StoreError> {
         let bodies: Vec<String> = {
             let conn = self.conn();
-            let mut stmt = conn.prepare("SELECT body FROM jobs WHERE status IN ('queued', 'running', 'validating_files')")?;
+            let mut stmt = conn.prepare("SELECT body FROM jobs WHERE status IN ('queued', 'running')")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             rows.collect::<Result<_, _>>()?
         };
