@@ -152,6 +152,12 @@ pub struct LearningSettings {
     pub serving_priority: f64,
     /// Threads the learner's tensor work may use (serving keeps the rest).
     pub threads: usize,
+    /// After a learner promotion: ratings of the new version to watch (0: no watch),
+    /// and how much worse its share of down-ratings may be than its parent's
+    /// before the server rolls back by itself.
+    pub watch_window: usize,
+    #[serde(deserialize_with = "float")]
+    pub rollback_margin: f64,
 }
 
 /// Where runtime data lives.

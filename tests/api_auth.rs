@@ -100,3 +100,58 @@ fn keys_isolate_tenants_and_the_admin_manages_them() {
     assert_eq!(call(&s, "GET", "/v1/models", Some(new_key), None, None).0, 401);
     assert!(!s.root.join("adapters/acme/support").exists());
 }
+
+#[test]
+fn admin_actions_are_audited_with_who_and_when_and_only_the_admin_reads_the_log() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &[("LIFELORA_AUTH__ADMIN_KEY", ADMIN)]);
+    let (_, acme) = call(&s, "POST", "/v1/tenants", Some(ADMIN), None, Some(json!({"name": "acme"})));
+    let key = acme["api_key"].as_str().unwrap().to_string();
+    assert_eq!(upload(&s, &key, "bot").0, 201);
+    assert_eq!(upload(&s, &key, "bot").0, 201);
+    assert_eq!(call(&s, "POST", "/v1/adapters/bot/rollback", Some(&key), None, None).0, 200);
+    assert_eq!(call(&s, "POST", "/v1/adapters/bot/versions/2/promote", Some(ADMIN), Some("acme"), None).0, 200);
+    assert_eq!(call(&s, "DELETE", "/v1/adapters/bot", Some(&key), None, None).0, 200);
+    let (_, rotated) = call(&s, "POST", "/v1/tenants/acme/rotate_key", Some(ADMIN), None, None);
+    let new_key = rotated["api_key"].as_str().unwrap().to_string();
+    assert_eq!(call(&s, "DELETE", "/v1/tenants/acme", Some(ADMIN), None, None).0, 200);
+
+    // A tenant key cannot read the log (403), nor could a deleted one (401).
+    let (_, other) = call(&s, "POST", "/v1/tenants", Some(ADMIN), None, Some(json!({"name": "globex"})));
+    let (st, v) = call(&s, "GET", "/v1/audit", other["api_key"].as_str(), None, None);
+    assert_openai_error(st, &v, 403);
+
+    let (st, log) = call(&s, "GET", "/v1/audit?tenant=acme", Some(ADMIN), None, None);
+    assert_eq!(st, 200, "{log}");
+    let entries = log["data"].as_array().unwrap();
+    let seen: Vec<(&str, &str, &str)> =
+        entries.iter().map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap(), e["actor"].as_str().unwrap())).collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("tenant.created", "acme", "admin"),
+            ("adapter.uploaded", "bot@v1", "tenant:acme"),
+            ("adapter.uploaded", "bot@v2", "tenant:acme"),
+            ("adapter.rolled_back", "bot@v1", "tenant:acme"),
+            ("adapter.promoted", "bot@v2", "admin"),
+            ("adapter.deleted", "bot", "tenant:acme"),
+            ("tenant.key_rotated", "acme", "admin"),
+            ("tenant.deleted", "acme", "admin"),
+        ]
+    );
+    assert!(entries.iter().all(|e| e["created_at"].as_u64().unwrap() > 1_700_000_000));
+    // Keys never appear in the log.
+    let text = log.to_string();
+    assert!(!text.contains(&key) && !text.contains(&new_key) && !text.contains(ADMIN));
+    // Paging and filters.
+    let (_, page) = call(&s, "GET", "/v1/audit?tenant=acme&limit=3", Some(ADMIN), None, None);
+    assert_eq!(page["data"].as_array().unwrap().len(), 3);
+    assert_eq!(page["has_more"], true);
+    let after = page["last_id"].as_str().unwrap();
+    let (_, next) = call(&s, "GET", &format!("/v1/audit?tenant=acme&after={after}"), Some(ADMIN), None, None);
+    assert_eq!(next["data"][0]["action"], "adapter.rolled_back");
+    let (_, only) = call(&s, "GET", "/v1/audit?action=tenant.created", Some(ADMIN), None, None);
+    assert_eq!(only["data"].as_array().unwrap().len(), 2);
+    let (st, v) = call(&s, "GET", "/v1/audit?limit=0", Some(ADMIN), None, None);
+    assert_openai_error(st, &v, 400);
+}

@@ -52,7 +52,11 @@ fn text_of(s: &TestServer, ids: &[u32]) -> String {
 
 /// Posts one correction per fact on a base-model completion.
 fn teach(s: &TestServer) -> Vec<String> {
-    FACTS
+    teach_facts(s, &FACTS)
+}
+
+fn teach_facts(s: &TestServer, facts: &[([u32; 4], [u32; 3])]) -> Vec<String> {
+    facts
         .iter()
         .map(|(prompt, answer)| {
             let c = complete(s, &s.model, prompt, 3);
@@ -142,7 +146,7 @@ fn a_candidate_failing_the_gate_is_kept_rejected_and_serves_nothing() {
     assert!(error.contains("rejected") && error.contains("drift"), "{error}");
     let (_, adapter) = s.get("/v1/adapters/main");
     let adapter: Value = serde_json::from_str(&adapter).unwrap();
-    assert!(adapter["current_version"].is_null(), "a rejected candidate must not be current: {adapter}");
+    assert!(adapter["version"].is_null() && adapter["versions"] == json!([1]), "a rejected candidate must not be current: {adapter}");
     let (_, versions) = s.get("/v1/adapters/main/versions");
     let versions: Value = serde_json::from_str(&versions).unwrap();
     assert_eq!(versions["data"][0]["metrics"]["status"], "rejected", "{versions}");
@@ -234,4 +238,87 @@ fn jsonl_examples_seed_an_adapter_with_bad_lines_reported() {
         let text = v["choices"][0]["text"].as_str().unwrap();
         assert!(text.trim_start().starts_with(answer.trim()), "{prompt:?}: {text:?} does not start with {answer:?}");
     }
+}
+
+/// Rates one fresh completion of `model` up (1) or down (-1).
+fn rate(s: &TestServer, model: &str, prompt: &[u32], rating: i32) {
+    let c = complete(s, model, prompt, 4);
+    let (status, v) = s.post("/v1/feedback", &json!({"completion_id": c["id"], "rating": rating}));
+    assert_eq!(status, 202, "{v}");
+}
+
+fn current_version(s: &TestServer) -> Value {
+    let (_, adapter) = s.get("/v1/adapters/main");
+    serde_json::from_str::<Value>(&adapter).unwrap()["version"].clone()
+}
+
+#[test]
+fn a_learned_version_rated_worse_than_its_parent_is_rolled_back_by_itself_once() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[
+        ("LIFELORA_LEARNING__WATCH_WINDOW", "4"),
+        ("LIFELORA_LEARNING__ROLLBACK_MARGIN", "0.25"),
+        // This test is about the watch, not the gate.
+        ("LIFELORA_LEARNING__MAX_REGRESSION", "100"),
+    ]));
+    teach_facts(&s, &FACTS[..2]);
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({}));
+    assert_eq!(wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120))["status"], "succeeded");
+    teach_facts(&s, &FACTS[2..]);
+    let (_, job2) = s.post("/v1/adapters/main/train", &json!({}));
+    let job2 = wait_for_job(&s, job2["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job2["status"], "succeeded", "{job2}");
+    assert_eq!(current_version(&s), 2);
+    // v1's users liked it.
+    for (prompt, _) in &FACTS {
+        rate(&s, "main@v1", prompt, 1);
+    }
+
+    // v2's first three ratings are down: not enough to judge yet.
+    for (prompt, _) in &FACTS[..3] {
+        rate(&s, "main", prompt, -1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(current_version(&s), 2);
+    rate(&s, "main", &FACTS[3].0, -1);
+    let started = Instant::now();
+    while current_version(&s) != 1 {
+        assert!(started.elapsed() < Duration::from_secs(10), "v2 was not rolled back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Why is recorded: in the audit log and on the job that made v2.
+    let (_, log) = s.get("/v1/audit");
+    let log: Value = serde_json::from_str(&log).unwrap();
+    let actions: Vec<(String, String)> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor"] == "server")
+        .map(|e| (e["action"].as_str().unwrap().to_string(), e["target"].as_str().unwrap().to_string()))
+        .collect();
+    let has = |a: &str, t: &str| actions.contains(&(a.to_string(), t.to_string()));
+    assert!(has("adapter.learned", "main@v1") && has("adapter.learned", "main@v2"), "{actions:?}");
+    assert!(has("adapter.auto_rollback", "main@v2") && !has("adapter.watch_passed", "main@v1"), "{actions:?}");
+    let rollback = log["data"].as_array().unwrap().iter().find(|e| e["action"] == "adapter.auto_rollback").unwrap();
+    assert_eq!(rollback["detail"]["down_share"], 1.0);
+    assert_eq!(rollback["detail"]["parent_down_share"], 0.0);
+    let (_, events) = s.get(&format!("/v1/fine_tuning/jobs/{}/events?limit=100", job2["id"].as_str().unwrap()));
+    assert!(events.contains("rolled back automatically from v2 to v1"), "{events}");
+    assert_eq!(s.metric("lifelora_adapter_rollbacks_total"), 1.0);
+
+    // v1, current again, is judged at its next rating against the base
+    // model (every base answer was rated down): it passes.
+    rate(&s, "main", &FACTS[0].0, 1);
+    let started = Instant::now();
+    while !s.get("/v1/audit?action=adapter.watch_passed").1.contains("main@v1") {
+        assert!(started.elapsed() < Duration::from_secs(10), "v1 was not judged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Judged once: promoted again by hand, more down-ratings leave it current.
+    assert_eq!(s.post("/v1/adapters/main/versions/2/promote", &json!({})).0, 200);
+    rate(&s, "main", &FACTS[0].0, -1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(current_version(&s), 2);
 }

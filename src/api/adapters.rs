@@ -146,12 +146,15 @@ pub async fn upload(
         }
     };
     let registry = state.registry.clone();
-    let (manifest, pointer) = web::block(move || registry.upload(&tenant, &name, &config, &weights, promote))
+    let (t, n) = (tenant.clone(), name.clone());
+    let (manifest, pointer) = web::block(move || registry.upload(&t, &n, &config, &weights, promote))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     if promote {
         state.metrics.adapter_promotions.with_label_values(&["upload"]).inc();
     }
+    let target = format!("{name}@v{}", manifest.version);
+    super::audit::record(&state, &req, &tenant, "adapter.uploaded", &target, json!({"promoted": promote, "sha256": manifest.sha256}));
     let mut v = manifest_json(&manifest);
     v["object"] = json!("adapter.version");
     v["current_version"] = json!(pointer.current);
@@ -198,6 +201,8 @@ pub async fn promote(state: web::Data<AppState>, req: HttpRequest, path: web::Pa
     state.registry.info(&tenant, &name)?;
     let p = state.registry.promote(&tenant, &name, parse_version(&v)?)?;
     state.metrics.adapter_promotions.with_label_values(&["manual"]).inc();
+    let target = format!("{name}@v{}", p.current.unwrap_or_default());
+    super::audit::record(&state, &req, &tenant, "adapter.promoted", &target, json!({"history": p.history}));
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": name, "version": p.current, "previous": p.history})))
 }
 
@@ -207,6 +212,8 @@ pub async fn rollback(state: web::Data<AppState>, req: HttpRequest, path: web::P
     state.registry.info(&tenant, &path)?;
     let p = state.registry.rollback(&tenant, &path)?;
     state.metrics.adapter_rollbacks.inc();
+    let target = format!("{}@v{}", path.as_str(), p.current.unwrap_or_default());
+    super::audit::record(&state, &req, &tenant, "adapter.rolled_back", &target, json!({"history": p.history}));
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": path.into_inner(), "version": p.current, "previous": p.history})))
 }
 
@@ -215,6 +222,7 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &path)?;
     state.registry.delete(&tenant, &path)?;
+    super::audit::record(&state, &req, &tenant, "adapter.deleted", path.as_str(), json!({}));
     Ok(HttpResponse::Ok().json(json!({"object": "adapter.deleted", "name": path.into_inner(), "deleted": true})))
 }
 

@@ -111,8 +111,17 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     .map_err(|e| ApiError::internal(e.to_string()))??;
     let adapter = accepted.adapter.clone().unwrap_or_else(|| state.learner.settings().default_adapter.clone());
     let (learner, tenant) = (state.learner.clone(), accepted.tenant.clone());
+    let watched = match (&accepted.adapter, accepted.adapter_version, accepted.rating) {
+        (Some(name), Some(version), Some(_)) => Some((name.clone(), version)),
+        _ => None,
+    };
     // Counting pending feedback touches the database: off the async runtime.
-    actix_web::rt::task::spawn_blocking(move || learner.maybe_trigger(&tenant, &adapter));
+    actix_web::rt::task::spawn_blocking(move || {
+        if let Some((name, version)) = watched {
+            learner.watch(&tenant, &name, version);
+        }
+        learner.maybe_trigger(&tenant, &adapter);
+    });
     Ok(HttpResponse::Accepted().json(feedback_json(&accepted)))
 }
 

@@ -2,6 +2,7 @@
 //! error to OpenAI's error object. No tensors here.
 
 pub mod adapters;
+pub mod audit;
 pub mod body;
 pub mod chat;
 pub mod completions;

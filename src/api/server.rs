@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, chat, completions, examples, feedback, fine_tuning, models, tenants};
+use super::{adapters, audit, chat, completions, examples, feedback, fine_tuning, models, tenants};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -40,6 +40,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/fine_tuning/jobs/{id}/cancel", web::post().to(fine_tuning::cancel))
         .route("/v1/feedback", web::post().to(feedback::create))
         .route("/v1/feedback", web::get().to(feedback::list))
+        .route("/v1/audit", web::get().to(audit::list))
         .route("/health", web::get().to(models::health))
         .route("/metrics", web::get().to(models::metrics));
 }

@@ -33,7 +33,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let c: CreateTenant = parse_json(&body)?;
     let key = state.tenants.create(&c.name)?;
-    tracing::info!(tenant = %c.name, action = "tenant.create", "audit");
+    super::audit::record(&state, &req, &c.name, "tenant.created", &c.name, json!({}));
     Ok(HttpResponse::Created().json(json!({"object": "tenant", "name": c.name, "api_key": key})))
 }
 
@@ -52,7 +52,7 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     for info in state.registry.list(&name).unwrap_or_default() {
         state.registry.delete(&name, &info.name)?;
     }
-    tracing::info!(tenant = %name, action = "tenant.delete", "audit");
+    super::audit::record(&state, &req, &name, "tenant.deleted", &name, json!({}));
     Ok(HttpResponse::Ok().json(json!({"object": "tenant.deleted", "name": name, "deleted": true})))
 }
 
@@ -61,6 +61,6 @@ pub async fn rotate(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     require_admin(&req, &state)?;
     let name = path.into_inner();
     let key = state.tenants.rotate(&name)?;
-    tracing::info!(tenant = %name, action = "tenant.rotate_key", "audit");
+    super::audit::record(&state, &req, &name, "tenant.key_rotated", &name, json!({}));
     Ok(HttpResponse::Ok().json(json!({"object": "tenant", "name": name, "api_key": key})))
 }

@@ -5,6 +5,7 @@
 pub mod dataset;
 pub mod eval;
 pub mod sft;
+pub mod watch;
 pub mod worker;
 
 pub use worker::Learner;

@@ -148,6 +148,15 @@ impl Learner {
         }
     }
 
+    /// Judges a watched learner promotion once its first ratings are in
+    /// (see [`super::watch`]); called after each rating of `version`.
+    pub fn watch(&self, tenant: &str, adapter: &str, version: u32) {
+        let i = &self.inner;
+        if let Err(e) = super::watch::check(&i.registry, i.records.as_ref(), &i.settings, &i.metrics, tenant, adapter, version) {
+            tracing::error!(tenant, adapter, version, "learner: cannot judge a watched version: {e}");
+        }
+    }
+
     /// Asks a queued or running job to stop; it ends `cancelled` at its next step.
     pub fn cancel(&self, tenant: &str, job_id: &str) -> Result<JobRecord, StoreError> {
         let mut job = self.inner.records.job(tenant, job_id)?;
@@ -524,6 +533,18 @@ impl Inner {
             passed,
         )?;
         job.result_version = Some(manifest.version);
+        let audit = crate::store::AuditRecord {
+            id: crate::store::new_id("audit"),
+            created_at: crate::store::now(),
+            actor: "server".into(),
+            tenant: job.tenant.clone(),
+            action: if passed { "adapter.learned" } else { "adapter.rejected" }.into(),
+            target: format!("{}@v{}", job.adapter, manifest.version),
+            detail: json!({"job_id": job.id, "parent_version": job.parent_version, "promoted": passed, "reasons": reasons}),
+        };
+        if let Err(e) = self.records.add_audit(&audit) {
+            tracing::error!(job = %job.id, "cannot write the audit log: {e}");
+        }
         if !passed {
             job.error = Some(format!("candidate v{} rejected: {}", manifest.version, reasons.join("; ")));
         }

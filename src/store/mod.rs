@@ -124,6 +124,25 @@ pub struct ExampleRecord {
     pub created_at: u64,
 }
 
+/// One line of the audit log: who changed what, and when. Admin actions
+/// (tenants, keys, adapter versions) and the server's own (automatic
+/// rollbacks) alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// `audit-…`.
+    pub id: String,
+    pub created_at: u64,
+    /// `admin`, `tenant:NAME`, `open` (no keys configured) or `server`.
+    pub actor: String,
+    /// The tenant acted on.
+    pub tenant: String,
+    /// Such as `tenant.created`, `adapter.promoted`, `adapter.auto_rollback`.
+    pub action: String,
+    /// What was acted on (`NAME`, `NAME@vN`).
+    pub target: String,
+    pub detail: Value,
+}
+
 /// What a feedback listing may be narrowed to.
 #[derive(Debug, Clone, Default)]
 pub struct FeedbackQuery {
@@ -172,6 +191,18 @@ pub trait RecordStore: Send + Sync {
     fn add_job_event(&self, event: &JobEvent) -> Result<(), StoreError>;
     /// A job's events, newest first.
     fn job_events(&self, job_id: &str, limit: usize) -> Result<Vec<JobEvent>, StoreError>;
+    /// Among the first `first` rated feedback items on completions of one
+    /// adapter version (`None`, `None`: the base model), how many were
+    /// rated and how many of those down.
+    fn rating_counts(&self, tenant: &str, adapter: Option<&str>, version: Option<u32>, first: usize) -> Result<(usize, usize), StoreError>;
+
+    /// Appends to the audit log (durable when this returns).
+    fn add_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
+    /// Audit entries oldest first, optionally of one tenant or action, after a cursor.
+    fn audit(&self, tenant: Option<&str>, action: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Whether any of `actions` was recorded on `target` of `tenant`.
+    fn audited(&self, tenant: &str, actions: &[&str], target: &str) -> Result<bool, StoreError>;
+
     /// Marks every queued or running job failed with `reason` (at start:
     /// nothing runs before the learner does). Returns them.
     fn fail_unfinished_jobs(&self, reason: &str) -> Result<Vec<JobRecord>, StoreError>;

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{CompletionRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use super::{AuditRecord, CompletionRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS completions (
@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS examples (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS examples_by_adapter ON examples (tenant, adapter, seq);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant, action, target);
 CREATE TABLE IF NOT EXISTS feedback_learned (
     feedback_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
@@ -387,6 +396,56 @@ impl RecordStore for SqliteStore {
             out.push(serde_json::from_str(&r?).map_err(|e| corrupt("event", e))?);
         }
         Ok(out)
+    }
+
+    fn rating_counts(&self, tenant: &str, adapter: Option<&str>, version: Option<u32>, first: usize) -> Result<(usize, usize), StoreError> {
+        let conn = self.conn();
+        let limit = i64::try_from(first).unwrap_or(i64::MAX);
+        let (rated, down): (i64, Option<i64>) = conn.query_row(
+            "SELECT COUNT(*), SUM(rating < 0) FROM (SELECT rating FROM feedback
+               WHERE tenant = ?1 AND adapter IS ?2 AND adapter_version IS ?3 AND rating IS NOT NULL
+               ORDER BY seq LIMIT ?4)",
+            params![tenant, adapter, version, limit],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((rated as usize, down.unwrap_or(0) as usize))
+    }
+
+    fn add_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let body = serde_json::to_string(record).map_err(|e| corrupt("audit record", e))?;
+        self.conn().execute(
+            "INSERT INTO audit (id, tenant, action, target, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![record.id, record.tenant, record.action, record.target, body],
+        )?;
+        Ok(())
+    }
+
+    fn audit(&self, tenant: Option<&str>, action: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let conn = self.conn();
+        let after_seq: i64 = match after {
+            None => 0,
+            Some(id) => conn
+                .query_row("SELECT seq FROM audit WHERE id = ?1", params![id], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("audit entry {id}")))?,
+        };
+        let mut stmt = conn.prepare(
+            "SELECT body FROM audit WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR action = ?2) AND seq > ?3 ORDER BY seq LIMIT ?4",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![tenant, action, after_seq, limit], |r| r.get::<_, String>(0))?;
+        rows.map(|b| serde_json::from_str(&b?).map_err(|e| corrupt("audit record", e))).collect()
+    }
+
+    fn audited(&self, tenant: &str, actions: &[&str], target: &str) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT 1 FROM audit WHERE tenant = ?1 AND action = ?2 AND target = ?3 LIMIT 1")?;
+        for action in actions {
+            if stmt.exists(params![tenant, action, target])? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn fail_unfinished_jobs(&self, reason: &str) -> Result<Vec<JobRecord>, StoreError> {
