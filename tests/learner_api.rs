@@ -97,6 +97,8 @@ fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["fine_tuned_model"], "main@v1");
     assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4);
+    // Each correction of a down-rated answer is a preference: the correction over what was said.
+    assert_eq!(job["metrics"]["preference_pairs"], 4, "{job}");
 
     // The promoted version answers with the corrections; the base is untouched.
     for ((prompt, _), correction) in FACTS.iter().zip(&corrections) {
@@ -321,4 +323,27 @@ fn a_learned_version_rated_worse_than_its_parent_is_rolled_back_by_itself_once()
     rate(&s, "main", &FACTS[0].0, -1);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(current_version(&s), 2);
+}
+
+#[test]
+fn down_ratings_alone_teach_the_adapter_to_avoid_the_rated_answers() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[]));
+    let mut rated = Vec::new();
+    for (prompt, _) in &FACTS {
+        let c = complete(&s, &s.model, prompt, 3);
+        let (status, v) = s.post("/v1/feedback", &json!({"completion_id": c["id"], "rating": "down"}));
+        assert_eq!(status, 202, "{v}");
+        rated.push(c["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 20}}));
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let m = &job["metrics"];
+    assert_eq!((m["avoided_answers"].as_u64(), m["preference_pairs"].as_u64()), (Some(4), Some(0)), "{job}");
+    assert!(m["valid_avoided_loss"].as_f64().unwrap() > m["valid_avoided_loss_before"].as_f64().unwrap(), "{job}");
+    for ((prompt, _), said) in FACTS.iter().zip(&rated) {
+        let now = complete(&s, "main", prompt, 3);
+        assert_ne!(now["choices"][0]["text"].as_str().unwrap(), said, "prompt {prompt:?} still answered as rated down");
+    }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lifelora::learner::sft::{self, SftConfig, SftExample};
+use lifelora::learner::sft::{self, Lesson, SftConfig, SftExample};
 use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
 use lifelora::lora::peft::{load_dir, LoraLimits};
 use lifelora::lora::trainable::TrainableLora;
@@ -140,4 +140,51 @@ fn gradients_match_finite_differences() {
         let analytic = g[i] as f64;
         assert!((numeric - analytic).abs() <= 0.05 * analytic.abs().max(1e-3), "numeric {numeric} vs analytic {analytic}");
     }
+}
+
+/// Mean log-probability of `answer` after `prompt` under `adapter`.
+fn mean_log_prob(model: &Llama, adapter: &Arc<LoraAdapter>, prompt: &[u32], answer: &[u32]) -> f32 {
+    let lora = TrainableLora::from_adapter(adapter).unwrap();
+    -sft::example_loss(model, &lora, &SftExample { prompt: prompt.to_vec(), answer: answer.to_vec() }).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn a_preference_teaches_the_chosen_answer_over_the_rejected_one() {
+    let Some(model) = model() else { return };
+    let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 2, init_b: InitB::Zero };
+    let start = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
+    let prompt = vec![1, 482, 82, 508];
+    // The rejected answer is what the model says now; the chosen one is new to it.
+    let rejected = greedy(&model, &prompt, &start, 3);
+    let chosen = vec![300, 301, 302];
+    let lesson = Lesson::Prefer { prompt: prompt.clone(), chosen: chosen.clone(), rejected: rejected.clone() };
+    let lora = TrainableLora::from_adapter(&start).unwrap();
+    // At the start the policy is its own reference: the DPO term is log 2.
+    let at_start = sft::lesson_loss(&model, &lora, &lesson, None).unwrap().to_scalar::<f32>().unwrap();
+    let nll = -mean_log_prob(&model, &start, &prompt, &chosen);
+    assert!((at_start - nll - std::f32::consts::LN_2).abs() < 1e-4, "{at_start} vs {nll} + ln 2");
+    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 1, seed: 0 };
+    sft::train_lessons(&model, &lora, &[lesson], &cfg, None, |_, _| true).unwrap();
+    let learned = Arc::new(lora.to_adapter().unwrap());
+    assert_eq!(greedy(&model, &prompt, &learned, 3), chosen);
+    let margin = |a: &Arc<LoraAdapter>| mean_log_prob(&model, a, &prompt, &chosen) - mean_log_prob(&model, a, &prompt, &rejected);
+    assert!(margin(&learned) > margin(&start) + 2.0, "margin {} -> {}", margin(&start), margin(&learned));
+}
+
+#[test]
+fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
+    let Some(model) = model() else { return };
+    let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 3, init_b: InitB::Zero };
+    let start = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
+    let prompt = vec![1, 499, 496, 77];
+    let said = greedy(&model, &prompt, &start, 4);
+    let lora = TrainableLora::from_adapter(&start).unwrap();
+    let cfg = SftConfig { steps: 20, learning_rate: 1e-2, batch_size: 1, seed: 0 };
+    let lesson = Lesson::Avoid(SftExample { prompt: prompt.clone(), answer: said.clone() });
+    let losses = sft::train_lessons(&model, &lora, &[lesson], &cfg, None, |_, _| true).unwrap();
+    assert!(losses.last().unwrap() < &losses[0], "unlikelihood loss {} -> {}", losses[0], losses.last().unwrap());
+    let learned = Arc::new(lora.to_adapter().unwrap());
+    let (before, after) = (mean_log_prob(&model, &start, &prompt, &said), mean_log_prob(&model, &learned, &prompt, &said));
+    assert!(after < before - 1.0, "log-probability of the rated answer {before} -> {after}");
+    assert_ne!(greedy(&model, &prompt, &learned, 4), said);
 }

@@ -169,7 +169,7 @@ pub async fn create(
     let results = collect_all(subs).await?;
     let prompt_tokens = results.first().map_or(0, |c| c.prompt_tokens);
     let completion_tokens: usize = results.iter().map(|c| c.completion_tokens).sum();
-    let outputs = results.iter().map(|c| c.text.clone()).collect();
+    let outputs = results.iter().map(super::sse::ChoiceOutput::from).collect();
     web::block(move || sink.finish(Usage::new(prompt_tokens, completion_tokens), outputs))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;

@@ -151,7 +151,7 @@ pub async fn create(
         })
         .collect();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    let outputs = results.iter().map(|c| c.text.clone()).collect();
+    let outputs = results.iter().map(super::sse::ChoiceOutput::from).collect();
     web::block(move || sink.finish(usage, outputs)).await.map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({
         "id": id, "object": "text_completion", "created": created, "model": model,

@@ -51,6 +51,16 @@ pub struct ChoiceResult {
     pub completion_tokens: usize,
 }
 
+impl From<&ChoiceResult> for super::sse::ChoiceOutput {
+    fn from(c: &ChoiceResult) -> Self {
+        super::sse::ChoiceOutput {
+            text: c.text.clone(),
+            ids: c.tokens.iter().map(|(id, _)| *id).collect(),
+            finish_reason: c.finish_reason.map(|r| r.as_str().to_string()).unwrap_or_default(),
+        }
+    }
+}
+
 /// Waits for one choice to finish.
 pub async fn collect(mut s: Submitted) -> Result<ChoiceResult, ApiError> {
     let mut r = ChoiceResult {

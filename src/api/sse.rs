@@ -25,18 +25,29 @@ pub struct UsageSink {
 }
 
 impl UsageSink {
-    /// Records the request's usage and logs its outputs (choice texts by
+    /// Records the request's usage and logs its outputs (choices by
     /// index). Blocks on the database commit: call off the async runtime
     /// or accept a few milliseconds.
-    pub fn finish(self, usage: Usage, outputs: Vec<String>) {
+    pub fn finish(self, usage: Usage, outputs: Vec<ChoiceOutput>) {
         self.metrics.record_usage(&self.tenant, &self.adapter, usage.prompt_tokens, usage.completion_tokens);
         if let Some((store, mut record)) = self.log {
-            record.outputs = outputs;
+            record.outputs = outputs.iter().map(|o| o.text.clone()).collect();
+            record.output_ids = outputs.iter().map(|o| o.ids.clone()).collect();
+            record.finish_reasons = outputs.into_iter().map(|o| o.finish_reason).collect();
             if let Err(e) = store.log_completion(&record) {
                 tracing::error!(id = %record.id, "completion log write failed: {e}");
             }
         }
     }
+}
+
+/// What one choice said, as the completion log keeps it.
+#[derive(Debug, Clone, Default)]
+pub struct ChoiceOutput {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// `stop`, `length`, or empty when the choice failed.
+    pub finish_reason: String,
 }
 
 /// Turns one endpoint's events into its chunk objects.
@@ -58,8 +69,8 @@ struct State<S, F> {
     include_usage: bool,
     prompt_tokens: BTreeMap<usize, usize>,
     completion_tokens: usize,
-    /// Each choice's text so far, by index.
-    texts: BTreeMap<usize, String>,
+    /// Each choice so far, by index.
+    texts: BTreeMap<usize, ChoiceOutput>,
     sink: Option<UsageSink>,
     done: bool,
 }
@@ -104,9 +115,15 @@ where
             };
             match next {
                 Some((index, prompt_index, event)) => {
+                    let out = st.texts.entry(index).or_default();
                     match &event {
-                        Event::Token { text, .. } | Event::Done { text, .. } => {
-                            st.texts.entry(index).or_default().push_str(text)
+                        Event::Token { id, text, .. } => {
+                            out.text.push_str(text);
+                            out.ids.push(*id);
+                        }
+                        Event::Done { text, reason, .. } => {
+                            out.text.push_str(text);
+                            out.finish_reason = reason.as_str().to_string();
                         }
                         _ => {}
                     }

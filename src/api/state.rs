@@ -104,6 +104,8 @@ impl AppState {
                 prompt_ids,
                 n: n as u32,
                 outputs: Vec::new(),
+                output_ids: Vec::new(),
+                finish_reasons: Vec::new(),
                 settings: body,
                 created_at: crate::store::now(),
             };

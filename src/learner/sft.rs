@@ -1,6 +1,7 @@
-//! Supervised fine-tuning of a LoRA adapter: next-token cross-entropy on
-//! the answer tokens of prompt → answer examples, AdamW on the adapter's
-//! `A` and `B` only.
+//! Fine-tuning a LoRA adapter from lessons, AdamW on the adapter's `A` and
+//! `B` only: imitation (next-token cross-entropy on an answer), preference
+//! (DPO against the starting adapter, plus imitation of the preferred
+//! answer) and avoidance (unlikelihood of an answer users rated down).
 
 use candle_core::{Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -17,6 +18,59 @@ pub struct SftExample {
     pub prompt: Vec<u32>,
     pub answer: Vec<u32>,
 }
+
+/// What one piece of feedback teaches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lesson {
+    /// Say `answer` to `prompt`.
+    Imitate(SftExample),
+    /// Say `chosen` rather than `rejected`: DPO (Rafailov et al. 2023) with
+    /// the run's starting adapter as the reference, plus imitation of
+    /// `chosen` so the preferred text is learned, not only ranked.
+    Prefer { prompt: Vec<u32>, chosen: Vec<u32>, rejected: Vec<u32> },
+    /// Do not say `answer` (unlikelihood, Welleck et al. 2019): a down-rating
+    /// with nothing better offered.
+    Avoid(SftExample),
+}
+
+impl Lesson {
+    /// The answer this lesson wants said, as an example (what held-out loss and exact match measure).
+    pub fn target(&self) -> Option<SftExample> {
+        match self {
+            Lesson::Imitate(e) => Some(e.clone()),
+            Lesson::Prefer { prompt, chosen, .. } => Some(SftExample { prompt: prompt.clone(), answer: chosen.clone() }),
+            Lesson::Avoid(_) => None,
+        }
+    }
+
+    /// The answer this lesson wants avoided.
+    pub fn avoided(&self) -> Option<SftExample> {
+        match self {
+            Lesson::Imitate(_) => None,
+            Lesson::Prefer { prompt, rejected, .. } => Some(SftExample { prompt: prompt.clone(), answer: rejected.clone() }),
+            Lesson::Avoid(e) => Some(e.clone()),
+        }
+    }
+
+    /// Tokens one pass over this lesson reads.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Lesson::Imitate(e) | Lesson::Avoid(e) => e.prompt.len() + e.answer.len(),
+            Lesson::Prefer { prompt, chosen, rejected } => 2 * prompt.len() + chosen.len() + rejected.len(),
+        }
+    }
+
+    fn usable(&self) -> bool {
+        let ok = |p: &[u32], a: &[u32]| !p.is_empty() && !a.is_empty();
+        match self {
+            Lesson::Imitate(e) | Lesson::Avoid(e) => ok(&e.prompt, &e.answer),
+            Lesson::Prefer { prompt, chosen, rejected } => ok(prompt, chosen) && ok(prompt, rejected),
+        }
+    }
+}
+
+/// DPO's inverse temperature: how far from the reference the policy may move per nat of preference.
+pub const DPO_BETA: f64 = 0.1;
 
 /// Learning without forgetting: sequences on which the adapted model's
 /// next-token distributions are pulled toward the base model's,
@@ -76,13 +130,56 @@ impl Default for SftConfig {
 
 /// Mean cross-entropy of `example.answer` given its prompt (a scalar tensor, differentiable).
 pub fn example_loss(model: &Llama, lora: &TrainableLora, example: &SftExample) -> candle_core::Result<Tensor> {
-    let tokens: Vec<u32> = example.prompt.iter().chain(&example.answer).copied().collect();
-    let start = example.prompt.len() - 1;
-    let logits = model.forward_train_range(&tokens[..tokens.len() - 1], lora, start, example.answer.len())?;
-    let targets = Tensor::from_vec(example.answer.clone(), example.answer.len(), logits.device())?;
+    answer_log_probs(model, lora, &example.prompt, &example.answer)?.mean_all()?.neg()
+}
+
+/// Log-probability of each answer token given the prompt and the answer so far: `[answer len]`.
+fn answer_log_probs(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer: &[u32]) -> candle_core::Result<Tensor> {
+    let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+    let start = prompt.len() - 1;
+    let logits = model.forward_train_range(&tokens[..tokens.len() - 1], lora, start, answer.len())?;
+    let targets = Tensor::from_vec(answer.to_vec(), answer.len(), logits.device())?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.mean_all()?.neg()
+    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// `softplus(z) = log(1 + e^z)`, computed without overflow.
+fn softplus(z: &Tensor) -> candle_core::Result<Tensor> {
+    let tail = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    z.relu()? + tail
+}
+
+/// Unlikelihood of `example.answer`: mean of `-log(1 - p(token))` (differentiable).
+pub fn avoid_loss(model: &Llama, lora: &TrainableLora, example: &SftExample) -> candle_core::Result<Tensor> {
+    let lp = answer_log_probs(model, lora, &example.prompt, &example.answer)?;
+    // 1 - p, kept away from 0 so a token already certain gives a finite, steep loss.
+    let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-6f32, 1.0f32)?;
+    rest.log()?.mean_all()?.neg()
+}
+
+/// Sum of the answer's log-probabilities under `lora` as it is now (no gradient).
+fn sequence_log_prob(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer: &[u32]) -> candle_core::Result<f32> {
+    answer_log_probs(model, lora, prompt, answer)?.detach().sum_all()?.to_scalar::<f32>()
+}
+
+/// A lesson's loss. `reference` holds a preference's `(chosen, rejected)`
+/// sequence log-probabilities under the starting adapter.
+pub fn lesson_loss(model: &Llama, lora: &TrainableLora, lesson: &Lesson, reference: Option<(f32, f32)>) -> candle_core::Result<Tensor> {
+    match lesson {
+        Lesson::Imitate(e) => example_loss(model, lora, e),
+        Lesson::Avoid(e) => avoid_loss(model, lora, e),
+        Lesson::Prefer { prompt, chosen, rejected } => {
+            let lc = answer_log_probs(model, lora, prompt, chosen)?;
+            let lr = answer_log_probs(model, lora, prompt, rejected)?;
+            let (ref_c, ref_r) = match reference {
+                Some(r) => r,
+                None => (lc.detach().sum_all()?.to_scalar::<f32>()?, lr.detach().sum_all()?.to_scalar::<f32>()?),
+            };
+            let margin = ((lc.sum_all()? - lr.sum_all()?)? - (ref_c - ref_r) as f64)?;
+            let dpo = softplus(&(margin * -DPO_BETA)?)?;
+            lc.mean_all()?.neg()? + dpo
+        }
+    }
 }
 
 /// Trains `lora` in place; `on_step(step, loss)` sees each step's mean loss.
@@ -119,14 +216,40 @@ pub fn train_regularized(
     examples: &[SftExample],
     cfg: &SftConfig,
     anchors: Option<&KlAnchors>,
+    on_step: impl FnMut(usize, f32) -> bool,
+) -> Result<Vec<f32>, LearnError> {
+    let lessons: Vec<Lesson> = examples.iter().cloned().map(Lesson::Imitate).collect();
+    train_lessons(model, lora, &lessons, cfg, anchors, on_step)
+}
+
+/// Trains `lora` in place on `lessons`, `batch_size` of them a step, with
+/// an optional KL pull toward the base on anchors. Preferences are judged
+/// against `lora` as it was when called. The losses reported are the
+/// lessons' part alone (without the KL term).
+pub fn train_lessons(
+    model: &Llama,
+    lora: &TrainableLora,
+    lessons: &[Lesson],
+    cfg: &SftConfig,
+    anchors: Option<&KlAnchors>,
     mut on_step: impl FnMut(usize, f32) -> bool,
 ) -> Result<Vec<f32>, LearnError> {
     if !model.trainable() {
         return Err(LearnError::NotTrainable("activations are not f32; serve the model with dtype f32 to train".into()));
     }
-    let usable: Vec<&SftExample> = examples.iter().filter(|e| !e.prompt.is_empty() && !e.answer.is_empty()).collect();
+    let usable: Vec<&Lesson> = lessons.iter().filter(|l| l.usable()).collect();
     if usable.is_empty() {
         return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
+    }
+    // The reference of each preference: the starting adapter, measured once.
+    let mut reference = Vec::with_capacity(usable.len());
+    for l in &usable {
+        reference.push(match l {
+            Lesson::Prefer { prompt, chosen, rejected } => {
+                Some((sequence_log_prob(model, lora, prompt, chosen)?, sequence_log_prob(model, lora, prompt, rejected)?))
+            }
+            _ => None,
+        });
     }
     let params = ParamsAdamW { lr: cfg.learning_rate, weight_decay: 0.0, ..Default::default() };
     let mut opt = AdamW::new(lora.vars(), params)?;
@@ -142,7 +265,7 @@ pub fn train_regularized(
                 order.shuffle(&mut rng);
             }
             let i = order.pop().unwrap_or(0);
-            let l = example_loss(model, lora, usable[i])?;
+            let l = lesson_loss(model, lora, usable[i], reference[i])?;
             batch_loss = Some(match batch_loss {
                 None => l,
                 Some(acc) => (acc + l)?,

@@ -14,7 +14,7 @@ use candle_core::DType;
 use serde_json::{json, Value};
 
 use super::eval::{self, Anchor};
-use super::sft::{self, KlAnchors, SftConfig, SftExample};
+use super::sft::{self, KlAnchors, Lesson, SftConfig, SftExample};
 use crate::adapter_store::Source;
 use crate::config::LearningSettings;
 use crate::lora::init::{fresh_adapter, FreshSpec, InitB};
@@ -232,28 +232,18 @@ impl Inner {
         Ok(items)
     }
 
-    /// Supervised examples from feedback: a correction teaches the
-    /// correction; an up-rating teaches the model's own answer; a
-    /// down-rating alone teaches nothing yet (it is counted, not used).
-    fn examples(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<(Vec<SftExample>, Vec<String>, usize), RunError> {
+    /// Lessons from feedback: a correction of a down-rated answer is a
+    /// preference (the correction over what was said); any other correction
+    /// teaches the correction; an up-rating teaches the model's own answer;
+    /// a down-rating alone teaches avoiding that answer.
+    fn lessons(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<(Vec<Lesson>, Vec<String>), RunError> {
         let tok = &self.model.tokenizer;
-        let (mut examples, mut used, mut skipped) = (Vec::new(), Vec::new(), 0);
+        let (mut lessons, mut used) = (Vec::new(), Vec::new());
         for f in items {
             let c = match self.records.completion(tenant, &f.completion_id) {
                 Ok(c) => c,
                 Err(StoreError::NotFound(_)) => continue,
                 Err(e) => return Err(e.into()),
-            };
-            let answer_text = match (&f.correction, f.rating) {
-                (Some(text), _) => text.clone(),
-                (None, Some(1)) => match c.outputs.get(f.choice_index as usize) {
-                    Some(o) if !o.trim().is_empty() => o.clone(),
-                    _ => continue,
-                },
-                _ => {
-                    skipped += 1;
-                    continue;
-                }
             };
             let prompt_index = (f.choice_index / c.n.max(1)) as usize;
             let Some(rendered) = c.rendered_prompts.get(prompt_index) else { continue };
@@ -262,14 +252,49 @@ impl Inner {
                 _ if c.kind == "chat" => tok.encode_chat(rendered)?,
                 _ => tok.encode_prompt(rendered)?,
             };
-            let answer = tok.encode_answer(&answer_text)?;
-            if prompt.is_empty() || answer.is_empty() || prompt.len() + answer.len() > super::dataset::MAX_EXAMPLE_TOKENS {
-                continue;
+            let choice = f.choice_index as usize;
+            let said = c.outputs.get(choice).filter(|o| !o.trim().is_empty());
+            // What the model said as it generated it; text for records logged before ids were.
+            let said_ids = |output: &str| -> Result<Vec<u32>, RunError> {
+                match c.output_ids.get(choice).filter(|ids| !ids.is_empty()) {
+                    Some(ids) => Ok(ids.clone()),
+                    None => Ok(tok.encode_continuation(output)?),
+                }
+            };
+            let fits = |answer: &[u32]| !answer.is_empty() && prompt.len() + answer.len() <= super::dataset::MAX_EXAMPLE_TOKENS;
+            let lesson = match (&f.correction, f.rating, said) {
+                (Some(text), Some(-1), Some(output)) if text.trim() != output.trim() => {
+                    let (chosen, rejected) = (tok.encode_answer(text)?, said_ids(output)?);
+                    if !fits(&chosen) || !fits(&rejected) {
+                        continue;
+                    }
+                    Lesson::Prefer { prompt: prompt.clone(), chosen, rejected }
+                }
+                (Some(text), _, _) => Lesson::Imitate(SftExample { prompt: prompt.clone(), answer: tok.encode_answer(text)? }),
+                (None, Some(1), Some(output)) => {
+                    // Its own answer as it said it, ended where it ended.
+                    let mut answer = said_ids(output)?;
+                    let eos = tok.eos_ids.first().copied();
+                    let stopped = c.finish_reasons.get(choice).is_none_or(|r| r == "stop");
+                    if let (Some(eos), true) = (eos, stopped) {
+                        if answer.last() != Some(&eos) {
+                            answer.push(eos);
+                        }
+                    }
+                    Lesson::Imitate(SftExample { prompt: prompt.clone(), answer })
+                }
+                (None, Some(-1), Some(output)) => Lesson::Avoid(SftExample { prompt: prompt.clone(), answer: said_ids(output)? }),
+                _ => continue,
+            };
+            if let Lesson::Imitate(e) | Lesson::Avoid(e) = &lesson {
+                if prompt.is_empty() || !fits(&e.answer) {
+                    continue;
+                }
             }
-            examples.push(SftExample { prompt, answer });
+            lessons.push(lesson);
             used.push(f.id.clone());
         }
-        Ok((examples, used, skipped))
+        Ok((lessons, used))
     }
 
     fn anchors(&self) -> &[Anchor] {
@@ -365,38 +390,42 @@ impl Inner {
         }
         let s = &self.settings;
         let pending = self.pending(&job.tenant, &job.adapter)?;
-        let (mut new_examples, mut used, skipped) = self.examples(&job.tenant, &pending)?;
+        let (mut new_lessons, mut used) = self.lessons(&job.tenant, &pending)?;
         // Examples given directly count as new until a run learns them.
         for e in self.records.examples(&job.tenant, &job.adapter, false)? {
-            new_examples.push(SftExample { prompt: e.prompt_ids, answer: e.answer_ids });
+            new_lessons.push(Lesson::Imitate(SftExample { prompt: e.prompt_ids, answer: e.answer_ids }));
             used.push(e.id);
         }
-        if new_examples.is_empty() {
-            return Err(RunError::Failed(format!(
-                "no trainable feedback on {} ({} items pending, {} down-ratings without a correction)",
-                job.adapter,
-                pending.len(),
-                skipped
-            )));
+        if new_lessons.is_empty() {
+            return Err(RunError::Failed(format!("no trainable feedback on {} ({} items pending)", job.adapter, pending.len())));
         }
         job.feedback_ids = used;
-        // Held out: every fifth new example when there are at least five;
-        // otherwise the gate measures on the training examples themselves.
-        let (train_new, held_out): (Vec<SftExample>, Vec<SftExample>) = if new_examples.len() >= 5 {
+        // Held out: every fifth new lesson when there are at least five;
+        // otherwise the gate measures on the training lessons themselves.
+        let (train_new, held_out): (Vec<Lesson>, Vec<Lesson>) = if new_lessons.len() >= 5 {
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            for (i, e) in new_examples.iter().enumerate() {
+            for (i, e) in new_lessons.iter().enumerate() {
                 if i % 5 == 4 { b.push(e.clone()) } else { a.push(e.clone()) }
             }
             (a, b)
         } else {
-            (new_examples.clone(), new_examples.clone())
+            (new_lessons.clone(), new_lessons.clone())
         };
+        // What the gate measures: answers wanted (loss must fall) and answers
+        // rated down with nothing better offered (their loss must rise).
+        let held_targets: Vec<SftExample> = held_out.iter().filter_map(Lesson::target).collect();
+        let held_avoided: Vec<SftExample> =
+            held_out.iter().filter(|l| matches!(l, Lesson::Avoid(_))).filter_map(Lesson::avoided).collect();
         let learned = self.learned(&job.tenant, &job.adapter)?;
-        let (mut replay, _, _) = self.examples(&job.tenant, &learned)?;
+        let (mut replay, _) = self.lessons(&job.tenant, &learned)?;
         replay.extend(
-            self.records.examples(&job.tenant, &job.adapter, true)?.into_iter().map(|e| SftExample { prompt: e.prompt_ids, answer: e.answer_ids }),
+            self.records
+                .examples(&job.tenant, &job.adapter, true)?
+                .into_iter()
+                .map(|e| Lesson::Imitate(SftExample { prompt: e.prompt_ids, answer: e.answer_ids })),
         );
         replay.truncate(s.max_replay);
+        let replay_targets: Vec<SftExample> = replay.iter().filter_map(Lesson::target).collect();
 
         let parent = match job.parent_version {
             Some(v) => Some(self.registry.load(&job.tenant, &job.adapter, v)?),
@@ -411,9 +440,13 @@ impl Inner {
             }
         };
         let parent_arc = parent.clone();
-        let before_loss = eval::mean_loss(model, parent_arc.as_ref(), &held_out)?;
-        let before_match = eval::exact_match(model, parent_arc.as_ref(), &held_out)?;
-        let before_replay = if replay.is_empty() { 0.0 } else { eval::mean_loss(model, parent_arc.as_ref(), &replay)? };
+        let loss_on = |adapter: Option<&Arc<crate::lora::LoraAdapter>>, set: &[SftExample]| -> Result<f64, RunError> {
+            Ok(if set.is_empty() { 0.0 } else { eval::mean_loss(model, adapter, set)? })
+        };
+        let before_loss = loss_on(parent_arc.as_ref(), &held_targets)?;
+        let before_avoided = loss_on(parent_arc.as_ref(), &held_avoided)?;
+        let before_match = if held_targets.is_empty() { 0.0 } else { eval::exact_match(model, parent_arc.as_ref(), &held_targets)? };
+        let before_replay = loss_on(parent_arc.as_ref(), &replay_targets)?;
 
         let lora = TrainableLora::from_adapter(&start)?;
         let mut train_set = train_new.clone();
@@ -427,11 +460,10 @@ impl Inner {
         };
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
-        let tokens_per_step: usize = train_set.iter().map(|e| e.prompt.len() + e.answer.len()).sum::<usize>() * cfg.batch_size.max(1)
-            / train_set.len().max(1);
+        let tokens_per_step: usize = train_set.iter().map(Lesson::tokens).sum::<usize>() * cfg.batch_size.max(1) / train_set.len().max(1);
         let anchors = self.kl_anchors();
         let mut step_started = std::time::Instant::now();
-        let losses = sft::train_regularized(model, &lora, &train_set, &cfg, Some(anchors), |step, loss| {
+        let losses = sft::train_lessons(model, &lora, &train_set, &cfg, Some(anchors), |step, loss| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
             step_started = std::time::Instant::now();
             if step % 5 == 4 || step + 1 == cfg.steps {
@@ -448,16 +480,20 @@ impl Inner {
         }
         let train_secs = started.elapsed().as_secs_f64();
         let candidate = Arc::new(lora.to_adapter()?);
-        let after_loss = eval::mean_loss(model, Some(&candidate), &held_out)?;
-        let after_match = eval::exact_match(model, Some(&candidate), &held_out)?;
-        let after_replay = if replay.is_empty() { 0.0 } else { eval::mean_loss(model, Some(&candidate), &replay)? };
+        let after_loss = loss_on(Some(&candidate), &held_targets)?;
+        let after_avoided = loss_on(Some(&candidate), &held_avoided)?;
+        let after_match = if held_targets.is_empty() { 0.0 } else { eval::exact_match(model, Some(&candidate), &held_targets)? };
+        let after_replay = loss_on(Some(&candidate), &replay_targets)?;
         let (kl, agreement) = eval::drift(model, &candidate, self.anchors())?;
 
         let mut reasons = Vec::new();
-        if after_loss >= before_loss {
+        if !held_targets.is_empty() && after_loss >= before_loss {
             reasons.push(format!("held-out loss did not improve ({before_loss:.4} -> {after_loss:.4})"));
         }
-        if !replay.is_empty() && after_replay > before_replay + s.max_regression {
+        if !held_avoided.is_empty() && after_avoided <= before_avoided {
+            reasons.push(format!("answers rated down did not become less likely (loss {before_avoided:.4} -> {after_avoided:.4})"));
+        }
+        if !replay_targets.is_empty() && after_replay > before_replay + s.max_regression {
             reasons.push(format!("replay loss regressed by {:.4} (limit {})", after_replay - before_replay, s.max_regression));
         }
         if kl > s.max_base_drift {
@@ -473,12 +509,12 @@ impl Inner {
         let mut candidate = candidate;
         let (mut kl, mut agreement) = (kl, agreement);
         let mut final_steps = 0;
-        if passed && held_out.len() < new_examples.len() {
-            let mut all = new_examples.clone();
+        if passed && held_out.len() < new_lessons.len() {
+            let mut all = new_lessons.clone();
             all.extend(replay.iter().cloned());
             let extra = SftConfig { steps: (cfg.steps / 3).max(1), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
-            let more = sft::train_regularized(model, &lora, &all, &extra, Some(anchors), |step, loss| {
+            let more = sft::train_lessons(model, &lora, &all, &extra, Some(anchors), |step, loss| {
                 self.yield_to_serving(step_started.elapsed(), &job.id);
                 step_started = std::time::Instant::now();
                 if step % 5 == 4 {
@@ -505,6 +541,10 @@ impl Inner {
             "valid_loss_before": before_loss,
             "valid_mean_token_accuracy": after_match,
             "valid_exact_match_before": before_match,
+            "valid_avoided_loss": after_avoided,
+            "valid_avoided_loss_before": before_avoided,
+            "preference_pairs": new_lessons.iter().filter(|l| matches!(l, Lesson::Prefer { .. })).count(),
+            "avoided_answers": new_lessons.iter().filter(|l| matches!(l, Lesson::Avoid(_))).count(),
             "replay_loss": after_replay,
             "replay_loss_before": before_replay,
             "replay_examples": replay.len(),

@@ -96,6 +96,12 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Encodes text the model said after a prompt, as it said it: no BOS and
+    /// no end-of-sequence (a logged answer may have been cut by `max_tokens`).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.encode_raw(text, false)
+    }
+
     fn ensure_bos(&self, ids: &mut Vec<u32>) {
         if let (true, Some(bos)) = (self.add_bos_token, self.bos_id) {
             if ids.first() != Some(&bos) {

@@ -50,6 +50,13 @@ pub struct CompletionRecord {
     pub n: u32,
     /// Each choice's text, by index.
     pub outputs: Vec<String>,
+    /// Each choice's token ids as the model generated them (what training
+    /// learns from: text does not always encode back to the same ids).
+    #[serde(default)]
+    pub output_ids: Vec<Vec<u32>>,
+    /// Each choice's `finish_reason` (`stop` or `length`).
+    #[serde(default)]
+    pub finish_reasons: Vec<String>,
     /// Sampling settings as sent (temperature, top_p, max_tokens, ...).
     pub settings: Value,
     /// Seconds since the Unix epoch.

@@ -111,6 +111,18 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Columns added after the first release: added to older files in place.
+        for (table, column, decl) in [
+            ("completions", "output_ids", "TEXT NOT NULL DEFAULT '[]'"),
+            ("completions", "finish_reasons", "TEXT NOT NULL DEFAULT '[]'"),
+        ] {
+            let present: bool = conn
+                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                .exists(params![column])?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
+        }
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -159,8 +171,8 @@ impl RecordStore for SqliteStore {
     fn log_completion(&self, r: &CompletionRecord) -> Result<(), StoreError> {
         let outputs = serde_json::to_string(&r.outputs).map_err(|e| corrupt("outputs", e))?;
         self.conn().execute(
-            "INSERT INTO completions (id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, n, outputs, settings, created_at, prompt_ids)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO completions (id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, n, outputs, settings, created_at, prompt_ids, output_ids, finish_reasons)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 r.id,
                 r.tenant,
@@ -173,7 +185,9 @@ impl RecordStore for SqliteStore {
                 outputs,
                 r.settings.to_string(),
                 r.created_at as i64,
-                serde_json::to_string(&r.prompt_ids).map_err(|e| corrupt("prompt_ids", e))?
+                serde_json::to_string(&r.prompt_ids).map_err(|e| corrupt("prompt_ids", e))?,
+                serde_json::to_string(&r.output_ids).map_err(|e| corrupt("output_ids", e))?,
+                serde_json::to_string(&r.finish_reasons).map_err(|e| corrupt("finish_reasons", e))?,
             ],
         )?;
         Ok(())
@@ -183,7 +197,7 @@ impl RecordStore for SqliteStore {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n, prompt_ids
+                "SELECT id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n, prompt_ids, output_ids, finish_reasons
                  FROM completions WHERE id = ?1 AND tenant = ?2",
                 params![id, tenant],
                 |row| {
@@ -200,11 +214,15 @@ impl RecordStore for SqliteStore {
                         row.get::<_, i64>(9)?,
                         row.get::<_, u32>(10)?,
                         row.get::<_, String>(11)?,
+                        row.get::<_, String>(12)?,
+                        row.get::<_, String>(13)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n, prompt_ids)) = row else {
+        let Some((id, tenant, adapter, adapter_version, kind, prompt, rendered_prompts, outputs, settings, created_at, n, prompt_ids, output_ids, finish_reasons)) =
+            row
+        else {
             return Err(StoreError::NotFound(format!("completion {id}")));
         };
         Ok(CompletionRecord {
@@ -218,6 +236,8 @@ impl RecordStore for SqliteStore {
             n,
             prompt_ids: serde_json::from_str(&prompt_ids).map_err(|e| corrupt("prompt_ids", e))?,
             outputs: serde_json::from_str(&outputs).map_err(|e| corrupt("outputs", e))?,
+            output_ids: serde_json::from_str(&output_ids).map_err(|e| corrupt("output_ids", e))?,
+            finish_reasons: serde_json::from_str(&finish_reasons).map_err(|e| corrupt("finish_reasons", e))?,
             settings: serde_json::from_str(&settings).map_err(|e| corrupt("settings", e))?,
             created_at: created_at as u64,
         })
@@ -485,6 +505,8 @@ mod tests {
             prompt_ids: vec![vec![1, 5, 6]],
             n: 2,
             outputs: vec!["hello".into(), "hey".into()],
+            output_ids: vec![vec![7, 8], vec![9]],
+            finish_reasons: vec!["stop".into(), "length".into()],
             settings: json!({"temperature": 0}),
             created_at: at,
         }
@@ -554,5 +576,30 @@ mod tests {
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.feedback("acme", &FeedbackQuery::default()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_database_from_before_output_ids_is_upgraded_in_place_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE completions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, adapter TEXT, adapter_version INTEGER,
+                   kind TEXT NOT NULL, prompt TEXT NOT NULL, rendered_prompts TEXT NOT NULL, prompt_ids TEXT NOT NULL,
+                   n INTEGER NOT NULL, outputs TEXT NOT NULL, settings TEXT NOT NULL, created_at INTEGER NOT NULL);
+                 INSERT INTO completions VALUES ('cmpl-old', 'acme', NULL, NULL, 'completion', '\"hi\"', '[\"hi\"]', '[[1]]', 1, '[\"yo\"]', '{}', 5);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let old = store.completion("acme", "cmpl-old").unwrap();
+        assert_eq!((old.outputs, old.output_ids, old.finish_reasons), (vec!["yo".to_string()], vec![], vec![]));
+        let new = completion("cmpl-new", "acme", None, 6);
+        store.log_completion(&new).unwrap();
+        assert_eq!(store.completion("acme", "cmpl-new").unwrap(), new);
+        drop(store);
+        // Opening again finds the columns present.
+        assert_eq!(SqliteStore::open(&path).unwrap().completion("acme", "cmpl-new").unwrap(), new);
     }
 }
