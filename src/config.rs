@@ -158,6 +158,8 @@ pub struct LearningSettings {
     pub watch_window: usize,
     #[serde(deserialize_with = "float")]
     pub rollback_margin: f64,
+    /// Largest file `POST /v1/files` takes, in bytes.
+    pub max_file_bytes: usize,
 }
 
 /// Where runtime data lives.

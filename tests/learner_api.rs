@@ -347,3 +347,106 @@ fn down_ratings_alone_teach_the_adapter_to_avoid_the_rated_answers() {
         assert_ne!(now["choices"][0]["text"].as_str().unwrap(), said, "prompt {prompt:?} still answered as rated down");
     }
 }
+
+/// `POST /v1/files` with `purpose` and one JSONL `file`.
+fn upload_file(s: &TestServer, purpose: &str, content: &str) -> (u16, Value) {
+    let mut body = Vec::new();
+    body.extend_from_slice(format!("--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n").as_bytes());
+    body.extend_from_slice(b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\n\r\n");
+    body.extend_from_slice(content.as_bytes());
+    body.extend_from_slice(b"\r\n--b--\r\n");
+    common::response_json(
+        ureq::post(&format!("{}/v1/files", s.base)).set("content-type", "multipart/form-data; boundary=b").send_bytes(&body),
+    )
+}
+
+#[test]
+fn uploaded_files_train_a_new_adapter_through_fine_tuning_jobs_supervised_and_dpo() {
+    let Some(dir) = common::stories_dir() else { return };
+    // stories260K's anchors pull hard toward a base far from any lesson: no KL term here.
+    let s = TestServer::start(Some(&dir), &learner_env(&[("LIFELORA_LEARNING__KL_WEIGHT", "0"), ("LIFELORA_LEARNING__MAX_BASE_DRIFT", "100")]));
+    let pairs: Vec<(String, String)> = FACTS.iter().map(|(p, a)| (text_of(&s, &p[1..]), text_of(&s, a))).collect();
+    let sft: Vec<String> = pairs.iter().map(|(p, a)| json!({"prompt": p, "completion": a}).to_string()).collect();
+    let (status, file) = upload_file(&s, "fine-tune", &sft.join("\n"));
+    assert_eq!(status, 200, "{file}");
+    let file_id = file["id"].as_str().unwrap();
+
+    let (status, job) = s.post("/v1/fine_tuning/jobs", &json!({"model": s.model, "training_file": file_id, "suffix": "facts", "seed": 7}));
+    assert_eq!(status, 200, "{job}");
+    assert_eq!((job["training_file"].as_str(), job["method"]["type"].as_str()), (Some(file_id), Some("supervised")));
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["fine_tuned_model"], "facts@v1");
+    assert!(job["trained_tokens"].as_u64().unwrap() > 0);
+    for (prompt, answer) in &pairs {
+        let (_, v) = s.post("/v1/completions", &json!({"model": "facts@v1", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
+        let text = v["choices"][0]["text"].as_str().unwrap();
+        assert!(text.trim_start().starts_with(answer.trim()), "{prompt:?}: {text:?} does not start with {answer:?}");
+    }
+    // What the file taught is replayed by the adapter's later runs.
+    assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{job}");
+
+    // DPO: preference lines, a new adapter.
+    let dpo: Vec<String> = pairs
+        .iter()
+        .zip(pairs.iter().cycle().skip(1))
+        .map(|((p, good), (_, bad))| {
+            json!({"input": {"messages": [{"role": "user", "content": p}]},
+                   "preferred_output": [{"role": "assistant", "content": good}],
+                   "non_preferred_output": [{"role": "assistant", "content": bad}]})
+            .to_string()
+        })
+        .collect();
+    let (_, dpo_file) = upload_file(&s, "fine-tune", &dpo.join("\n"));
+    let dpo_id = dpo_file["id"].as_str().unwrap();
+    // A preference file is not a supervised one, and the reverse.
+    let (status, v) = s.post("/v1/fine_tuning/jobs", &json!({"model": "facts", "training_file": dpo_id}));
+    common::assert_openai_error(status, &v, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("line 1"), "{v}");
+    let (status, v) = s.post("/v1/fine_tuning/jobs", &json!({"model": "facts", "training_file": file_id, "method": {"type": "dpo"}}));
+    common::assert_openai_error(status, &v, 400);
+    let (status, job) = s.post(
+        "/v1/fine_tuning/jobs",
+        &json!({"model": s.model, "suffix": "prefs", "training_file": dpo_id, "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 20, "beta": "auto"}}}}),
+    );
+    assert_eq!(status, 200, "{job}");
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["model"], s.model);
+    assert_eq!(job["fine_tuned_model"], "prefs@v1");
+    assert_eq!(job["metrics"]["preference_pairs"], 4, "{job}");
+    assert_eq!(job["metrics"]["steps"], 20, "20 epochs over 4 pairs, 4 a step: {job}");
+    for (prompt, answer) in &pairs {
+        let (_, v) = s.post("/v1/chat/completions", &json!({"model": "prefs", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}));
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(text.trim_start().starts_with(answer.trim()), "{prompt:?}: {text:?} does not start with {answer:?}");
+    }
+
+    // Bad requests answer in OpenAI's error shape.
+    for (body, status) in [
+        (json!({"model": s.model}), 400),
+        (json!({"model": s.model, "training_file": "file-nope"}), 400),
+        (json!({"model": "nope", "training_file": file_id}), 404),
+        (json!({"model": "facts@v1", "training_file": file_id}), 400),
+        (json!({"model": "facts", "training_file": file_id, "suffix": "x"}), 400),
+        (json!({"model": s.model, "training_file": file_id, "suffix": "../up"}), 400),
+        (json!({"model": s.model, "training_file": file_id, "hyperparameters": {"n_epochs": 0}}), 400),
+        (json!({"model": s.model, "training_file": file_id, "hyperparameters": {"learning_rate_multiplier": "fast"}}), 400),
+        (json!({"model": s.model, "training_file": file_id, "method": {"type": "reinforcement"}}), 400),
+        (json!({"model": s.model, "training_file": file_id, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5}}}}), 400),
+        (json!({"model": s.model, "training_file": file_id, "epochs": 3}), 400),
+    ] {
+        let (got, v) = s.post("/v1/fine_tuning/jobs", &body);
+        common::assert_openai_error(got, &v, status);
+    }
+    let (status, v) = upload_file(&s, "assistants", &sft.join("\n"));
+    common::assert_openai_error(status, &v, 400);
+    let (status, v) = upload_file(&s, "fine-tune", "{\"prompt\": 1}\n[1, 2]\n");
+    common::assert_openai_error(status, &v, 400);
+    assert!(v["error"]["message"].as_str().unwrap().contains("line 2"), "{v}");
+    let (status, v) = upload_file(&s, "fine-tune", "");
+    common::assert_openai_error(status, &v, 400);
+    let (status, list) = s.get("/v1/files?purpose=fine-tune");
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&list).unwrap()["data"].as_array().unwrap().len(), 2, "only the two good files are kept");
+}

@@ -1,9 +1,12 @@
 """Drives a running lifelora server with the official `openai` client.
 
-Usage: python3 tests/openai_client.py BASE_URL MODEL
+Usage: python3 tests/openai_client.py BASE_URL MODEL [--english | --fine-tune]
 Exits non-zero (with the assertion) on any mismatch.
 """
+import io
+import json
 import sys
+import time
 
 import openai
 from openai import OpenAI
@@ -76,5 +79,55 @@ try:
     raise AssertionError("bad temperature accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400
+
+if len(sys.argv) > 3 and sys.argv[3] == "--fine-tune":
+    # The OpenAI way to fine-tune: upload JSONL, start a job, follow it, use the result.
+    prompts = ["Once upon a time", "The little dog", "One day", "She was happy"]
+    answers = [client.completions.create(model=model, prompt=p, max_tokens=5, temperature=0).choices[0].text for p in prompts]
+    # Teach each prompt the next prompt's answer (text the model's own vocabulary spells).
+    lines = [json.dumps({"prompt": p, "completion": answers[(i + 1) % len(prompts)]}) for i, p in enumerate(prompts)]
+    f = client.files.create(file=("facts.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="fine-tune")
+    assert f.object == "file" and f.purpose == "fine-tune" and f.bytes > 0, f
+    assert client.files.retrieve(f.id).filename == "facts.jsonl"
+    assert f.id in [x.id for x in client.files.list(purpose="fine-tune")]
+    assert client.files.content(f.id).read().decode().splitlines() == lines
+
+    job = client.fine_tuning.jobs.create(
+        model=model, training_file=f.id, suffix="facts",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20, "learning_rate_multiplier": 10}}},
+    )
+    assert job.status == "queued" and job.training_file == f.id, job
+    started = time.time()
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() - started < 120, job
+        time.sleep(0.2)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job
+    assert job.fine_tuned_model == "facts@v1", job
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=5)]
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert "The job has successfully completed" in events, events
+    ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert ckpt.fine_tuned_model_checkpoint == "facts@v1" and ckpt.metrics.valid_loss is not None, ckpt
+    learned = client.completions.create(model=job.fine_tuned_model, prompt=prompts[0], max_tokens=5, temperature=0).choices[0].text
+    assert learned != answers[0], "the learned version answers as the base did"
+
+    try:
+        client.fine_tuning.jobs.create(model=model, training_file="file-missing")
+        raise AssertionError("a missing training file was accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+    try:
+        client.files.create(file=("x.jsonl", io.BytesIO(b"not json")), purpose="fine-tune")
+        raise AssertionError("a file that is not JSONL was accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+    assert client.files.delete(f.id).deleted
+    try:
+        client.files.retrieve(f.id)
+        raise AssertionError("a deleted file is still there")
+    except openai.NotFoundError:
+        pass
+    print("fine-tuning: ok", job.fine_tuned_model, job.trained_tokens)
 
 print("openai client: ok")

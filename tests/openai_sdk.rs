@@ -1,6 +1,7 @@
 //! The official `openai` Python client lists models and creates completions
 //! and chat completions, plain and streamed (tests/openai_client.py), on
-//! stories260K and, in English, on SmolLM2.
+//! stories260K and, in English, on SmolLM2; and its `files` and
+//! `fine_tuning.jobs` calls upload a JSONL file and train a new adapter.
 
 mod common;
 
@@ -37,6 +38,17 @@ fn the_official_openai_python_client_works_against_stories260k() {
         return;
     }
     run_client(&common::TestServer::start(Some(&dir), &[]), &[]);
+}
+
+#[test]
+fn the_official_openai_python_client_uploads_files_and_runs_fine_tuning_jobs() {
+    let Some(dir) = common::stories_dir() else { return };
+    if !has_client() {
+        return;
+    }
+    // stories260K drifts far from itself when taught anything: the gate's drift bounds are for real models.
+    let env = [("LIFELORA_LEARNING__MAX_BASE_DRIFT", "10"), ("LIFELORA_LEARNING__MIN_BASE_AGREEMENT", "0"), ("LIFELORA_LEARNING__MAX_REGRESSION", "10")];
+    run_client(&common::TestServer::start(Some(&dir), &env), &["--fine-tune"]);
 }
 
 #[test]

@@ -7,9 +7,9 @@ use std::io::Read;
 
 use actix_multipart::Multipart;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 
+use super::body::read_multipart;
 use super::error::ApiError;
 use super::state::AppState;
 use super::tenant::tenant_of;
@@ -37,27 +37,6 @@ fn adapter_json(state: &AppState, info: &AdapterInfo) -> Value {
         "target_modules": current.map(|m| m.target_modules.clone()),
         "versions": info.versions.iter().map(|m| m.version).collect::<Vec<_>>(),
     })
-}
-
-/// Reads a multipart body into named parts, within the upload limit.
-async fn read_parts(mut payload: Multipart, limit: usize) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
-    let mut parts = Vec::new();
-    let mut total = 0usize;
-    while let Some(field) = payload.next().await {
-        let mut field = field.map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}"), None))?;
-        let name = field.name().unwrap_or("").to_string();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = field.next().await {
-            let chunk = chunk.map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}"), None))?;
-            total += chunk.len();
-            if total > limit {
-                return Err(ApiError::too_large(limit));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        parts.push((name, bytes));
-    }
-    Ok(parts)
 }
 
 /// Pulls the two PEFT files out of a .tar.gz, refusing links, absolute or
@@ -127,9 +106,9 @@ pub async fn upload(
     if !is_multipart {
         return Err(ApiError::invalid("upload adapters as multipart/form-data", None).with_code("invalid_content_type"));
     }
-    let parts = read_parts(Multipart::new(req.headers(), payload), limit).await?;
-    let text = |k: &str| parts.iter().find(|(n, _)| n == k).map(|(_, b)| String::from_utf8_lossy(b).trim().to_string());
-    let bytes = |k: &str| parts.iter().find(|(n, _)| n == k).map(|(_, b)| b.clone());
+    let parts = read_multipart(Multipart::new(req.headers(), payload), limit).await?;
+    let text = |k: &str| parts.iter().find(|p| p.name == k).map(|p| String::from_utf8_lossy(&p.bytes).trim().to_string());
+    let bytes = |k: &str| parts.iter().find(|p| p.name == k).map(|p| p.bytes.clone());
     let name = text("name").ok_or_else(|| ApiError::invalid("multipart part 'name' is required", Some("name")))?;
     let promote = match text("promote") {
         Some(p) => p != "false",

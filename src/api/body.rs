@@ -58,3 +58,34 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
     })
 }
+
+/// One part of a multipart form.
+pub struct Part {
+    pub name: String,
+    /// The file name the client sent, if any.
+    pub filename: Option<String>,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads a multipart body into its parts, refusing more than `limit` bytes in all.
+pub async fn read_multipart(mut payload: actix_multipart::Multipart, limit: usize) -> Result<Vec<Part>, ApiError> {
+    use futures_util::StreamExt;
+    let mut parts = Vec::new();
+    let mut total = 0usize;
+    while let Some(field) = payload.next().await {
+        let mut field = field.map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}"), None))?;
+        let name = field.name().unwrap_or("").to_string();
+        let filename = field.content_disposition().and_then(|d| d.get_filename()).map(str::to_string);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}"), None))?;
+            total += chunk.len();
+            if total > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        parts.push(Part { name, filename, bytes });
+    }
+    Ok(parts)
+}

@@ -1,7 +1,8 @@
 //! Learner runs in OpenAI's fine-tuning shape: `POST /v1/adapters/{name}/train`
-//! starts one on demand; `/v1/fine_tuning/jobs` lists them (cursor
-//! pagination), shows one, its events and checkpoints (the versions it
-//! produced), and cancels.
+//! starts one on an adapter's pending feedback; `POST /v1/fine_tuning/jobs`
+//! starts one the OpenAI way, on uploaded files; `/v1/fine_tuning/jobs`
+//! lists them (cursor pagination), shows one, its events and checkpoints
+//! (the versions it produced), and cancels.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -17,6 +18,14 @@ use super::tenant::tenant_for;
 /// The job as OpenAI's `fine_tuning.job` object.
 pub fn job_json(job: &JobRecord, base_model: &str) -> Value {
     let hp = &job.hyperparameters;
+    let auto = |v: &Value| if v.is_null() { json!("auto") } else { v.clone() };
+    let hyperparameters = json!({
+        "n_epochs": auto(&hp["n_epochs"]),
+        "batch_size": hp["batch_size"],
+        "learning_rate_multiplier": hp.get("learning_rate_multiplier").cloned().unwrap_or(json!(1.0)),
+        "n_steps": hp["n_steps"],
+        "learning_rate": hp["learning_rate"],
+    });
     json!({
         "object": "fine_tuning.job",
         "id": job.id,
@@ -26,12 +35,12 @@ pub fn job_json(job: &JobRecord, base_model: &str) -> Value {
         "fine_tuned_model": if job.status == "succeeded" { job.result_version.map(|v| format!("{}@v{v}", job.adapter)) } else { None },
         "organization_id": job.tenant,
         "status": job.status,
-        "hyperparameters": {"n_epochs": "auto", "batch_size": hp["batch_size"], "learning_rate_multiplier": "auto", "n_steps": hp["n_steps"], "learning_rate": hp["learning_rate"]},
-        "method": {"type": "supervised"},
-        "training_file": null,
-        "validation_file": null,
+        "hyperparameters": hyperparameters.clone(),
+        "method": {"type": job.method, job.method.as_str(): {"hyperparameters": hyperparameters}},
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
         "result_files": [],
-        "trained_tokens": null,
+        "trained_tokens": job.metrics.get("trained_tokens"),
         "error": job.error.as_ref().map(|m| json!({"code": "training_failed", "message": m, "param": null})),
         "seed": job.created_at,
         "metadata": {"adapter": job.adapter, "parent_version": job.parent_version, "result_version": job.result_version, "feedback_ids": job.feedback_ids},
@@ -70,6 +79,157 @@ pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path
     }
     let learner = state.learner.clone();
     let job = web::block(move || learner.submit(&tenant, &name, hp))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(job_json(&job, &state.model.id)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateIn {
+    model: Value,
+    training_file: Value,
+    validation_file: Option<Value>,
+    hyperparameters: Option<Value>,
+    method: Option<Value>,
+    suffix: Option<Value>,
+    seed: Option<Value>,
+    metadata: Option<Value>,
+    integrations: Option<Value>,
+    tenant: Option<String>,
+}
+
+/// One hyperparameter: absent, "auto", or a number in `(0, max]` (whole when `integer`).
+fn hyperparameter(hp: &Value, key: &str, max: f64, integer: bool, param: &str) -> Result<Option<f64>, ApiError> {
+    match hp.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "auto" => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(x) if x > 0.0 && x <= max && (!integer || x.fract() == 0.0) => Ok(Some(x)),
+            _ => Err(ApiError::invalid(
+                format!("'{param}.{key}' must be \"auto\" or a {} in (0, {max}], got {v}", if integer { "whole number" } else { "number" }),
+                Some(&format!("{param}.{key}")),
+            )),
+        },
+    }
+}
+
+fn file_id(v: &Value, param: &str) -> Result<String, ApiError> {
+    v.as_str()
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .map(str::to_string)
+        .ok_or_else(|| ApiError::invalid(format!("'{param}' must be a file id such as \"file-abc123\""), Some(param)))
+}
+
+/// `POST /v1/fine_tuning/jobs`: OpenAI's way to start a job, on a file
+/// uploaded with purpose `fine-tune`. `model` is the base model id (the
+/// result is the adapter named by `suffix`, or `learning.default_adapter`)
+/// or one of the tenant's adapters (the result is its next version).
+pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
+    let input: CreateIn = super::body::parse_json(&body)?;
+    let tenant = tenant_for(&req, &state, input.tenant.as_deref())?;
+    let model = input.model.as_str().ok_or_else(|| ApiError::invalid("'model' must be a string", Some("model")))?;
+    let suffix = match &input.suffix {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::invalid("'suffix' must be a string", Some("suffix"))),
+    };
+    let adapter = if model == state.model.id {
+        let name = suffix.unwrap_or_else(|| state.learner.settings().default_adapter.clone());
+        crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(format!("'suffix': {e}"), Some("suffix")))?;
+        name
+    } else {
+        if model.contains('@') {
+            return Err(ApiError::invalid("a job starts from an adapter's current version: name the adapter without @vN", Some("model")));
+        }
+        if suffix.is_some() {
+            return Err(ApiError::invalid("'suffix' names a new adapter and only goes with the base model", Some("suffix")));
+        }
+        state.resolve_model(&tenant, model)?;
+        model.to_string()
+    };
+    let (method, mut hp) = match &input.method {
+        None | Some(Value::Null) => ("supervised".to_string(), input.hyperparameters.clone().unwrap_or(Value::Null)),
+        Some(m) => {
+            let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
+            if crate::learner::dataset::Method::parse(kind).is_none() {
+                return Err(ApiError::invalid(format!("'method.type' must be \"supervised\" or \"dpo\", got {:?}", m.get("type")), Some("method.type")));
+            }
+            let hp = m.get(kind).and_then(|k| k.get("hyperparameters")).cloned();
+            (kind.to_string(), hp.or_else(|| input.hyperparameters.clone()).unwrap_or(Value::Null))
+        }
+    };
+    if !hp.is_null() && !hp.is_object() {
+        return Err(ApiError::invalid("'hyperparameters' must be an object", Some("hyperparameters")));
+    }
+    let param = if input.method.is_some() { format!("method.{method}.hyperparameters") } else { "hyperparameters".into() };
+    let n_epochs = hyperparameter(&hp, "n_epochs", 50.0, true, &param)?;
+    let batch_size = hyperparameter(&hp, "batch_size", 256.0, true, &param)?;
+    let multiplier = hyperparameter(&hp, "learning_rate_multiplier", 10.0, false, &param)?;
+    if let Some(beta) = hp.get("beta").filter(|b| !b.is_null() && b.as_str() != Some("auto")) {
+        if beta.as_f64() != Some(crate::learner::sft::DPO_BETA) {
+            return Err(ApiError::invalid(format!("'{param}.beta' is fixed at {} on this server (send \"auto\")", crate::learner::sft::DPO_BETA), Some(&format!("{param}.beta"))));
+        }
+    }
+    if let Some(Value::Array(list)) = &input.integrations {
+        if !list.is_empty() {
+            return Err(ApiError::invalid("integrations are not supported", Some("integrations")));
+        }
+    }
+    if input.metadata.as_ref().is_some_and(|m| !m.is_null() && !m.is_object()) {
+        return Err(ApiError::invalid("'metadata' must be an object", Some("metadata")));
+    }
+    let seed = match &input.seed {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| ApiError::invalid("'seed' must be a non-negative integer", Some("seed")))?),
+    };
+    hp = json!({
+        "n_epochs": n_epochs,
+        "batch_size": batch_size.map(|b| b as u64),
+        "learning_rate_multiplier": multiplier,
+        "seed": seed,
+    });
+    let training_file = file_id(&input.training_file, "training_file")?;
+    let validation_file = input.validation_file.as_ref().filter(|v| !v.is_null()).map(|v| file_id(v, "validation_file")).transpose()?;
+
+    // The files must be the tenant's fine-tuning files and parse for the method.
+    let (records, model_state) = (state.records.clone(), state.model.clone());
+    let method_name = method.clone();
+    let (t, m) = (tenant.clone(), crate::learner::dataset::Method::parse(&method).unwrap_or(crate::learner::dataset::Method::Supervised));
+    let files = [(training_file.clone(), "training_file"), ]
+        .into_iter()
+        .chain(validation_file.clone().map(|v| (v, "validation_file")))
+        .collect::<Vec<_>>();
+    web::block(move || -> Result<(), ApiError> {
+        for (id, param) in files {
+            let f = records.file(&t, &id).map_err(|_| ApiError::invalid(format!("file {id} does not exist or you do not have access to it"), Some(param)).with_code("invalid_file"))?;
+            if f.purpose != super::files::FINE_TUNE {
+                return Err(ApiError::invalid(format!("file {id} has purpose {:?}, not \"fine-tune\"", f.purpose), Some(param)).with_code("invalid_file"));
+            }
+            let text = String::from_utf8(records.file_content(&t, &id)?).map_err(|_| ApiError::invalid(format!("file {id} is not UTF-8"), Some(param)))?;
+            let (lessons, errors) = crate::learner::dataset::parse_lessons(&text, m, &model_state.tokenizer, &model_state.chat);
+            if !errors.is_empty() {
+                let shown: Vec<String> = errors.iter().take(5).map(|e| e.to_string()).collect();
+                return Err(ApiError::invalid(
+                    format!("file {id} has {} line(s) that are not {method_name} examples: {}", errors.len(), shown.join("; ")),
+                    Some(param),
+                )
+                .with_code("invalid_file"));
+            }
+            if lessons.is_empty() {
+                return Err(ApiError::invalid(format!("file {id} holds no examples"), Some(param)).with_code("invalid_file"));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+
+    let learner = state.learner.clone();
+    let files = crate::learner::FileJob { training_file, validation_file, method: method.clone() };
+    let job = web::block(move || learner.submit_files(&tenant, &adapter, hp, files))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::internal(e.to_string()))?;

@@ -9,6 +9,7 @@ pub mod completions;
 pub mod error;
 pub mod examples;
 pub mod feedback;
+pub mod files;
 pub mod fine_tuning;
 pub mod generate;
 pub mod models;

@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, audit, chat, completions, examples, feedback, fine_tuning, models, tenants};
+use super::{adapters, audit, chat, completions, examples, feedback, files, fine_tuning, models, tenants};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -33,6 +33,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters/{name}/rollback", web::post().to(adapters::rollback))
         .route("/v1/adapters/{name}/train", web::post().to(fine_tuning::train))
         .route("/v1/adapters/{name}/examples", web::post().to(examples::create))
+        .route("/v1/files", web::post().to(files::upload))
+        .route("/v1/files", web::get().to(files::list))
+        .route("/v1/files/{id}", web::get().to(files::get))
+        .route("/v1/files/{id}", web::delete().to(files::delete))
+        .route("/v1/files/{id}/content", web::get().to(files::content))
+        .route("/v1/fine_tuning/jobs", web::post().to(fine_tuning::create))
         .route("/v1/fine_tuning/jobs", web::get().to(fine_tuning::list))
         .route("/v1/fine_tuning/jobs/{id}", web::get().to(fine_tuning::get))
         .route("/v1/fine_tuning/jobs/{id}/events", web::get().to(fine_tuning::events))

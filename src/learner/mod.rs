@@ -8,7 +8,7 @@ pub mod sft;
 pub mod watch;
 pub mod worker;
 
-pub use worker::Learner;
+pub use worker::{FileJob, Learner};
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ use crate::lora::init::{fresh_adapter, FreshSpec, InitB};
 use crate::lora::trainable::TrainableLora;
 use crate::model::LoadedModel;
 use crate::registry::Registry;
-use crate::store::{FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use crate::store::{ExampleRecord, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
 
 /// Tokens of each general prompt's base answer used for the drift measure.
 const ANCHOR_ANSWER_TOKENS: usize = 24;
@@ -45,6 +45,15 @@ struct Inner {
     /// Whether the engine is serving requests right now.
     serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
     metrics: crate::metrics::Metrics,
+}
+
+/// A run on uploaded files: their ids (the tenant's) and the method.
+#[derive(Debug, Clone)]
+pub struct FileJob {
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    /// `supervised` or `dpo`.
+    pub method: String,
 }
 
 /// Why a run could not be queued.
@@ -93,15 +102,36 @@ impl Learner {
         &self.inner.settings
     }
 
-    /// Queues a run for `adapter` of `tenant`. `hyperparameters` may set
-    /// `n_steps`, `learning_rate`, `batch_size` over the settings.
+    /// Queues a run for `adapter` of `tenant` on its pending feedback.
+    /// `hyperparameters` may set `n_steps`, `learning_rate`, `batch_size`
+    /// over the settings.
     pub fn submit(&self, tenant: &str, adapter: &str, hyperparameters: Value) -> Result<JobRecord, QueueError> {
+        self.submit_job(tenant, adapter, hyperparameters, None)
+    }
+
+    /// Queues a run on uploaded files instead of feedback (OpenAI's
+    /// `POST /v1/fine_tuning/jobs`). `hyperparameters` may also set
+    /// `n_epochs` (steps then cover that many passes over the file) and
+    /// `learning_rate_multiplier` (of `learning.learning_rate`).
+    pub fn submit_files(&self, tenant: &str, adapter: &str, hyperparameters: Value, files: FileJob) -> Result<JobRecord, QueueError> {
+        self.submit_job(tenant, adapter, hyperparameters, Some(files))
+    }
+
+    fn submit_job(&self, tenant: &str, adapter: &str, hyperparameters: Value, files: Option<FileJob>) -> Result<JobRecord, QueueError> {
         let s = &self.inner.settings;
+        let multiplier = hyperparameters.get("learning_rate_multiplier").and_then(Value::as_f64).unwrap_or(1.0);
         let hp = json!({
             "n_steps": hyperparameters.get("n_steps").and_then(Value::as_u64).unwrap_or(s.steps as u64),
-            "learning_rate": hyperparameters.get("learning_rate").and_then(Value::as_f64).unwrap_or(s.learning_rate),
+            "n_epochs": hyperparameters.get("n_epochs").and_then(Value::as_f64),
+            "learning_rate": hyperparameters.get("learning_rate").and_then(Value::as_f64).unwrap_or(s.learning_rate * multiplier),
+            "learning_rate_multiplier": multiplier,
             "batch_size": hyperparameters.get("batch_size").and_then(Value::as_u64).unwrap_or(s.batch_size as u64),
+            "seed": hyperparameters.get("seed").and_then(Value::as_u64),
         });
+        let (training_file, validation_file, method) = match files {
+            Some(f) => (Some(f.training_file), f.validation_file, f.method),
+            None => (None, None, "supervised".to_string()),
+        };
         let job = JobRecord {
             id: crate::store::new_id("ftjob"),
             tenant: tenant.to_string(),
@@ -115,6 +145,9 @@ impl Learner {
             feedback_ids: Vec::new(),
             hyperparameters: hp,
             metrics: Value::Null,
+            training_file,
+            validation_file,
+            method,
         };
         self.inner.records.save_job(&job)?;
         self.inner.event(&job.id, "info", "Job queued", Value::Null);
@@ -297,6 +330,20 @@ impl Inner {
         Ok((lessons, used))
     }
 
+    /// Lessons of an uploaded file; a file with bad lines fails the run, naming them.
+    fn file_lessons(&self, tenant: &str, file: &str, method: super::dataset::Method) -> Result<Vec<Lesson>, RunError> {
+        let bytes = self.records.file_content(tenant, file)?;
+        let text = String::from_utf8(bytes).map_err(|_| RunError::Failed(format!("file {file} is not UTF-8 text")))?;
+        let (lessons, errors) = super::dataset::parse_lessons(&text, method, &self.model.tokenizer, &self.model.chat);
+        if let Some(first) = errors.first() {
+            return Err(RunError::Failed(format!("file {file}: {} bad line(s), the first: {first}", errors.len())));
+        }
+        if lessons.is_empty() {
+            return Err(RunError::Failed(format!("file {file} holds no examples")));
+        }
+        Ok(lessons)
+    }
+
     fn anchors(&self) -> &[Anchor] {
         self.anchors.get_or_init(|| {
             eval::build_anchors(&self.model.model, &self.model.tokenizer, &self.model.chat, ANCHOR_ANSWER_TOKENS).unwrap_or_else(|e| {
@@ -389,20 +436,33 @@ impl Inner {
             return Err(RunError::Failed("this base model runs in bf16/f16; serve it with model.dtype = \"f32\" to train adapters".into()));
         }
         let s = &self.settings;
-        let pending = self.pending(&job.tenant, &job.adapter)?;
-        let (mut new_lessons, mut used) = self.lessons(&job.tenant, &pending)?;
-        // Examples given directly count as new until a run learns them.
-        for e in self.records.examples(&job.tenant, &job.adapter, false)? {
-            new_lessons.push(Lesson::Imitate(SftExample { prompt: e.prompt_ids, answer: e.answer_ids }));
-            used.push(e.id);
-        }
-        if new_lessons.is_empty() {
-            return Err(RunError::Failed(format!("no trainable feedback on {} ({} items pending)", job.adapter, pending.len())));
-        }
-        job.feedback_ids = used;
-        // Held out: every fifth new lesson when there are at least five;
-        // otherwise the gate measures on the training lessons themselves.
-        let (train_new, held_out): (Vec<Lesson>, Vec<Lesson>) = if new_lessons.len() >= 5 {
+        let (new_lessons, validation) = match &job.training_file {
+            Some(file) => {
+                let method = super::dataset::Method::parse(&job.method).unwrap_or(super::dataset::Method::Supervised);
+                let validation = job.validation_file.as_deref().map(|f| self.file_lessons(&job.tenant, f, method)).transpose()?;
+                (self.file_lessons(&job.tenant, file, method)?, validation)
+            }
+            None => {
+                let pending = self.pending(&job.tenant, &job.adapter)?;
+                let (mut new_lessons, mut used) = self.lessons(&job.tenant, &pending)?;
+                // Examples given directly count as new until a run learns them.
+                for e in self.records.examples(&job.tenant, &job.adapter, false)? {
+                    new_lessons.push(Lesson::Imitate(SftExample { prompt: e.prompt_ids, answer: e.answer_ids }));
+                    used.push(e.id);
+                }
+                if new_lessons.is_empty() {
+                    return Err(RunError::Failed(format!("no trainable feedback on {} ({} items pending)", job.adapter, pending.len())));
+                }
+                job.feedback_ids = used;
+                (new_lessons, None)
+            }
+        };
+        // Held out: the validation file; else every fifth new lesson when
+        // there are at least five; otherwise the gate measures on the
+        // training lessons themselves.
+        let (train_new, held_out): (Vec<Lesson>, Vec<Lesson>) = if let Some(v) = validation {
+            (new_lessons.clone(), v)
+        } else if new_lessons.len() >= 5 {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             for (i, e) in new_lessons.iter().enumerate() {
                 if i % 5 == 4 { b.push(e.clone()) } else { a.push(e.clone()) }
@@ -452,11 +512,16 @@ impl Inner {
         let mut train_set = train_new.clone();
         train_set.extend(replay.iter().cloned());
         let hp = &job.hyperparameters;
+        let batch = hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64).max(1) as usize;
+        let steps = match hp["n_epochs"].as_f64() {
+            Some(epochs) => ((epochs * train_set.len() as f64) / batch as f64).ceil().max(1.0) as usize,
+            None => hp["n_steps"].as_u64().unwrap_or(s.steps as u64) as usize,
+        };
         let cfg = SftConfig {
-            steps: hp["n_steps"].as_u64().unwrap_or(s.steps as u64) as usize,
+            steps,
             learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
             batch_size: hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64) as usize,
-            seed: job.parent_version.unwrap_or(0) as u64,
+            seed: hp["seed"].as_u64().unwrap_or(job.parent_version.unwrap_or(0) as u64),
         };
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
@@ -555,6 +620,7 @@ impl Inner {
             "steps": losses.len(),
             "train_seconds": train_secs,
             "train_tokens_per_second": (tokens_per_step * losses.len()) as f64 / train_secs.max(1e-9),
+            "trained_tokens": tokens_per_step * losses.len(),
             "feedback_ids": job.feedback_ids,
             "job_id": job.id,
             "status": if passed { "promoted" } else { "rejected" },
@@ -573,6 +639,23 @@ impl Inner {
             passed,
         )?;
         job.result_version = Some(manifest.version);
+        if passed && job.training_file.is_some() {
+            // What a file taught is replayed by later runs, like learned feedback.
+            let learned: Vec<ExampleRecord> = new_lessons
+                .iter()
+                .filter_map(Lesson::target)
+                .map(|e| ExampleRecord {
+                    id: crate::store::new_id("ex"),
+                    tenant: job.tenant.clone(),
+                    adapter: job.adapter.clone(),
+                    prompt_ids: e.prompt,
+                    answer_ids: e.answer,
+                    created_at: crate::store::now(),
+                })
+                .collect();
+            self.records.add_examples(&learned)?;
+            job.feedback_ids.extend(learned.into_iter().map(|e| e.id));
+        }
         let audit = crate::store::AuditRecord {
             id: crate::store::new_id("audit"),
             created_at: crate::store::now(),

@@ -104,6 +104,19 @@ pub struct JobRecord {
     pub hyperparameters: Value,
     /// Training and evaluation figures.
     pub metrics: Value,
+    /// A job started the OpenAI way trains on these uploaded files (and
+    /// not on pending feedback).
+    #[serde(default)]
+    pub training_file: Option<String>,
+    #[serde(default)]
+    pub validation_file: Option<String>,
+    /// `supervised` or `dpo`.
+    #[serde(default = "supervised")]
+    pub method: String,
+}
+
+fn supervised() -> String {
+    "supervised".into()
 }
 
 /// One line of a job's history (`fine_tuning.job.event`).
@@ -148,6 +161,18 @@ pub struct AuditRecord {
     /// What was acted on (`NAME`, `NAME@vN`).
     pub target: String,
     pub detail: Value,
+}
+
+/// A file uploaded for fine-tuning (`POST /v1/files`), kept whole in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// `file-…`.
+    pub id: String,
+    pub tenant: String,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: usize,
+    pub created_at: u64,
 }
 
 /// What a feedback listing may be narrowed to.
@@ -202,6 +227,17 @@ pub trait RecordStore: Send + Sync {
     /// adapter version (`None`, `None`: the base model), how many were
     /// rated and how many of those down.
     fn rating_counts(&self, tenant: &str, adapter: Option<&str>, version: Option<u32>, first: usize) -> Result<(usize, usize), StoreError>;
+
+    /// Stores an uploaded file (durable when this returns).
+    fn add_file(&self, record: &FileRecord, content: &[u8]) -> Result<(), StoreError>;
+    /// A tenant's file (another tenant's is `NotFound`).
+    fn file(&self, tenant: &str, id: &str) -> Result<FileRecord, StoreError>;
+    /// A tenant's file's content.
+    fn file_content(&self, tenant: &str, id: &str) -> Result<Vec<u8>, StoreError>;
+    /// A tenant's files, newest first, optionally of one purpose.
+    fn files(&self, tenant: &str, purpose: Option<&str>, limit: usize) -> Result<Vec<FileRecord>, StoreError>;
+    /// Deletes a tenant's file; `NotFound` if it has none by that id.
+    fn delete_file(&self, tenant: &str, id: &str) -> Result<(), StoreError>;
 
     /// Appends to the audit log (durable when this returns).
     fn add_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;

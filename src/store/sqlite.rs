@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{AuditRecord, CompletionRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use super::{AuditRecord, CompletionRecord, FileRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS completions (
@@ -63,6 +63,14 @@ CREATE TABLE IF NOT EXISTS examples (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS examples_by_adapter ON examples (tenant, adapter, seq);
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    body TEXT NOT NULL,
+    content BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, seq);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -429,6 +437,55 @@ impl RecordStore for SqliteStore {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         Ok((rated as usize, down.unwrap_or(0) as usize))
+    }
+
+    fn add_file(&self, record: &FileRecord, content: &[u8]) -> Result<(), StoreError> {
+        let body = serde_json::to_string(record).map_err(|e| corrupt("file record", e))?;
+        self.conn().execute(
+            "INSERT INTO files (id, tenant, body, content) VALUES (?1, ?2, ?3, ?4)",
+            params![record.id, record.tenant, body, content],
+        )?;
+        Ok(())
+    }
+
+    fn file(&self, tenant: &str, id: &str) -> Result<FileRecord, StoreError> {
+        let body: Option<String> = self
+            .conn()
+            .query_row("SELECT body FROM files WHERE tenant = ?1 AND id = ?2", params![tenant, id], |r| r.get(0))
+            .optional()?;
+        let body = body.ok_or_else(|| StoreError::NotFound(format!("file {id}")))?;
+        serde_json::from_str(&body).map_err(|e| corrupt("file record", e))
+    }
+
+    fn file_content(&self, tenant: &str, id: &str) -> Result<Vec<u8>, StoreError> {
+        self.conn()
+            .query_row("SELECT content FROM files WHERE tenant = ?1 AND id = ?2", params![tenant, id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("file {id}")))
+    }
+
+    fn files(&self, tenant: &str, purpose: Option<&str>, limit: usize) -> Result<Vec<FileRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM files WHERE tenant = ?1 ORDER BY seq DESC")?;
+        let rows = stmt.query_map(params![tenant], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for body in rows {
+            let f: FileRecord = serde_json::from_str(&body?).map_err(|e| corrupt("file record", e))?;
+            if purpose.is_none_or(|p| p == f.purpose) {
+                out.push(f);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_file(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        match self.conn().execute("DELETE FROM files WHERE tenant = ?1 AND id = ?2", params![tenant, id])? {
+            0 => Err(StoreError::NotFound(format!("file {id}"))),
+            _ => Ok(()),
+        }
     }
 
     fn add_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
