@@ -110,7 +110,7 @@ fn float<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 }
 
 /// Learning from feedback: what is kept and how the learner trains.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LearningSettings {
     /// Days a completion (and the feedback on it) stays in the log; 0 keeps all.

@@ -450,3 +450,59 @@ fn uploaded_files_train_a_new_adapter_through_fine_tuning_jobs_supervised_and_dp
     assert_eq!(status, 200);
     assert_eq!(serde_json::from_str::<Value>(&list).unwrap()["data"].as_array().unwrap().len(), 2, "only the two good files are kept");
 }
+
+fn call(s: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let r = ureq::request(method, &format!("{}{path}", s.base));
+    common::response_json(match body {
+        Some(b) => r.send_json(b),
+        None => r.call(),
+    })
+}
+
+#[test]
+fn an_adapter_policy_overrides_when_and_how_it_learns() {
+    let Some(dir) = common::stories_dir() else { return };
+    let s = TestServer::start(Some(&dir), &learner_env(&[]));
+    let (status, p) = call(&s, "GET", "/v1/adapters/main/policy", None);
+    assert_eq!(status, 200, "{p}");
+    assert_eq!((p["overrides"].clone(), p["effective"]["steps"].clone(), p["effective"]["min_new_feedback"].clone()), (json!({}), json!(80), json!(0)));
+
+    // Train by itself after two new items, in 7 steps.
+    let (status, p) = call(&s, "PUT", "/v1/adapters/main/policy", Some(json!({"min_new_feedback": 2, "steps": 7, "kl_weight": null})));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["overrides"], json!({"min_new_feedback": 2, "steps": 7}));
+    assert_eq!(p["effective"]["steps"], 7);
+    teach_facts(&s, &FACTS[..2]);
+    let started = Instant::now();
+    let job = loop {
+        let (_, list) = s.get("/v1/fine_tuning/jobs?adapter=main");
+        let list: Value = serde_json::from_str(&list).unwrap();
+        if let Some(job) = list["data"].as_array().unwrap().first() {
+            break job.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "two new items did not start a run");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(job["metrics"]["steps"], 7, "{job}");
+
+    // Refused by name, nothing stored.
+    for (body, param) in [
+        (json!({"threads": 2}), "threads"),
+        (json!({"steps": 0}), "steps"),
+        (json!({"targets": ["embed_tokens"]}), "targets"),
+        (json!({"learning_rate": "fast"}), "policy"),
+    ] {
+        let (status, v) = call(&s, "PUT", "/v1/adapters/main/policy", Some(body));
+        common::assert_openai_error(status, &v, 400);
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    assert_eq!(call(&s, "GET", "/v1/adapters/main/policy", None).1["effective"]["steps"], 7);
+    let (status, v) = call(&s, "PUT", "/v1/adapters/nope/policy", Some(json!({"steps": 3})));
+    common::assert_openai_error(status, &v, 404);
+
+    // Reset: the server's settings again.
+    let (status, p) = call(&s, "DELETE", "/v1/adapters/main/policy", None);
+    assert_eq!(status, 200);
+    assert_eq!((p["overrides"].clone(), p["effective"]["steps"].clone()), (json!({}), json!(80)));
+}

@@ -201,6 +201,10 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let tenant = tenant_of(&req, &state)?;
     state.registry.info(&tenant, &path)?;
     state.registry.delete(&tenant, &path)?;
+    // Its policy goes with it (a later adapter of the same name starts from the server's settings).
+    if let Err(e) = state.records.set_policy(&tenant, &path, None) {
+        tracing::error!(tenant = %tenant, adapter = %path.as_str(), "cannot remove a deleted adapter's policy: {e}");
+    }
     super::audit::record(&state, &req, &tenant, "adapter.deleted", path.as_str(), json!({}));
     Ok(HttpResponse::Ok().json(json!({"object": "adapter.deleted", "name": path.into_inner(), "deleted": true})))
 }

@@ -13,6 +13,7 @@ pub mod files;
 pub mod fine_tuning;
 pub mod generate;
 pub mod models;
+pub mod policy;
 pub mod server;
 pub mod sse;
 pub mod state;

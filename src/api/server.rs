@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, audit, chat, completions, examples, feedback, files, fine_tuning, models, tenants};
+use super::{adapters, audit, chat, completions, examples, feedback, files, fine_tuning, models, policy, tenants};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -32,6 +32,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters/{name}/versions/{version}/download", web::get().to(adapters::download))
         .route("/v1/adapters/{name}/rollback", web::post().to(adapters::rollback))
         .route("/v1/adapters/{name}/train", web::post().to(fine_tuning::train))
+        .route("/v1/adapters/{name}/policy", web::get().to(policy::get))
+        .route("/v1/adapters/{name}/policy", web::put().to(policy::put))
+        .route("/v1/adapters/{name}/policy", web::delete().to(policy::delete))
         .route("/v1/adapters/{name}/examples", web::post().to(examples::create))
         .route("/v1/files", web::post().to(files::upload))
         .route("/v1/files", web::get().to(files::list))

@@ -4,6 +4,7 @@
 
 pub mod dataset;
 pub mod eval;
+pub mod policy;
 pub mod sft;
 pub mod watch;
 pub mod worker;

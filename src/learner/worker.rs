@@ -118,7 +118,7 @@ impl Learner {
     }
 
     fn submit_job(&self, tenant: &str, adapter: &str, hyperparameters: Value, files: Option<FileJob>) -> Result<JobRecord, QueueError> {
-        let s = &self.inner.settings;
+        let s = &self.inner.settings_for(tenant, adapter);
         let multiplier = hyperparameters.get("learning_rate_multiplier").and_then(Value::as_f64).unwrap_or(1.0);
         let hp = json!({
             "n_steps": hyperparameters.get("n_steps").and_then(Value::as_u64).unwrap_or(s.steps as u64),
@@ -158,7 +158,7 @@ impl Learner {
     /// Starts a run when enough new feedback waits on `adapter` and none is
     /// queued or running for it already.
     pub fn maybe_trigger(&self, tenant: &str, adapter: &str) {
-        let min = self.inner.settings.min_new_feedback;
+        let min = self.inner.settings_for(tenant, adapter).min_new_feedback;
         if min == 0 {
             return;
         }
@@ -185,7 +185,8 @@ impl Learner {
     /// (see [`super::watch`]); called after each rating of `version`.
     pub fn watch(&self, tenant: &str, adapter: &str, version: u32) {
         let i = &self.inner;
-        if let Err(e) = super::watch::check(&i.registry, i.records.as_ref(), &i.settings, &i.metrics, tenant, adapter, version) {
+        let settings = i.settings_for(tenant, adapter);
+        if let Err(e) = super::watch::check(&i.registry, i.records.as_ref(), &settings, &i.metrics, tenant, adapter, version) {
             tracing::error!(tenant, adapter, version, "learner: cannot judge a watched version: {e}");
         }
     }
@@ -241,6 +242,22 @@ impl Inner {
         let until = std::time::Instant::now() + rest;
         while std::time::Instant::now() < until && (self.serving_busy)() && !self.is_cancelled(job_id) {
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The learning settings of one adapter: the server's, with the
+    /// adapter's policy overrides applied (a bad stored policy is logged and ignored).
+    fn settings_for(&self, tenant: &str, adapter: &str) -> LearningSettings {
+        match self.records.policy(tenant, adapter) {
+            Ok(Some(overrides)) => super::policy::apply(&self.settings, &overrides).unwrap_or_else(|e| {
+                tracing::error!(tenant, adapter, "ignoring a stored learning policy: {e}");
+                self.settings.clone()
+            }),
+            Ok(None) => self.settings.clone(),
+            Err(e) => {
+                tracing::error!(tenant, adapter, "cannot read the learning policy: {e}");
+                self.settings.clone()
+            }
         }
     }
 
@@ -357,7 +374,7 @@ impl Inner {
     fn kl_anchors(&self) -> &KlAnchors {
         self.kl_anchors.get_or_init(|| {
             let s = &self.settings;
-            if s.kl_weight <= 0.0 || s.kl_anchor_count == 0 {
+            if s.kl_anchor_count == 0 {
                 return KlAnchors::default();
             }
             let m = &self.model;
@@ -435,7 +452,7 @@ impl Inner {
         if !model.trainable() {
             return Err(RunError::Failed("this base model runs in bf16/f16; serve it with model.dtype = \"f32\" to train adapters".into()));
         }
-        let s = &self.settings;
+        let s = &self.settings_for(&job.tenant, &job.adapter);
         let (new_lessons, validation) = match &job.training_file {
             Some(file) => {
                 let method = super::dataset::Method::parse(&job.method).unwrap_or(super::dataset::Method::Supervised);
@@ -526,7 +543,12 @@ impl Inner {
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
         let tokens_per_step: usize = train_set.iter().map(Lesson::tokens).sum::<usize>() * cfg.batch_size.max(1) / train_set.len().max(1);
-        let anchors = self.kl_anchors();
+        // The anchors are the base model's (built once); how hard they pull is the adapter's policy.
+        let anchors = &if s.kl_weight > 0.0 && s.kl_anchors_per_step > 0 {
+            KlAnchors { anchors: self.kl_anchors().anchors.clone(), weight: s.kl_weight, per_step: s.kl_anchors_per_step }
+        } else {
+            KlAnchors::default()
+        };
         let mut step_started = std::time::Instant::now();
         let losses = sft::train_lessons(model, &lora, &train_set, &cfg, Some(anchors), |step, loss| {
             self.yield_to_serving(step_started.elapsed(), &job.id);

@@ -228,6 +228,11 @@ pub trait RecordStore: Send + Sync {
     /// rated and how many of those down.
     fn rating_counts(&self, tenant: &str, adapter: Option<&str>, version: Option<u32>, first: usize) -> Result<(usize, usize), StoreError>;
 
+    /// An adapter's learning-policy overrides (a JSON object), if any.
+    fn policy(&self, tenant: &str, adapter: &str) -> Result<Option<Value>, StoreError>;
+    /// Replaces an adapter's overrides; `None` removes them.
+    fn set_policy(&self, tenant: &str, adapter: &str, overrides: Option<&Value>) -> Result<(), StoreError>;
+
     /// Stores an uploaded file (durable when this returns).
     fn add_file(&self, record: &FileRecord, content: &[u8]) -> Result<(), StoreError>;
     /// A tenant's file (another tenant's is `NotFound`).

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
 
 use super::{AuditRecord, CompletionRecord, FileRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
 
@@ -63,6 +64,12 @@ CREATE TABLE IF NOT EXISTS examples (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS examples_by_adapter ON examples (tenant, adapter, seq);
+CREATE TABLE IF NOT EXISTS policies (
+    tenant TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (tenant, adapter)
+);
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -437,6 +444,27 @@ impl RecordStore for SqliteStore {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         Ok((rated as usize, down.unwrap_or(0) as usize))
+    }
+
+    fn policy(&self, tenant: &str, adapter: &str) -> Result<Option<Value>, StoreError> {
+        let body: Option<String> = self
+            .conn()
+            .query_row("SELECT body FROM policies WHERE tenant = ?1 AND adapter = ?2", params![tenant, adapter], |r| r.get(0))
+            .optional()?;
+        body.map(|b| serde_json::from_str(&b).map_err(|e| corrupt("policy", e))).transpose()
+    }
+
+    fn set_policy(&self, tenant: &str, adapter: &str, overrides: Option<&Value>) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match overrides {
+            Some(v) => conn.execute(
+                "INSERT INTO policies (tenant, adapter, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tenant, adapter) DO UPDATE SET body = excluded.body",
+                params![tenant, adapter, v.to_string()],
+            )?,
+            None => conn.execute("DELETE FROM policies WHERE tenant = ?1 AND adapter = ?2", params![tenant, adapter])?,
+        };
+        Ok(())
     }
 
     fn add_file(&self, record: &FileRecord, content: &[u8]) -> Result<(), StoreError> {
