@@ -70,8 +70,13 @@ def main():
                           "valid_loss": m.get("valid_loss"), "valid_loss_before": m.get("valid_loss_before"),
                           "train_loss": m.get("train_loss")}, indent=1))
         target = "main" if job["status"] == "succeeded" else f"main@v{job['metadata']['result_version']}"
-        plain = sum(w in ask(base, target, q)[1].lower() for w, q in zip(WORDS, questions))
-        other = sum(w in ask(base, target, q)[1].lower() for w, q in zip(WORDS, reworded))
+        plain_answers = [ask(base, target, q)[1] for q in questions]
+        other_answers = [ask(base, target, q)[1] for q in reworded]
+        plain = sum(w in a.lower() for w, a in zip(WORDS, plain_answers))
+        other = sum(w in a.lower() for w, a in zip(WORDS, other_answers))
+        for w, a in zip(WORDS, plain_answers):
+            if w not in a.lower():
+                print(f"  missed {w!r}: {a!r}")
         base_after = [ask(base, model, q)[1] for q in questions + reworded]
         print(f"recall with {target}: {plain}/20 plain, {other}/20 reworded; base answers identical: {base_after == base_before}")
     finally:

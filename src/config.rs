@@ -150,8 +150,10 @@ pub struct LearningSettings {
     /// the length of each training step (3: at most a quarter of the time).
     #[serde(deserialize_with = "float")]
     pub serving_priority: f64,
-    /// Threads the learner's tensor work may use (serving keeps the rest).
+    /// Threads the learner's tensor work may use while requests are served (serving keeps the rest).
     pub threads: usize,
+    /// Threads a training step may use while no request is being served (0: all cores).
+    pub idle_threads: usize,
     /// After a learner promotion: ratings of the new version to watch (0: no watch),
     /// and how much worse its share of down-ratings may be than its parent's
     /// before the server rolls back by itself.

@@ -188,3 +188,20 @@ fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
     assert!(after < before - 1.0, "log-probability of the rated answer {before} -> {after}");
     assert_ne!(greedy(&model, &prompt, &learned, 4), said);
 }
+
+#[test]
+fn sequences_packed_in_one_pass_get_the_logits_they_get_alone() {
+    use lifelora::model::llama::PackedSeq;
+    let Some(model) = model() else { return };
+    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
+    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let lora = TrainableLora::from_adapter(&adapter).unwrap();
+    let seqs: [&[u32]; 3] = [&[1, 482, 82, 508, 499, 496], &[1, 300, 12], &[1, 77, 260, 390, 440, 333, 480]];
+    let packed: Vec<PackedSeq> = seqs.iter().map(|t| PackedSeq { tokens: t, start: 1, len: t.len() - 1 }).collect();
+    let together = model.forward_train_packed(&packed, &lora).unwrap();
+    for (t, got) in seqs.iter().zip(&together) {
+        let alone = model.forward_train_range(t, &lora, 1, t.len() - 1).unwrap();
+        // Float summation order differs with the number of rows; nothing more.
+        assert!(max_diff(got, &alone) < 1e-4, "{t:?}: {}", max_diff(got, &alone));
+    }
+}

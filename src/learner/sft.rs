@@ -10,7 +10,7 @@ use rand::SeedableRng;
 
 use super::LearnError;
 use crate::lora::trainable::TrainableLora;
-use crate::model::llama::Llama;
+use crate::model::llama::{Llama, PackedSeq};
 
 /// One example: the model should answer `answer` to `prompt` (token ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,12 +101,17 @@ impl KlAnchors {
         Ok(KlAnchors { anchors: out, weight, per_step })
     }
 
-    /// `KL(base ‖ adapted)` per position on anchor `i` (differentiable).
-    fn kl(&self, model: &Llama, lora: &TrainableLora, i: usize) -> candle_core::Result<Tensor> {
+    /// The sequence anchor `i`'s KL term reads.
+    fn piece(&self, i: usize) -> Piece {
+        let (tokens, start, _) = &self.anchors[i];
+        Piece { tokens: tokens[..tokens.len() - 1].to_vec(), start: start - 1, targets: tokens[*start..].to_vec() }
+    }
+
+    /// `KL(base ‖ adapted)` per position on anchor `i`, from the adapted logits of its piece (differentiable).
+    fn kl_from_logits(&self, i: usize, logits: &Tensor) -> candle_core::Result<Tensor> {
         let (tokens, start, base) = &self.anchors[i];
         let n = tokens.len() - start;
-        let logits = model.forward_train_range(&tokens[..tokens.len() - 1], lora, start - 1, n)?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         (base.exp()? * (base - lp)?)?.sum_all()? / n as f64
     }
 }
@@ -151,10 +156,7 @@ fn softplus(z: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Unlikelihood of `example.answer`: mean of `-log(1 - p(token))` (differentiable).
 pub fn avoid_loss(model: &Llama, lora: &TrainableLora, example: &SftExample) -> candle_core::Result<Tensor> {
-    let lp = answer_log_probs(model, lora, &example.prompt, &example.answer)?;
-    // 1 - p, kept away from 0 so a token already certain gives a finite, steep loss.
-    let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-6f32, 1.0f32)?;
-    rest.log()?.mean_all()?.neg()
+    lesson_loss(model, lora, &Lesson::Avoid(example.clone()), None)
 }
 
 /// Sum of the answer's log-probabilities under `lora` as it is now (no gradient).
@@ -162,15 +164,49 @@ fn sequence_log_prob(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer
     answer_log_probs(model, lora, prompt, answer)?.detach().sum_all()?.to_scalar::<f32>()
 }
 
-/// A lesson's loss. `reference` holds a preference's `(chosen, rejected)`
-/// sequence log-probabilities under the starting adapter.
-pub fn lesson_loss(model: &Llama, lora: &TrainableLora, lesson: &Lesson, reference: Option<(f32, f32)>) -> candle_core::Result<Tensor> {
+/// A sequence one loss reads: its input tokens, where the answer's logits
+/// start, and the answer's tokens (the targets).
+struct Piece {
+    tokens: Vec<u32>,
+    start: usize,
+    targets: Vec<u32>,
+}
+
+impl Piece {
+    fn answer(prompt: &[u32], answer: &[u32]) -> Piece {
+        let mut tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+        tokens.pop();
+        Piece { tokens, start: prompt.len() - 1, targets: answer.to_vec() }
+    }
+}
+
+/// The sequences a lesson's loss reads, in the order [`loss_from_logits`] takes them.
+fn lesson_pieces(lesson: &Lesson) -> Vec<Piece> {
     match lesson {
-        Lesson::Imitate(e) => example_loss(model, lora, e),
-        Lesson::Avoid(e) => avoid_loss(model, lora, e),
-        Lesson::Prefer { prompt, chosen, rejected } => {
-            let lc = answer_log_probs(model, lora, prompt, chosen)?;
-            let lr = answer_log_probs(model, lora, prompt, rejected)?;
+        Lesson::Imitate(e) | Lesson::Avoid(e) => vec![Piece::answer(&e.prompt, &e.answer)],
+        Lesson::Prefer { prompt, chosen, rejected } => vec![Piece::answer(prompt, chosen), Piece::answer(prompt, rejected)],
+    }
+}
+
+/// Each target's log-probability, `[len]`, from logits rows `[len, vocab]`.
+fn picked_log_probs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let t = Tensor::from_vec(targets.to_vec(), targets.len(), logits.device())?;
+    candle_nn::ops::log_softmax(logits, D::Minus1)?.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// A lesson's loss from the logits of its pieces.
+fn loss_from_logits(lesson: &Lesson, pieces: &[Piece], logits: &[Tensor], reference: Option<(f32, f32)>) -> candle_core::Result<Tensor> {
+    match lesson {
+        Lesson::Imitate(_) => picked_log_probs(&logits[0], &pieces[0].targets)?.mean_all()?.neg(),
+        Lesson::Avoid(_) => {
+            let lp = picked_log_probs(&logits[0], &pieces[0].targets)?;
+            // 1 - p, kept away from 0 so a token already certain gives a finite, steep loss.
+            let rest = lp.exp()?.affine(-1.0, 1.0)?.clamp(1e-6f32, 1.0f32)?;
+            rest.log()?.mean_all()?.neg()
+        }
+        Lesson::Prefer { .. } => {
+            let lc = picked_log_probs(&logits[0], &pieces[0].targets)?;
+            let lr = picked_log_probs(&logits[1], &pieces[1].targets)?;
             let (ref_c, ref_r) = match reference {
                 Some(r) => r,
                 None => (lc.detach().sum_all()?.to_scalar::<f32>()?, lr.detach().sum_all()?.to_scalar::<f32>()?),
@@ -180,6 +216,20 @@ pub fn lesson_loss(model: &Llama, lora: &TrainableLora, lesson: &Lesson, referen
             lc.mean_all()?.neg()? + dpo
         }
     }
+}
+
+/// One packed pass over `pieces`: their logits, in order.
+fn packed_logits(model: &Llama, lora: &TrainableLora, pieces: &[&Piece]) -> candle_core::Result<Vec<Tensor>> {
+    let seqs: Vec<PackedSeq<'_>> = pieces.iter().map(|p| PackedSeq { tokens: &p.tokens, start: p.start, len: p.targets.len() }).collect();
+    model.forward_train_packed(&seqs, lora)
+}
+
+/// A lesson's loss. `reference` holds a preference's `(chosen, rejected)`
+/// sequence log-probabilities under the starting adapter.
+pub fn lesson_loss(model: &Llama, lora: &TrainableLora, lesson: &Lesson, reference: Option<(f32, f32)>) -> candle_core::Result<Tensor> {
+    let pieces = lesson_pieces(lesson);
+    let logits = packed_logits(model, lora, &pieces.iter().collect::<Vec<_>>())?;
+    loss_from_logits(lesson, &pieces, &logits, reference)
 }
 
 /// Trains `lora` in place; `on_step(step, loss)` sees each step's mean loss.
@@ -232,6 +282,24 @@ pub fn train_lessons(
     lessons: &[Lesson],
     cfg: &SftConfig,
     anchors: Option<&KlAnchors>,
+    on_step: impl FnMut(usize, f32) -> bool,
+) -> Result<Vec<f32>, LearnError> {
+    train_lessons_on(model, lora, lessons, cfg, anchors, &|step: &mut (dyn FnMut() + Send)| step(), on_step)
+}
+
+/// Runs one training step's tensor work; lets a caller pick the thread pool per step.
+pub type StepRunner<'a> = &'a (dyn Fn(&mut (dyn FnMut() + Send)) + Sync);
+
+/// [`train_lessons`] with each step's work run through `run_step` (the
+/// learner runs a step on all cores while serving is idle, on its own
+/// small pool otherwise).
+pub fn train_lessons_on(
+    model: &Llama,
+    lora: &TrainableLora,
+    lessons: &[Lesson],
+    cfg: &SftConfig,
+    anchors: Option<&KlAnchors>,
+    run_step: StepRunner<'_>,
     mut on_step: impl FnMut(usize, f32) -> bool,
 ) -> Result<Vec<f32>, LearnError> {
     if !model.trainable() {
@@ -257,34 +325,60 @@ pub fn train_lessons(
     let mut order: Vec<usize> = Vec::new();
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
-        let mut batch_loss: Option<Tensor> = None;
         let n = cfg.batch_size.clamp(1, usable.len());
+        let mut batch = Vec::with_capacity(n);
         for _ in 0..n {
             if order.is_empty() {
                 order = (0..usable.len()).collect();
                 order.shuffle(&mut rng);
             }
-            let i = order.pop().unwrap_or(0);
-            let l = lesson_loss(model, lora, usable[i], reference[i])?;
-            batch_loss = Some(match batch_loss {
-                None => l,
-                Some(acc) => (acc + l)?,
-            });
+            batch.push(order.pop().unwrap_or(0));
         }
-        let Some(total) = batch_loss else { break };
-        let loss = (total / n as f64)?;
-        let mut objective = loss.clone();
-        if let Some(a) = anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0) {
-            for k in 0..a.per_step {
-                let i = (step * a.per_step + k) % a.anchors.len();
-                objective = (objective + (a.kl(model, lora, i)? * (a.weight / a.per_step as f64))?)?;
-            }
-        }
-        let grads = objective.backward()?;
-        opt.step(&grads)?;
-        // The gradient store also holds the frozen weights' gradients: drop it now.
-        drop(grads);
-        let value = loss.to_scalar::<f32>()?;
+        let mut result: Option<Result<f32, LearnError>> = None;
+        run_step(&mut || {
+            let mut one = || -> Result<f32, LearnError> {
+                // Every sequence of the step (lessons, then anchors) in one packed pass.
+                let lesson_pieces: Vec<Vec<Piece>> = batch.iter().map(|&i| lesson_pieces(usable[i])).collect();
+                let active = anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
+                let anchor_ids: Vec<usize> = match active {
+                    Some(a) => (0..a.per_step).map(|k| (step * a.per_step + k) % a.anchors.len()).collect(),
+                    None => Vec::new(),
+                };
+                let anchor_pieces: Vec<Piece> = match active {
+                    Some(a) => anchor_ids.iter().map(|&i| a.piece(i)).collect(),
+                    None => Vec::new(),
+                };
+                let all: Vec<&Piece> = lesson_pieces.iter().flatten().chain(&anchor_pieces).collect();
+                let logits = packed_logits(model, lora, &all)?;
+                let mut at = 0;
+                let mut total: Option<Tensor> = None;
+                for (k, &i) in batch.iter().enumerate() {
+                    let n_pieces = lesson_pieces[k].len();
+                    let l = loss_from_logits(usable[i], &lesson_pieces[k], &logits[at..at + n_pieces], reference[i])?;
+                    at += n_pieces;
+                    total = Some(match total {
+                        None => l,
+                        Some(acc) => (acc + l)?,
+                    });
+                }
+                let Some(total) = total else { return Err(LearnError::NoExamples("empty batch".into())) };
+                let loss = (total / n as f64)?;
+                let mut objective = loss.clone();
+                if let Some(a) = active {
+                    for (k, &i) in anchor_ids.iter().enumerate() {
+                        let kl = a.kl_from_logits(i, &logits[at + k])?;
+                        objective = (objective + (kl * (a.weight / a.per_step as f64))?)?;
+                    }
+                }
+                let grads = objective.backward()?;
+                opt.step(&grads)?;
+                // The gradient store also holds the frozen weights' gradients: drop it now.
+                drop(grads);
+                Ok(loss.to_scalar::<f32>()?)
+            };
+            result = Some(one());
+        });
+        let value = result.unwrap_or_else(|| Err(LearnError::NoExamples("the step did not run".into())))?;
         losses.push(value);
         if !on_step(step, value) {
             break;

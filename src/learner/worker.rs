@@ -44,6 +44,8 @@ struct Inner {
     kl_anchors: OnceLock<KlAnchors>,
     /// Whether the engine is serving requests right now.
     serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Where a training step runs while nothing is being served (None: the learner's own pool).
+    idle_pool: Option<rayon::ThreadPool>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -79,7 +81,27 @@ impl Learner {
         for job in records.fail_unfinished_jobs("the server stopped during this job; its feedback is still pending")? {
             tracing::warn!(job = %job.id, tenant = %job.tenant, adapter = %job.adapter, "marked an interrupted training job failed");
         }
-        let inner = Arc::new(Inner { model, registry, records, settings, cancelled: Mutex::new(HashSet::new()), anchors: OnceLock::new(), kl_anchors: OnceLock::new(), serving_busy, metrics });
+        let idle_threads = match settings.idle_threads {
+            0 => num_cpus::get(),
+            n => n,
+        };
+        let idle_pool = if idle_threads > settings.threads.max(1) {
+            rayon::ThreadPoolBuilder::new().num_threads(idle_threads).thread_name(|i| format!("learner-idle-{i}")).build().ok()
+        } else {
+            None
+        };
+        let inner = Arc::new(Inner {
+            model,
+            registry,
+            records,
+            settings,
+            cancelled: Mutex::new(HashSet::new()),
+            anchors: OnceLock::new(),
+            kl_anchors: OnceLock::new(),
+            serving_busy,
+            idle_pool,
+            metrics,
+        });
         let (tx, rx) = channel::<String>();
         let worker = inner.clone();
         std::thread::Builder::new()
@@ -261,6 +283,23 @@ impl Inner {
         }
     }
 
+    /// Runs one training step on all cores when no request is being
+    /// served, on the learner's own small pool otherwise.
+    /// Runs tensor work (evaluation, anchors) where [`Self::run_step`] would.
+    fn work<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.idle_pool {
+            Some(pool) if !(self.serving_busy)() => pool.install(f),
+            _ => f(),
+        }
+    }
+
+    fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
+        match &self.idle_pool {
+            Some(pool) if !(self.serving_busy)() => pool.install(step),
+            _ => step(),
+        }
+    }
+
     fn is_cancelled(&self, job_id: &str) -> bool {
         self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).contains(job_id)
     }
@@ -363,7 +402,7 @@ impl Inner {
 
     fn anchors(&self) -> &[Anchor] {
         self.anchors.get_or_init(|| {
-            eval::build_anchors(&self.model.model, &self.model.tokenizer, &self.model.chat, ANCHOR_ANSWER_TOKENS).unwrap_or_else(|e| {
+            self.work(|| eval::build_anchors(&self.model.model, &self.model.tokenizer, &self.model.chat, ANCHOR_ANSWER_TOKENS)).unwrap_or_else(|e| {
                 tracing::error!("learner: cannot build drift anchors: {e}");
                 Vec::new()
             })
@@ -378,7 +417,8 @@ impl Inner {
                 return KlAnchors::default();
             }
             let m = &self.model;
-            let built = eval::training_anchors(&m.model, &m.tokenizer, &m.chat, s.kl_anchor_count, 7)
+            let built = self
+                .work(|| eval::training_anchors(&m.model, &m.tokenizer, &m.chat, s.kl_anchor_count, 7))
                 .map_err(|e| e.to_string())
                 .and_then(|a| {
                     let pairs: Vec<(Vec<u32>, usize)> = a.into_iter().map(|a| (a.tokens, a.answer_start)).collect();
@@ -518,11 +558,11 @@ impl Inner {
         };
         let parent_arc = parent.clone();
         let loss_on = |adapter: Option<&Arc<crate::lora::LoraAdapter>>, set: &[SftExample]| -> Result<f64, RunError> {
-            Ok(if set.is_empty() { 0.0 } else { eval::mean_loss(model, adapter, set)? })
+            Ok(if set.is_empty() { 0.0 } else { self.work(|| eval::mean_loss(model, adapter, set))? })
         };
         let before_loss = loss_on(parent_arc.as_ref(), &held_targets)?;
         let before_avoided = loss_on(parent_arc.as_ref(), &held_avoided)?;
-        let before_match = if held_targets.is_empty() { 0.0 } else { eval::exact_match(model, parent_arc.as_ref(), &held_targets)? };
+        let before_match = if held_targets.is_empty() { 0.0 } else { self.work(|| eval::exact_match(model, parent_arc.as_ref(), &held_targets))? };
         let before_replay = loss_on(parent_arc.as_ref(), &replay_targets)?;
 
         let lora = TrainableLora::from_adapter(&start)?;
@@ -550,7 +590,8 @@ impl Inner {
             KlAnchors::default()
         };
         let mut step_started = std::time::Instant::now();
-        let losses = sft::train_lessons(model, &lora, &train_set, &cfg, Some(anchors), |step, loss| {
+        let run_step = |step: &mut (dyn FnMut() + Send)| self.run_step(step);
+        let losses = sft::train_lessons_on(model, &lora, &train_set, &cfg, Some(anchors), &run_step, |step, loss| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
             step_started = std::time::Instant::now();
             if step % 5 == 4 || step + 1 == cfg.steps {
@@ -569,9 +610,9 @@ impl Inner {
         let candidate = Arc::new(lora.to_adapter()?);
         let after_loss = loss_on(Some(&candidate), &held_targets)?;
         let after_avoided = loss_on(Some(&candidate), &held_avoided)?;
-        let after_match = if held_targets.is_empty() { 0.0 } else { eval::exact_match(model, Some(&candidate), &held_targets)? };
+        let after_match = if held_targets.is_empty() { 0.0 } else { self.work(|| eval::exact_match(model, Some(&candidate), &held_targets))? };
         let after_replay = loss_on(Some(&candidate), &replay_targets)?;
-        let (kl, agreement) = eval::drift(model, &candidate, self.anchors())?;
+        let (kl, agreement) = self.work(|| eval::drift(model, &candidate, self.anchors()))?;
 
         let mut reasons = Vec::new();
         if !held_targets.is_empty() && after_loss >= before_loss {
@@ -601,7 +642,7 @@ impl Inner {
             all.extend(replay.iter().cloned());
             let extra = SftConfig { steps: (cfg.steps / 3).max(1), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
-            let more = sft::train_lessons(model, &lora, &all, &extra, Some(anchors), |step, loss| {
+            let more = sft::train_lessons_on(model, &lora, &all, &extra, Some(anchors), &run_step, |step, loss| {
                 self.yield_to_serving(step_started.elapsed(), &job.id);
                 step_started = std::time::Instant::now();
                 if step % 5 == 4 {
@@ -613,7 +654,7 @@ impl Inner {
                 return Err(RunError::Cancelled);
             }
             let full = Arc::new(lora.to_adapter()?);
-            let (kl2, agreement2) = eval::drift(model, &full, self.anchors())?;
+            let (kl2, agreement2) = self.work(|| eval::drift(model, &full, self.anchors()))?;
             if kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement {
                 candidate = full;
                 (kl, agreement) = (kl2, agreement2);

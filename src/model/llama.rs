@@ -117,6 +117,7 @@ impl Block {
 }
 
 mod train;
+pub use train::PackedSeq;
 
 /// The token embedding table, dense or quantized (GGUF keeps it quantized
 /// and dequantizes only the looked-up rows).

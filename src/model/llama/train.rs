@@ -1,5 +1,5 @@
-//! The differentiable forward pass for training adapters: one sequence,
-//! full causal attention, every op one that candle can differentiate
+//! The differentiable forward pass for training adapters: one sequence or
+//! several packed end to end, causal attention within each, every op one that candle can differentiate
 //! (plain RMSNorm, softmax and RoPE instead of the fused kernels, which
 //! record no backward), LoRA deltas from a [`TrainableLora`]. The frozen
 //! base weights are the serving model's own tensors, never copied.
@@ -27,20 +27,57 @@ impl Llama {
     /// Logits for positions `start..start + len` only: the output head (the
     /// largest matmul of a small model) runs on the rows a loss reads.
     pub fn forward_train_range(&self, tokens: &[u32], lora: &TrainableLora, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let x = self.hidden_train(tokens, lora)?;
+        let x = self.hidden_train(tokens, &[tokens.len()], lora)?;
         self.lm_head.forward_train(&x.narrow(0, start, len)?)
     }
 
-    /// Final hidden states `[T, hidden]` (after the last norm).
-    fn hidden_train(&self, tokens: &[u32], lora: &TrainableLora) -> candle_core::Result<Tensor> {
+    /// Several sequences in one pass, packed end to end with attention kept
+    /// inside each (a block-diagonal causal mask, positions restarting):
+    /// each frozen projection runs once over all their tokens, so its
+    /// backward (which dequantizes a quantized weight tile by tile) is paid
+    /// once per step instead of once per sequence. Returns each sequence's
+    /// logits rows `start..start + len`.
+    pub fn forward_train_packed(&self, seqs: &[PackedSeq<'_>], lora: &TrainableLora) -> candle_core::Result<Vec<Tensor>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let x = self.hidden_train(&tokens, &lens, lora)?;
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for s in seqs {
+            if s.start + s.len > s.tokens.len() {
+                candle_core::bail!("logits rows {}..{} are outside a sequence of {}", s.start, s.start + s.len, s.tokens.len());
+            }
+            rows.push(x.narrow(0, offset + s.start, s.len)?);
+            offset += s.tokens.len();
+        }
+        let logits = self.lm_head.forward_train(&Tensor::cat(&rows, 0)?)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for s in seqs {
+            out.push(logits.narrow(0, at, s.len)?);
+            at += s.len;
+        }
+        Ok(out)
+    }
+
+    /// Final hidden states `[T, hidden]` (after the last norm) of `tokens`,
+    /// which hold sequences of `lens` end to end.
+    fn hidden_train(&self, tokens: &[u32], lens: &[usize], lora: &TrainableLora) -> candle_core::Result<Tensor> {
         if !self.trainable() {
             candle_core::bail!("training needs f32 activations: serve the model with dtype f32 to train it");
         }
         let cfg = &self.config;
         let t = tokens.len();
+        if lens.iter().sum::<usize>() != t {
+            candle_core::bail!("packed sequence lengths {lens:?} do not add up to {t} tokens");
+        }
         let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
-        let positions = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), t, &self.device)?;
-        let mask = causal_mask(t, &self.device)?;
+        let positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
+        let positions = Tensor::from_vec(positions, t, &self.device)?;
+        let mask = block_causal_mask(lens, &self.device)?;
         let mut x = self.embed.lookup(&ids)?.to_dtype(DType::F32)?;
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.input_norm, cfg.rms_norm_eps)?;
@@ -122,9 +159,26 @@ impl candle_core::CustomOp1 for FrozenRmsNorm {
     }
 }
 
-/// `[T, T]`: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let m: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+/// One sequence of a packed training pass and the logits rows its loss reads.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedSeq<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub len: usize,
+}
+
+/// `[T, T]` for sequences of `lens` end to end: a token sees itself and the
+/// tokens before it in its own sequence (0), nothing else (-inf).
+fn block_causal_mask(lens: &[usize], device: &candle_core::Device) -> candle_core::Result<Tensor> {
+    let t: usize = lens.iter().sum();
+    let mut m = vec![f32::NEG_INFINITY; t * t];
+    let mut begin = 0;
+    for &n in lens {
+        for i in begin..begin + n {
+            m[i * t + begin..=i * t + i].fill(0.0);
+        }
+        begin += n;
+    }
     Tensor::from_vec(m, (t, t), device)
 }
 
