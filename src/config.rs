@@ -33,7 +33,31 @@ pub struct Settings {
     pub lora: LoraSettings,
     pub storage: StorageSettings,
     pub learning: LearningSettings,
+    pub limits: LimitSettings,
     pub log: LogSettings,
+}
+
+/// What one request may ask for, and what one tenant may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Longest prompt, in tokens (0: the model's context length).
+    pub max_prompt_tokens: usize,
+    /// Prompts in one `/v1/completions` request.
+    pub max_prompts: usize,
+    /// Messages in one chat request.
+    pub max_messages: usize,
+    /// Stop sequences per request, and bytes per sequence.
+    pub max_stop_sequences: usize,
+    pub max_stop_bytes: usize,
+    /// Generation requests one tenant may have in flight (0: no limit).
+    pub max_concurrent_per_tenant: usize,
+    /// Prompt plus generated tokens one tenant may use per minute (0: no limit).
+    pub tokens_per_minute_per_tenant: u64,
+    /// Seconds a client may take to send its request (head and body) before 408.
+    pub client_timeout_secs: u64,
+    /// Seconds running requests get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
 }
 
 /// The HTTP listener.

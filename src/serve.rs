@@ -122,6 +122,7 @@ pub fn serve(
     let serving_busy = Box::new(move || busy_metrics.running_sequences.get() + busy_metrics.waiting_sequences.get() > 0);
     let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone(), serving_busy, metrics.clone())?;
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
+    let settings_limits = settings.limits.clone();
     let state = AppState {
         model,
         learner,
@@ -132,6 +133,11 @@ pub fn serve(
         settings: Arc::new(settings),
         created: crate::api::generate::unix_now(),
         records,
+        quotas: Arc::new(crate::api::quota::Quotas::new(
+            settings_limits.max_concurrent_per_tenant,
+            settings_limits.tokens_per_minute_per_tenant,
+        )),
+        draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     let result = actix_web::rt::System::new().block_on(async move {
         server::run(state, |addr| {

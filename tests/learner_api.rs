@@ -506,3 +506,30 @@ fn an_adapter_policy_overrides_when_and_how_it_learns() {
     assert_eq!(status, 200);
     assert_eq!((p["overrides"].clone(), p["effective"]["steps"].clone()), (json!({}), json!(80)));
 }
+
+#[test]
+fn sigterm_stops_a_training_job_cleanly_and_its_feedback_stays_pending() {
+    let Some(dir) = common::stories_dir() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[("LIFELORA_LIMITS__SHUTDOWN_GRACE_SECS", "20")]));
+    teach(&s);
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 10000}}));
+    let id = job["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    while !s.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=100")).1.contains("Step 5/") {
+        assert!(started.elapsed() < Duration::from_secs(60), "training never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.terminate();
+    let status = s.wait_exit(Duration::from_secs(30)).expect("the server did not exit");
+    assert!(status.success(), "{status:?}");
+    drop(s);
+    let s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[]));
+    let (_, body) = s.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let job: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert_eq!(s.get("/v1/adapters/main").0, 404, "no version was written");
+    let (_, again) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 2}}));
+    let again = wait_for_job(&s, again["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(again["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
+}

@@ -23,17 +23,35 @@ pub async fn read_limited(
             return Err(ApiError::too_large(limit));
         }
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::invalid(format!("could not read the request body: {e}"), None)
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::too_large(limit));
+    // A client that trickles its body holds a worker: it gets this long in all.
+    let timeout = req
+        .app_data::<web::Data<super::state::AppState>>()
+        .map_or(30, |s| s.settings.limits.client_timeout_secs)
+        .max(1);
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::invalid(format!("could not read the request body: {e}"), None)
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(timeout), read).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError {
+            status: actix_web::http::StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {timeout} s"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after: None,
+        }),
     }
-    Ok(body.freeze())
 }
 
 /// Parses JSON into `T`; the error names the field path as `param`.

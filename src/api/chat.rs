@@ -70,7 +70,13 @@ pub async fn create(
     let r: ChatRequest = parse_json(&body)?;
     let target = state.target(&req, &r.model, r.tenant.as_deref())?;
     let adapter = target.adapter.clone();
-    let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
+    if r.messages.len() > state.settings.limits.max_messages {
+        return Err(ApiError::invalid(
+            format!("'messages' holds {} messages; this server takes at most {}", r.messages.len(), state.settings.limits.max_messages),
+            Some("messages"),
+        ));
+    }
+    let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits)?;
     if r.tools
         .as_ref()
         .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
@@ -116,6 +122,7 @@ pub async fn create(
     let messages = to_template_messages(&r.messages)?;
     let rendered = state.model.chat.render(&messages)?;
     let prompt = state.model.tokenizer.encode_chat(&rendered)?;
+    validate::prompt_length(prompt.len(), &state.settings.limits, "messages")?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "the rendered conversation is empty",
@@ -169,6 +176,7 @@ pub async fn create(
     let results = collect_all(subs).await?;
     let prompt_tokens = results.first().map_or(0, |c| c.prompt_tokens);
     let completion_tokens: usize = results.iter().map(|c| c.completion_tokens).sum();
+    super::server::log_tokens(&req, prompt_tokens, completion_tokens);
     let outputs = results.iter().map(super::sse::ChoiceOutput::from).collect();
     web::block(move || sink.finish(Usage::new(prompt_tokens, completion_tokens), outputs))
         .await

@@ -28,7 +28,7 @@ pub async fn create(
     let r: CompletionRequest = parse_json(&body)?;
     let target = state.target(&req, &r.model, r.tenant.as_deref())?;
     let adapter = target.adapter.clone();
-    let v = validate::sampling(&r.sampling(), &state.settings.engine)?;
+    let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "'suffix' is not supported by this model",
@@ -55,6 +55,17 @@ pub async fn create(
     };
     let echo = r.echo.unwrap_or(false);
     let tok = &state.model.tokenizer;
+    let count = match &r.prompt {
+        PromptInput::Texts(ts) => ts.len(),
+        PromptInput::TokenLists(lists) => lists.len(),
+        _ => 1,
+    };
+    if count > state.settings.limits.max_prompts {
+        return Err(ApiError::invalid(
+            format!("'prompt' holds {count} prompts; this server takes at most {} in one request", state.settings.limits.max_prompts),
+            Some("prompt"),
+        ));
+    }
     let prompts: Vec<Vec<u32>> = match &r.prompt {
         PromptInput::Text(t) => vec![tok.encode_prompt(t)?],
         PromptInput::Texts(ts) => ts
@@ -78,6 +89,7 @@ pub async fn create(
     }
     let mut requests = Vec::with_capacity(prompts.len());
     for ids in &prompts {
+        validate::prompt_length(ids.len(), &state.settings.limits, "prompt")?;
         if ids.is_empty() {
             return Err(ApiError::invalid(
                 "'prompt' must contain at least one token",
@@ -151,6 +163,7 @@ pub async fn create(
         })
         .collect();
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    super::server::log_tokens(&req, usage.prompt_tokens, usage.completion_tokens);
     let outputs = results.iter().map(super::sse::ChoiceOutput::from).collect();
     web::block(move || sink.finish(usage, outputs)).await.map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(HttpResponse::Ok().json(json!({

@@ -16,6 +16,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds a client should wait before retrying (429 and 503; 1 when unset).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -40,7 +42,7 @@ impl ApiError {
             message: message.into(),
             kind: "invalid_request_error",
             param: param.map(str::to_string),
-            code: None,
+            code: None, retry_after: None,
         }
     }
 
@@ -57,7 +59,7 @@ impl ApiError {
             message: format!("The model `{model}` does not exist or you do not have access to it."),
             kind: "invalid_request_error",
             param: Some("model".into()),
-            code: Some("model_not_found"),
+            code: Some("model_not_found"), retry_after: None,
         }
     }
 
@@ -68,7 +70,7 @@ impl ApiError {
             message: format!("Unknown request URL: {path}. Please check the URL and method."),
             kind: "invalid_request_error",
             param: None,
-            code: Some("unknown_url"),
+            code: Some("unknown_url"), retry_after: None,
         }
     }
 
@@ -79,7 +81,7 @@ impl ApiError {
             message: format!("Request body is larger than the limit of {limit} bytes."),
             kind: "invalid_request_error",
             param: None,
-            code: Some("request_too_large"),
+            code: Some("request_too_large"), retry_after: None,
         }
     }
 
@@ -90,7 +92,7 @@ impl ApiError {
             message: message.into(),
             kind: "server_error",
             param: None,
-            code: None,
+            code: None, retry_after: None,
         }
     }
 
@@ -124,7 +126,7 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::TOO_MANY_REQUESTS
             || self.status == StatusCode::SERVICE_UNAVAILABLE
         {
-            r.insert_header(("Retry-After", "1"));
+            r.insert_header(("Retry-After", self.retry_after.unwrap_or(1).max(1).to_string()));
         }
         r.json(self.body())
     }
@@ -138,14 +140,14 @@ impl From<EngineError> for ApiError {
                 message: e.to_string(),
                 kind: "rate_limit_error",
                 param: None,
-                code: Some("queue_full"),
+                code: Some("queue_full"), retry_after: None,
             },
             EngineError::Stopped | EngineError::Start(_) => ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: e.to_string(),
                 kind: "server_error",
                 param: None,
-                code: Some("engine_unavailable"),
+                code: Some("engine_unavailable"), retry_after: None,
             },
         }
     }
@@ -161,7 +163,7 @@ impl From<crate::registry::RegistryError> for ApiError {
                 message: format!("The adapter `{name}` does not exist or you do not have access to it."),
                 kind: "invalid_request_error",
                 param: Some("name".into()),
-                code: Some("adapter_not_found"),
+                code: Some("adapter_not_found"), retry_after: None,
             },
             R::BadReference(_) => ApiError::invalid(e.to_string(), Some("model")),
             R::Lora(l) => ApiError::invalid(format!("adapter refused: {l}"), Some("weights")).with_code("invalid_adapter"),
@@ -171,14 +173,14 @@ impl From<crate::registry::RegistryError> for ApiError {
                 message: e.to_string(),
                 kind: "invalid_request_error",
                 param: None,
-                code: Some("adapter_not_found"),
+                code: Some("adapter_not_found"), retry_after: None,
             },
             R::Store(StoreError::NoPrevious { .. }) => ApiError {
                 status: StatusCode::CONFLICT,
                 message: e.to_string(),
                 kind: "invalid_request_error",
                 param: None,
-                code: Some("no_previous_version"),
+                code: Some("no_previous_version"), retry_after: None,
             },
             R::Store(_) => ApiError::internal(e.to_string()),
         }
@@ -204,7 +206,7 @@ impl From<crate::store::StoreError> for ApiError {
                 message: format!("{what} does not exist or you do not have access to it"),
                 kind: "invalid_request_error",
                 param: None,
-                code: Some("not_found"),
+                code: Some("not_found"), retry_after: None,
             },
             other => ApiError::internal(other.to_string()),
         }

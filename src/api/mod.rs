@@ -14,6 +14,7 @@ pub mod fine_tuning;
 pub mod generate;
 pub mod models;
 pub mod policy;
+pub mod quota;
 pub mod server;
 pub mod sse;
 pub mod state;

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use actix_web::dev::{Service, ServiceResponse};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
@@ -54,8 +54,42 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(models::metrics));
 }
 
-/// Binds and runs the HTTP server until it is stopped. `on_bound` learns the
-/// bound address (port 0 picks a free one).
+/// A request's id: the client's `x-request-id` when it is a short printable
+/// token, else a fresh one.
+fn request_id(req: &actix_web::dev::ServiceRequest) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| crate::store::new_id("req"), str::to_string)
+}
+
+/// The request's id, for handlers that log on their own (streams end after the response line).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// What a handler learned about a request, for its log line.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLog {
+    pub tenant: Option<String>,
+    pub adapter: Option<String>,
+    pub prompt_tokens: Option<usize>,
+    pub completion_tokens: Option<usize>,
+}
+
+/// Records a finished request's token counts for its log line.
+pub fn log_tokens(req: &HttpRequest, prompt_tokens: usize, completion_tokens: usize) {
+    if let Some(log) = req.extensions_mut().get_mut::<RequestLog>() {
+        log.prompt_tokens = Some(prompt_tokens);
+        log.completion_tokens = Some(completion_tokens);
+    }
+}
+
+/// Binds and runs the HTTP server until SIGTERM or SIGINT, then shuts
+/// down gracefully: new requests get 503, running ones get
+/// `limits.shutdown_grace_secs` to finish, a training job is stopped, and
+/// this returns. `on_bound` learns the bound address (port 0 picks a free one).
 pub async fn run(
     state: AppState,
     on_bound: impl FnOnce(std::net::SocketAddr),
@@ -66,9 +100,17 @@ pub async fn run(
         0 => num_cpus::get().clamp(1, 4),
         n => n,
     };
+    let grace = std::time::Duration::from_secs(state.settings.limits.shutdown_grace_secs);
+    let client_timeout = std::time::Duration::from_secs(state.settings.limits.client_timeout_secs.max(1));
+    let draining = state.draining.clone();
+    let (learner, metrics_for_drain) = (state.learner.clone(), state.metrics.clone());
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let in_flight_drain = in_flight.clone();
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
         let metrics = data.metrics.clone();
+        let draining = data.draining.clone();
+        let in_flight = in_flight.clone();
         App::new()
             .app_data(data.clone())
             // Bad query strings (`?limit=abc`, unknown keys) answer in the OpenAI error shape too.
@@ -76,22 +118,51 @@ pub async fn run(
             .wrap_fn(move |req, srv| {
                 let started = Instant::now();
                 let metrics = metrics.clone();
-                let fut = srv.call(req);
+                let id = request_id(&req);
+                let (method, path) = (req.method().to_string(), req.path().to_string());
+                let refuse = draining.load(std::sync::atomic::Ordering::SeqCst);
+                let in_flight = in_flight.clone();
+                in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                req.extensions_mut().insert(RequestId(id.clone()));
+                let fut = if refuse { None } else { Some(srv.call(req)) };
+                let early = refuse.then(|| (id.clone(), path.clone()));
                 async move {
-                    let res: ServiceResponse = fut.await?;
-                    let route = res
-                        .request()
-                        .match_pattern()
-                        .unwrap_or_else(|| "unmatched".into());
-                    let status = res.status().as_u16().to_string();
-                    metrics
-                        .requests
-                        .with_label_values(&[route.as_str(), status.as_str()])
-                        .inc();
-                    metrics
-                        .request_latency
-                        .with_label_values(&[route.as_str()])
-                        .observe(started.elapsed().as_secs_f64());
+                    let _done = scopeguard(in_flight);
+                    let mut res: ServiceResponse = match (fut, early) {
+                        (Some(fut), _) => fut.await?,
+                        (None, _) => {
+                            return Err(ApiError {
+                                status: actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                                message: "the server is shutting down; retry on another instance".into(),
+                                kind: "server_error",
+                                param: None,
+                                code: Some("shutting_down"),
+                                retry_after: Some(1),
+                            }
+                            .into())
+                        }
+                    };
+                    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
+                        res.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);
+                    }
+                    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let status = res.status().as_u16();
+                    let secs = started.elapsed().as_secs_f64();
+                    metrics.requests.with_label_values(&[route.as_str(), &status.to_string()]).inc();
+                    metrics.request_latency.with_label_values(&[route.as_str()]).observe(secs);
+                    let log = res.request().extensions().get::<RequestLog>().cloned().unwrap_or_default();
+                    tracing::info!(
+                        request_id = %id,
+                        method = %method,
+                        path = %path,
+                        status,
+                        latency_ms = (secs * 1000.0).round() as u64,
+                        tenant = log.tenant.as_deref().unwrap_or(""),
+                        adapter = log.adapter.as_deref().unwrap_or(""),
+                        prompt_tokens = log.prompt_tokens,
+                        completion_tokens = log.completion_tokens,
+                        "request"
+                    );
                     Ok(res)
                 }
             })
@@ -99,9 +170,67 @@ pub async fn run(
             .default_service(web::to(not_found))
     })
     .workers(workers)
+    .client_request_timeout(client_timeout)
+    .shutdown_timeout(grace.as_secs().max(1))
+    .disable_signals()
     .bind((host.as_str(), port))?;
     if let Some(addr) = server.addrs().first() {
         on_bound(*addr);
     }
-    server.run().await
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down: new requests get 503, running ones may finish");
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stop_learner = actix_web::rt::task::spawn_blocking(move || learner.shutdown(grace));
+        let until = Instant::now() + grace;
+        loop {
+            // The signal task's own requests are none; the count is HTTP requests in progress.
+            let busy = in_flight_drain.load(std::sync::atomic::Ordering::SeqCst) > 0
+                || metrics_for_drain.running_sequences.get() + metrics_for_drain.waiting_sequences.get() > 0;
+            if !busy || Instant::now() >= until {
+                break;
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = stop_learner.await;
+        handle.stop(true).await;
+    });
+    server.await
+}
+
+/// Decrements a request counter when dropped (also when a client goes away mid-response).
+fn scopeguard(counter: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> impl Drop {
+    struct Guard(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    Guard(counter)
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -22,6 +22,9 @@ pub struct UsageSink {
     pub adapter: String,
     /// The log entry, its outputs still empty; `None`: not logged.
     pub log: Option<(std::sync::Arc<dyn crate::store::RecordStore>, crate::store::CompletionRecord)>,
+    /// The quotas to charge the tokens to, and the request's permit (released when the sink goes).
+    pub quotas: Option<(std::sync::Arc<super::quota::Quotas>, Option<std::sync::Arc<super::quota::Permit>>)>,
+    pub request_id: Option<String>,
 }
 
 impl UsageSink {
@@ -30,6 +33,17 @@ impl UsageSink {
     /// or accept a few milliseconds.
     pub fn finish(self, usage: Usage, outputs: Vec<ChoiceOutput>) {
         self.metrics.record_usage(&self.tenant, &self.adapter, usage.prompt_tokens, usage.completion_tokens);
+        tracing::info!(
+            request_id = self.request_id.as_deref().unwrap_or(""),
+            tenant = %self.tenant,
+            adapter = %self.adapter,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            "generation finished"
+        );
+        if let Some((quotas, _permit)) = &self.quotas {
+            quotas.charge(&self.tenant, (usage.prompt_tokens + usage.completion_tokens) as u64);
+        }
         if let Some((store, mut record)) = self.log {
             record.outputs = outputs.iter().map(|o| o.text.clone()).collect();
             record.output_ids = outputs.iter().map(|o| o.ids.clone()).collect();

@@ -19,6 +19,10 @@ pub struct Target {
     pub label: String,
     /// The adapter's name and resolved version (`None`: the base model).
     pub adapter_ref: Option<(String, u32)>,
+    /// The tenant's concurrency quota, held until the response ends.
+    pub permit: Option<Arc<super::quota::Permit>>,
+    /// The request's id (for the line a stream logs when it ends).
+    pub request_id: Option<String>,
 }
 
 /// A generation request as the completion log records it.
@@ -51,6 +55,10 @@ pub struct AppState {
     pub records: Arc<dyn crate::store::RecordStore>,
     /// The background learner (queues training runs).
     pub learner: crate::learner::Learner,
+    /// Per-tenant quotas.
+    pub quotas: Arc<super::quota::Quotas>,
+    /// Set by SIGTERM: new requests get 503 while running ones finish.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -75,7 +83,15 @@ impl AppState {
     pub fn target(&self, req: &actix_web::HttpRequest, model: &str, named_tenant: Option<&str>) -> Result<Target, ApiError> {
         let tenant = super::tenant::tenant_for(req, self, named_tenant)?;
         let resolved = self.resolve_model(&tenant, model)?;
+        let permit = Arc::new(self.quotas.admit(&tenant)?);
+        use actix_web::HttpMessage;
+        let request_id = req.extensions().get::<super::server::RequestId>().map(|r| r.0.clone());
+        if let Some(log) = req.extensions_mut().get_mut::<super::server::RequestLog>() {
+            log.adapter = resolved.as_ref().map(|r| format!("{}@v{}", r.name, r.version));
+        }
         Ok(Target {
+            permit: Some(permit),
+            request_id,
             adapter: resolved.as_ref().map(|r| r.adapter.clone()),
             adapter_ref: resolved.as_ref().map(|r| (r.name.clone(), r.version)),
             label: resolved.map_or_else(|| "base".to_string(), |r| r.name),
@@ -111,7 +127,14 @@ impl AppState {
             };
             (self.records.clone(), record)
         });
-        super::sse::UsageSink { metrics: self.metrics.clone(), tenant: target.tenant.clone(), adapter: target.label.clone(), log }
+        super::sse::UsageSink {
+            metrics: self.metrics.clone(),
+            tenant: target.tenant.clone(),
+            adapter: target.label.clone(),
+            log,
+            quotas: Some((self.quotas.clone(), target.permit.clone())),
+            request_id: target.request_id.clone(),
+        }
     }
 
     /// The context length in tokens.

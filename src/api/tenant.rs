@@ -28,7 +28,7 @@ fn unauthorized(message: &str) -> ApiError {
         message: message.to_string(),
         kind: "invalid_request_error",
         param: None,
-        code: Some("invalid_api_key"),
+        code: Some("invalid_api_key"), retry_after: None,
     }
 }
 
@@ -39,7 +39,7 @@ pub fn forbidden() -> ApiError {
         message: "This route needs the admin key.".into(),
         kind: "invalid_request_error",
         param: None,
-        code: Some("admin_required"),
+        code: Some("admin_required"), retry_after: None,
     }
 }
 
@@ -71,6 +71,20 @@ pub fn tenant_of(req: &HttpRequest, state: &AppState) -> Result<String, ApiError
 /// As [`tenant_of`], where the body may name the tenant too (`tenant`
 /// field): the admin acts as it; a tenant key may only name itself.
 pub fn tenant_for(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<String, ApiError> {
+    let tenant = resolve_tenant(req, state, named)?;
+    use actix_web::HttpMessage;
+    let mut ext = req.extensions_mut();
+    match ext.get_mut::<super::server::RequestLog>() {
+        Some(log) => log.tenant = Some(tenant.clone()),
+        None => {
+            ext.insert(super::server::RequestLog { tenant: Some(tenant.clone()), ..Default::default() });
+        }
+    }
+    drop(ext);
+    Ok(tenant)
+}
+
+fn resolve_tenant(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<String, ApiError> {
     match caller(req, state)? {
         Caller::Tenant(t) => match named {
             Some(n) if n != t => Err(forbidden()),
@@ -91,7 +105,7 @@ pub fn tenant_for(req: &HttpRequest, state: &AppState, named: Option<&str>) -> R
                     message: format!("tenant {name:?} not found"),
                     kind: "invalid_request_error",
                     param: Some("X-Lifelora-Tenant".into()),
-                    code: Some("tenant_not_found"),
+                    code: Some("tenant_not_found"), retry_after: None,
                 });
             }
             Ok(name.to_string())

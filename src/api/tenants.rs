@@ -15,8 +15,8 @@ impl From<TenantError> for ApiError {
         use actix_web::http::StatusCode;
         match e {
             TenantError::Name(_) => ApiError::invalid(e.to_string(), Some("name")).with_code("invalid_name"),
-            TenantError::Exists(_) => ApiError { status: StatusCode::CONFLICT, message: e.to_string(), kind: "invalid_request_error", param: Some("name".into()), code: Some("tenant_exists") },
-            TenantError::NotFound(_) => ApiError { status: StatusCode::NOT_FOUND, message: e.to_string(), kind: "invalid_request_error", param: Some("name".into()), code: Some("tenant_not_found") },
+            TenantError::Exists(_) => ApiError { status: StatusCode::CONFLICT, message: e.to_string(), kind: "invalid_request_error", param: Some("name".into()), code: Some("tenant_exists"), retry_after: None },
+            TenantError::NotFound(_) => ApiError { status: StatusCode::NOT_FOUND, message: e.to_string(), kind: "invalid_request_error", param: Some("name".into()), code: Some("tenant_not_found"), retry_after: None },
             TenantError::Io { .. } => ApiError::internal(e.to_string()),
         }
     }

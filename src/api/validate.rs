@@ -7,8 +7,6 @@ use crate::engine::SamplingParams;
 use super::error::ApiError;
 use super::types::SamplingFields;
 
-/// Most stop strings a request may give (OpenAI allows 4).
-pub const MAX_STOP: usize = 4;
 /// Most alternatives per token (OpenAI allows 20 in chat, 5 in completions).
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -34,7 +32,7 @@ pub struct Validated {
 }
 
 /// Validates the shared fields against the engine's limits.
-pub fn sampling(f: &SamplingFields, limits: &EngineSettings) -> Result<Validated, ApiError> {
+pub fn sampling(f: &SamplingFields, limits: &EngineSettings, request: &crate::config::LimitSettings) -> Result<Validated, ApiError> {
     let temperature = range("temperature", f.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p <= 0.0 {
@@ -66,18 +64,15 @@ pub fn sampling(f: &SamplingFields, limits: &EngineSettings) -> Result<Validated
         }
     };
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > MAX_STOP {
+    if stop.len() > request.max_stop_sequences {
         return Err(ApiError::invalid(
-            format!(
-                "'stop' may hold at most {MAX_STOP} sequences, got {}",
-                stop.len()
-            ),
+            format!("'stop' may hold at most {} sequences, got {}", request.max_stop_sequences, stop.len()),
             Some("stop"),
         ));
     }
-    if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+    if stop.iter().any(|s| s.is_empty() || s.len() > request.max_stop_bytes) {
         return Err(ApiError::invalid(
-            "each 'stop' sequence must be 1 to 256 bytes long",
+            format!("each 'stop' sequence must be 1 to {} bytes long", request.max_stop_bytes),
             Some("stop"),
         ));
     }
@@ -158,4 +153,16 @@ fn context_error(prompt_param: &str, context: usize, prompt: usize, completion: 
         Some(prompt_param),
     )
     .with_code("context_length_exceeded")
+}
+
+/// Refuses a prompt longer than `limits.max_prompt_tokens` (when set).
+pub fn prompt_length(tokens: usize, limits: &crate::config::LimitSettings, param: &str) -> Result<(), ApiError> {
+    if limits.max_prompt_tokens > 0 && tokens > limits.max_prompt_tokens {
+        return Err(ApiError::invalid(
+            format!("the prompt is {tokens} tokens; this server takes at most {}", limits.max_prompt_tokens),
+            Some(param),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
 }

@@ -40,6 +40,10 @@ struct Inner {
     settings: LearningSettings,
     /// Jobs asked to stop.
     cancelled: Mutex<HashSet<String>>,
+    /// The job running now, if any.
+    current: Mutex<Option<String>>,
+    /// Set at shutdown: no further job starts.
+    stopping: AtomicBool,
     anchors: OnceLock<Vec<Anchor>>,
     kl_anchors: OnceLock<KlAnchors>,
     /// Whether the engine is serving requests right now.
@@ -96,6 +100,8 @@ impl Learner {
             records,
             settings,
             cancelled: Mutex::new(HashSet::new()),
+            current: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             anchors: OnceLock::new(),
             kl_anchors: OnceLock::new(),
             serving_busy,
@@ -200,6 +206,31 @@ impl Learner {
                 }
             }
             Err(e) => tracing::error!("learner: cannot list jobs: {e}"),
+        }
+    }
+
+    /// Stops cleanly for a shutdown: no new job starts, the running one is
+    /// cancelled at its next step (waiting at most `grace`), and queued ones
+    /// are marked failed; their feedback stays pending for the next start.
+    pub fn shutdown(&self, grace: std::time::Duration) {
+        let i = &self.inner;
+        i.stopping.store(true, Ordering::SeqCst);
+        let running = i.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(job) = &running {
+            tracing::info!(job = %job, "shutdown: stopping the training job");
+            i.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone());
+        }
+        let until = std::time::Instant::now() + grace;
+        while i.current.lock().unwrap_or_else(|p| p.into_inner()).is_some() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        match i.records.fail_unfinished_jobs("the server shut down before this job finished; its feedback is still pending") {
+            Ok(jobs) => {
+                for job in jobs {
+                    tracing::info!(job = %job.id, "shutdown: job marked failed");
+                }
+            }
+            Err(e) => tracing::error!("shutdown: cannot mark unfinished jobs: {e}"),
         }
     }
 
@@ -436,9 +467,17 @@ impl Inner {
             Ok(j) => j,
             Err(e) => return tracing::error!(job = job_id, "learner: queued job not found: {e}"),
         };
-        if job.status != "queued" {
+        if job.status != "queued" || self.stopping.load(Ordering::SeqCst) {
             return;
         }
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(job_id.to_string());
+        self.run_job(job);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn run_job(&self, job: JobRecord) {
+        let job_id = job.id.clone();
+        let job_id = job_id.as_str();
         let mut job = job;
         job.status = "running".into();
         if let Err(e) = self.records.save_job(&job) {
