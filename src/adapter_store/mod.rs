@@ -106,6 +106,9 @@ fn hex_sha256(bytes: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct AdapterStore {
     root: PathBuf,
+    /// One writer at a time per adapter: numbering a version and moving the
+    /// pointer are read-modify-write steps (uploads and the learner race).
+    locks: std::sync::Arc<dashmap::DashMap<PathBuf, std::sync::Arc<std::sync::Mutex<()>>>>,
 }
 
 /// A new version's contents and provenance.
@@ -124,7 +127,7 @@ impl AdapterStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io(&root))?;
-        let store = AdapterStore { root };
+        let store = AdapterStore { root, locks: Default::default() };
         store.clean_partial_writes()?;
         Ok(store)
     }
@@ -133,6 +136,14 @@ impl AdapterStore {
         validate_name(tenant)?;
         validate_name(name)?;
         Ok(self.root.join(tenant).join(name))
+    }
+
+    /// Holds the adapter's write lock for `f`.
+    fn exclusive<T>(&self, tenant: &str, name: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let dir = self.adapter_dir(tenant, name)?;
+        let lock = self.locks.entry(dir).or_default().clone();
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        f()
     }
 
     fn clean_partial_writes(&self) -> Result<(), StoreError> {
@@ -229,6 +240,10 @@ impl AdapterStore {
 
     /// Writes a new immutable version (the next number) and returns its manifest.
     pub fn write_version(&self, tenant: &str, name: &str, new: NewVersion<'_>) -> Result<Manifest, StoreError> {
+        self.exclusive(tenant, name, || self.write_version_locked(tenant, name, new))
+    }
+
+    fn write_version_locked(&self, tenant: &str, name: &str, new: NewVersion<'_>) -> Result<Manifest, StoreError> {
         let dir = self.adapter_dir(tenant, name)?;
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let tenant_dir = self.root.join(tenant);
@@ -248,7 +263,7 @@ impl AdapterStore {
             target_modules: new.target_modules,
             metrics: new.metrics,
         };
-        let tmp = dir.join(format!(".tmp-v{version}-{}", std::process::id()));
+        let tmp = dir.join(format!(".tmp-v{version}-{}-{}", std::process::id(), rand::random::<u64>()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp).map_err(io(&tmp))?;
         write_synced(&tmp.join(CONFIG_FILE), new.config)?;
@@ -283,6 +298,10 @@ impl AdapterStore {
 
     /// Makes `version` current; the previous current goes to the history.
     pub fn promote(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, StoreError> {
+        self.exclusive(tenant, name, || self.promote_locked(tenant, name, version))
+    }
+
+    fn promote_locked(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, StoreError> {
         if !self.versions(tenant, name)?.iter().any(|m| m.version == version) {
             return Err(StoreError::VersionNotFound { name: name.to_string(), version });
         }
@@ -300,6 +319,10 @@ impl AdapterStore {
 
     /// Goes back to the version that was current before this one.
     pub fn rollback(&self, tenant: &str, name: &str) -> Result<Pointer, StoreError> {
+        self.exclusive(tenant, name, || self.rollback_locked(tenant, name))
+    }
+
+    fn rollback_locked(&self, tenant: &str, name: &str) -> Result<Pointer, StoreError> {
         let mut p = self.pointer(tenant, name)?;
         let previous = p.history.pop().ok_or_else(|| StoreError::NoPrevious { name: name.to_string() })?;
         p.current = Some(previous);
@@ -310,6 +333,10 @@ impl AdapterStore {
     /// Removes an adapter and all its versions (renamed away first, so a
     /// crash never leaves half an adapter listed).
     pub fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.exclusive(tenant, name, || self.delete_locked(tenant, name))
+    }
+
+    fn delete_locked(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
         let dir = self.adapter_dir(tenant, name)?;
         if !dir.exists() {
             return Err(StoreError::NotFound(name.to_string()));
@@ -368,5 +395,23 @@ mod tests {
         let s = AdapterStore::open(dir.path()).unwrap();
         assert!(!dir.path().join("t/a/.tmp-v2-1").exists());
         assert_eq!(s.write_version("t", "a", new(b"{}")).unwrap().version, 2);
+    }
+
+    #[test]
+    fn concurrent_writers_get_distinct_complete_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AdapterStore::open(dir.path()).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..5).map(|_| store.write_version("acme", "bot", new(b"{}")).unwrap().version).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut got: Vec<u32> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, (1..=40).collect::<Vec<_>>());
+        assert_eq!(store.versions("acme", "bot").unwrap().len(), 40);
     }
 }

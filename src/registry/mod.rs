@@ -64,6 +64,9 @@ pub struct Registry {
     max_resident_bytes: usize,
     tick: AtomicU64,
     metrics: Option<crate::metrics::Metrics>,
+    /// Serializes pointer changes per adapter, so the in-memory current
+    /// version is swapped in the same order the store wrote it.
+    pointer_locks: DashMap<Key, Arc<std::sync::Mutex<()>>>,
 }
 
 /// Splits `name@vN`.
@@ -99,6 +102,7 @@ impl Registry {
             max_resident_bytes: usize::MAX,
             tick: AtomicU64::new(0),
             metrics: None,
+            pointer_locks: DashMap::new(),
         };
         for tenant in r.store.tenants()? {
             for name in r.store.adapters(&tenant)? {
@@ -131,6 +135,10 @@ impl Registry {
             m.adapters_resident.set(self.resident.len() as i64);
             m.adapters_resident_bytes.set(self.resident.iter().map(|r| r.adapter.bytes()).sum::<usize>() as i64);
         }
+    }
+
+    fn pointer_lock(&self, tenant: &str, name: &str) -> Arc<std::sync::Mutex<()>> {
+        self.pointer_locks.entry((tenant.to_string(), name.to_string())).or_default().clone()
     }
 
     fn slot(&self, tenant: &str, name: &str) -> Arc<ArcSwapOption<u32>> {
@@ -254,6 +262,8 @@ impl Registry {
 
     /// Makes a version current: durable on disk first, then one atomic swap.
     pub fn promote(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, RegistryError> {
+        let lock = self.pointer_lock(tenant, name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let p = self.store.promote(tenant, name, version)?;
         self.slot(tenant, name).store(p.current.map(Arc::new));
         Ok(p)
@@ -261,6 +271,8 @@ impl Registry {
 
     /// Back to the previously current version.
     pub fn rollback(&self, tenant: &str, name: &str) -> Result<Pointer, RegistryError> {
+        let lock = self.pointer_lock(tenant, name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let p = self.store.rollback(tenant, name)?;
         self.slot(tenant, name).store(p.current.map(Arc::new));
         Ok(p)
@@ -268,6 +280,8 @@ impl Registry {
 
     /// Deletes an adapter and all its versions.
     pub fn delete(&self, tenant: &str, name: &str) -> Result<(), RegistryError> {
+        let lock = self.pointer_lock(tenant, name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         self.store.delete(tenant, name)?;
         self.current.remove(&(tenant.to_string(), name.to_string()));
         self.resident.retain(|k, _| !(k.0 == tenant && k.1 == name));
