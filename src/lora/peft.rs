@@ -28,6 +28,8 @@ pub struct PeftConfig {
     /// `{pattern: rank}` in file order (first match wins).
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
+    /// `target_modules` when given as a list of names (a string is a regex, not checked by name).
+    pub target_names: Vec<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> LoraError {
@@ -72,6 +74,7 @@ impl PeftConfig {
                 return Err(unsupported(format!("init_lora_weights {init:?} (changes the base weights)")));
             }
         }
+        let mut target_names = Vec::new();
         if let Some(t) = get("target_modules") {
             let names: Vec<String> = match t {
                 Value::String(s) => vec![s.clone()],
@@ -80,6 +83,9 @@ impl PeftConfig {
             };
             if let Some(bad) = names.iter().find(|n| n.contains("embed_tokens") || n.contains("lm_head")) {
                 return Err(unsupported(format!("LoRA on {bad} (embedding and lm_head adapters)")));
+            }
+            if t.is_array() {
+                target_names = names;
             }
         }
         let r = get("r").and_then(Value::as_u64).ok_or_else(|| invalid("r must be a positive integer"))? as usize;
@@ -105,7 +111,7 @@ impl PeftConfig {
             }
         };
         let rank_pattern = pattern("rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect();
-        Ok(PeftConfig { r, lora_alpha, use_rslora, rank_pattern, alpha_pattern: pattern("alpha_pattern")? })
+        Ok(PeftConfig { r, lora_alpha, use_rslora, rank_pattern, alpha_pattern: pattern("alpha_pattern")?, target_names })
     }
 
     /// Rank and scale of the module with full name `name` (PEFT's rule: a
@@ -175,6 +181,14 @@ pub fn parse(
     let config = PeftConfig::parse(config_json)?;
     let st = SafeTensors::deserialize(weights).map_err(|e| LoraError::Safetensors(e.to_string()))?;
     let site_map: HashMap<(usize, &str), &SiteSpec> = sites.iter().map(|s| ((s.layer, s.module.as_str()), s)).collect();
+    // Every module the config names must exist in this base model (PEFT
+    // matches a listed name against the end of each module's path).
+    let modules: HashSet<&str> = sites.iter().map(|s| s.module.as_str()).collect();
+    if let Some(bad) = config.target_names.iter().find(|n| !modules.contains(n.rsplit('.').next().unwrap_or(n))) {
+        let mut known: Vec<&str> = modules.iter().copied().collect();
+        known.sort();
+        return Err(invalid(format!("target_modules names {bad:?}, which this base model does not have (it has {})", known.join(", "))));
+    }
     let mut pairs: HashMap<(usize, String), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     let mut seen = HashSet::new();
     for (key, view) in st.tensors() {
