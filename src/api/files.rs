@@ -35,7 +35,7 @@ pub fn file_json(f: &FileRecord) -> Value {
 }
 
 /// Checks that `content` is UTF-8 JSONL of objects; names the first bad line.
-fn check_jsonl(content: &[u8]) -> Result<usize, ApiError> {
+pub fn check_jsonl(content: &[u8]) -> Result<usize, ApiError> {
     let text = std::str::from_utf8(content).map_err(|e| ApiError::invalid(format!("the file is not UTF-8 text: {e}"), Some("file")))?;
     let mut lines = 0;
     for (i, line) in text.lines().enumerate() {

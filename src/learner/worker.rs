@@ -40,6 +40,8 @@ struct Inner {
     settings: LearningSettings,
     /// Jobs asked to stop.
     cancelled: Mutex<HashSet<String>>,
+    /// Adapters with an automatic run queued or running (one at a time each).
+    triggered: Mutex<HashSet<(String, String)>>,
     /// The job running now, if any.
     current: Mutex<Option<String>>,
     /// Set at shutdown: no further job starts.
@@ -101,6 +103,7 @@ impl Learner {
             settings,
             cancelled: Mutex::new(HashSet::new()),
             current: Mutex::new(None),
+            triggered: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
             anchors: OnceLock::new(),
             kl_anchors: OnceLock::new(),
@@ -198,13 +201,20 @@ impl Learner {
         if pending < min {
             return;
         }
+        // Check and queue as one step: feedback arrives concurrently.
+        let key = (tenant.to_string(), adapter.to_string());
+        let mut triggered = self.inner.triggered.lock().unwrap_or_else(|p| p.into_inner());
+        if triggered.contains(&key) {
+            return;
+        }
         match self.inner.records.jobs(tenant, Some(adapter), None, 1) {
             Ok(jobs) if jobs.first().is_some_and(|j| j.status == "queued" || j.status == "running") => {}
-            Ok(_) => {
-                if let Err(e) = self.submit(tenant, adapter, Value::Null) {
-                    tracing::error!("learner: cannot queue a run: {e}");
+            Ok(_) => match self.submit(tenant, adapter, Value::Null) {
+                Ok(_) => {
+                    triggered.insert(key);
                 }
-            }
+                Err(e) => tracing::error!("learner: cannot queue a run: {e}"),
+            },
             Err(e) => tracing::error!("learner: cannot list jobs: {e}"),
         }
     }
@@ -467,12 +477,14 @@ impl Inner {
             Ok(j) => j,
             Err(e) => return tracing::error!(job = job_id, "learner: queued job not found: {e}"),
         };
-        if job.status != "queued" || self.stopping.load(Ordering::SeqCst) {
-            return;
+        let key = (job.tenant.clone(), job.adapter.clone());
+        if job.status == "queued" && !self.stopping.load(Ordering::SeqCst) {
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(job_id.to_string());
+            self.run_job(job);
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(job_id.to_string());
-        self.run_job(job);
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Cancelled while queued, or done: the adapter may be triggered again.
+        self.triggered.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
     }
 
     fn run_job(&self, job: JobRecord) {
