@@ -36,6 +36,7 @@ fn request(max_tokens: usize) -> GenerationRequest {
         prompt_logprobs: None,
         ignore_eos: true,
         adapter: None,
+        tenant: String::new(),
     }
 }
 
@@ -156,5 +157,32 @@ async fn a_request_larger_than_the_kv_budget_fails_with_a_message() {
         Some(Event::Error(m)) => assert!(m.contains("KV cache"), "{m}"),
         other => panic!("expected an error, got {other:?}"),
     }
+    engine.shutdown();
+}
+
+#[tokio::test]
+async fn a_tenant_flooding_the_queue_does_not_keep_another_waiting_behind_it() {
+    let (engine, _) = engine(2, 64);
+    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let mut submit = |tenant: &str| {
+        let rx = engine.submit(GenerationRequest { tenant: tenant.to_string(), ..request(40) }).unwrap();
+        let (done, tenant) = (done.clone(), tenant.to_string());
+        tasks.push(tokio::spawn(async move {
+            drain(rx).await;
+            done.lock().unwrap().push(tenant);
+        }));
+    };
+    for _ in 0..10 {
+        submit("flood");
+    }
+    submit("quiet");
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = done.lock().unwrap().clone();
+    let quiet_at = order.iter().position(|t| t == "quiet").unwrap();
+    // First in first out would finish it last (11th); a fair share admits it at the first free slot.
+    assert!(quiet_at <= 3, "the quiet tenant finished {}th: {order:?}", quiet_at + 1);
     engine.shutdown();
 }

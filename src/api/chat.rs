@@ -152,6 +152,7 @@ pub async fn create(
         prompt_logprobs: None,
         ignore_eos: v.ignore_eos,
         adapter: adapter.clone(),
+            tenant: target.tenant.clone(),
     };
     let subs = submit_all(&state.engine, vec![request], v.n)?;
     let id = random_id("chatcmpl");

@@ -115,6 +115,7 @@ pub async fn create(
             prompt_logprobs: if echo { logprobs } else { None },
             ignore_eos: v.ignore_eos,
             adapter: adapter.clone(),
+            tenant: target.tenant.clone(),
         });
     }
     let subs = submit_all(&state.engine, requests, v.n)?;

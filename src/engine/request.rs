@@ -24,6 +24,8 @@ pub struct GenerationRequest {
     /// the base model). Resolved at submission, so a promotion while it
     /// runs never changes it.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Who asked: admission shares the batch fairly between tenants.
+    pub tenant: String,
 }
 
 /// Why a sequence ended.

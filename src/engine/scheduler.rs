@@ -84,6 +84,30 @@ impl Scheduler {
         seq
     }
 
+    /// Index of the waiting request to admit next: among the first
+    /// `FAIR_SCAN` waiting, the oldest of the tenant with the fewest running.
+    fn fair_pick(&self) -> Option<usize> {
+        const FAIR_SCAN: usize = 256;
+        if self.waiting.is_empty() {
+            return None;
+        }
+        let mut running: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for s in &self.running {
+            *running.entry(s.request.tenant.as_str()).or_default() += 1;
+        }
+        let mut best: Option<(usize, usize)> = None;
+        for (i, s) in self.waiting.iter().take(FAIR_SCAN).enumerate() {
+            let n = running.get(s.request.tenant.as_str()).copied().unwrap_or(0);
+            if best.is_none_or(|(_, b)| n < b) {
+                best = Some((i, n));
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
     /// Plans a step: admits what fits and returns, per running index, how
     /// many tokens to feed (0: sits this step out). Waiting requests that can
     /// never fit are returned for the caller to fail.
@@ -110,6 +134,16 @@ impl Scheduler {
         }
         let mut rejected = Vec::new();
         while budget > 0 && self.running.len() < self.limits.max_running {
+            // Fair share: the oldest waiting request of the tenant with the
+            // fewest running sequences goes first, so one tenant's flood
+            // waits behind everyone else's next request, not in front of it.
+            let Some(pick) = self.fair_pick() else {
+                break;
+            };
+            if pick != 0 {
+                let seq = self.waiting.remove(pick).expect("picked index exists");
+                self.waiting.push_front(seq);
+            }
             let Some(front) = self.waiting.front() else {
                 break;
             };

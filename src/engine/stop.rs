@@ -114,4 +114,13 @@ mod tests {
         let mut m = StopMatcher::new(vec![]);
         assert_eq!(m.push("abc"), StopOutcome::Continue("abc".into()));
     }
+
+    #[test]
+    fn the_stop_that_completes_first_ends_the_text_even_if_a_longer_one_began_earlier() {
+        // Found by the stop_matcher fuzz target (its first oracle was wrong):
+        // once "$" has appeared generation ends; "\0$\0" never gets to complete.
+        let mut m = StopMatcher::new(vec!["$".into(), "\0$\0".into()]);
+        assert_eq!(m.push("\0"), StopOutcome::Continue(String::new()));
+        assert_eq!(m.push("#\0$"), StopOutcome::Stopped("\0#\0".into()));
+    }
 }
