@@ -38,6 +38,33 @@ pub struct Anchor {
     pub answer_start: usize,
 }
 
+thread_local! {
+    /// The learner thread's way to give the cores back to serving between
+    /// pieces of evaluation work (set by [`with_pacer`]).
+    static PACER: std::cell::RefCell<Option<Box<dyn FnMut()>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with `pacer` called after each forward pass of evaluation work
+/// on this thread (anchor sampling, held-out losses, greedy decodes, drift),
+/// so that work yields to serving as training steps do.
+pub fn with_pacer<T>(pacer: Box<dyn FnMut()>, f: impl FnOnce() -> T) -> T {
+    let previous = PACER.with(|p| p.borrow_mut().replace(pacer));
+    let out = f();
+    PACER.with(|p| *p.borrow_mut() = previous);
+    out
+}
+
+/// Lets the pacer of this thread, if any, rest.
+pub fn pace() {
+    PACER.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if let Some(f) = p.as_mut() {
+                f();
+            }
+        }
+    });
+}
+
 fn logits_all(model: &Llama, tokens: &[u32], adapter: Option<&Arc<LoraAdapter>>) -> candle_core::Result<Tensor> {
     let mut cache = model.new_cache();
     model
@@ -68,6 +95,7 @@ fn decode(
             .forward_with_adapters(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }], &[adapter.cloned()])
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let next = pick(&logits)?;
+        pace();
         let stop = eos.contains(&next);
         if !stop || keep_eos {
             out.push(next);
@@ -95,6 +123,7 @@ pub fn mean_loss(model: &Llama, adapter: Option<&Arc<LoraAdapter>>, examples: &[
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::from_vec(e.answer.clone(), (e.answer.len(), 1), lp.device())?;
         let picked = lp.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()?;
+        pace();
         total -= picked as f64;
         count += e.answer.len();
     }
@@ -153,6 +182,7 @@ pub fn drift(model: &Llama, adapter: &Arc<LoraAdapter>, anchors: &[Anchor]) -> c
         let lp_base = candle_nn::ops::log_softmax(&base, D::Minus1)?;
         let lp_cand = candle_nn::ops::log_softmax(&cand, D::Minus1)?;
         let kl = (lp_base.exp()? * (&lp_base - &lp_cand)?)?.sum_all()?.to_scalar::<f32>()?;
+        pace();
         kl_sum += kl as f64;
         let (tb, tc) = (argmax_rows(&base)?, argmax_rows(&cand)?);
         agree += tb.iter().zip(&tc).filter(|(x, y)| x == y).count();

@@ -314,7 +314,9 @@ pub fn train_lessons_on(
     for l in &usable {
         reference.push(match l {
             Lesson::Prefer { prompt, chosen, rejected } => {
-                Some((sequence_log_prob(model, lora, prompt, chosen)?, sequence_log_prob(model, lora, prompt, rejected)?))
+                let r = (sequence_log_prob(model, lora, prompt, chosen)?, sequence_log_prob(model, lora, prompt, rejected)?);
+                super::eval::pace();
+                Some(r)
             }
             _ => None,
         });

@@ -49,7 +49,7 @@ struct Inner {
     anchors: OnceLock<Vec<Anchor>>,
     kl_anchors: OnceLock<KlAnchors>,
     /// Whether the engine is serving requests right now.
-    serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
+    serving_busy: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Where a training step runs while nothing is being served (None: the learner's own pool).
     idle_pool: Option<rayon::ThreadPool>,
     metrics: crate::metrics::Metrics,
@@ -107,7 +107,7 @@ impl Learner {
             stopping: AtomicBool::new(false),
             anchors: OnceLock::new(),
             kl_anchors: OnceLock::new(),
-            serving_busy,
+            serving_busy: Arc::from(serving_busy),
             idle_pool,
             metrics,
         });
@@ -480,7 +480,21 @@ impl Inner {
         let key = (job.tenant.clone(), job.adapter.clone());
         if job.status == "queued" && !self.stopping.load(Ordering::SeqCst) {
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(job_id.to_string());
-            self.run_job(job);
+            // Evaluation and anchor sampling rest for serving as training steps do.
+            let busy = self.serving_busy.clone();
+            let priority = self.settings.serving_priority.max(0.0);
+            let mut last = std::time::Instant::now();
+            let pacer = Box::new(move || {
+                // One forward pass of evaluation is well under 2 s; longer
+                // means training ran in between (it rests on its own).
+                let rest = last.elapsed().min(std::time::Duration::from_secs(2)).mul_f64(priority);
+                let until = std::time::Instant::now() + rest;
+                while std::time::Instant::now() < until && busy() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                last = std::time::Instant::now();
+            });
+            eval::with_pacer(pacer, || self.run_job(job));
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         // Cancelled while queued, or done: the adapter may be triggered again.
