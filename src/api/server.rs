@@ -125,12 +125,11 @@ pub async fn run(
                 in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 req.extensions_mut().insert(RequestId(id.clone()));
                 let fut = if refuse { None } else { Some(srv.call(req)) };
-                let early = refuse.then(|| (id.clone(), path.clone()));
                 async move {
                     let _done = scopeguard(in_flight);
-                    let mut res: ServiceResponse = match (fut, early) {
-                        (Some(fut), _) => fut.await?,
-                        (None, _) => {
+                    let mut res: ServiceResponse = match fut {
+                        Some(fut) => fut.await?,
+                        None => {
                             return Err(ApiError {
                                 status: actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
                                 message: "the server is shutting down; retry on another instance".into(),

@@ -140,12 +140,9 @@ pub fn example_loss(model: &Llama, lora: &TrainableLora, example: &SftExample) -
 
 /// Log-probability of each answer token given the prompt and the answer so far: `[answer len]`.
 fn answer_log_probs(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer: &[u32]) -> candle_core::Result<Tensor> {
-    let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
-    let start = prompt.len() - 1;
-    let logits = model.forward_train_range(&tokens[..tokens.len() - 1], lora, start, answer.len())?;
-    let targets = Tensor::from_vec(answer.to_vec(), answer.len(), logits.device())?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+    let piece = Piece::answer(prompt, answer);
+    let logits = packed_logits(model, lora, &[&piece])?;
+    picked_log_probs(&logits[0], &piece.targets)
 }
 
 /// `softplus(z) = log(1 + e^z)`, computed without overflow.

@@ -335,10 +335,7 @@ impl Inner {
     }
 
     fn run_step(&self, step: &mut (dyn FnMut() + Send)) {
-        match &self.idle_pool {
-            Some(pool) if !(self.serving_busy)() => pool.install(step),
-            _ => step(),
-        }
+        self.work(step)
     }
 
     fn is_cancelled(&self, job_id: &str) -> bool {
