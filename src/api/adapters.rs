@@ -41,7 +41,7 @@ fn adapter_json(state: &AppState, info: &AdapterInfo) -> Value {
 
 /// Pulls the two PEFT files out of a .tar.gz, refusing links, absolute or
 /// parent paths, too many entries and oversized contents.
-fn unpack_archive(bytes: &[u8], limit: usize) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+pub fn unpack_archive(bytes: &[u8], limit: usize) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
     let bad = |m: String| ApiError::invalid(format!("archive: {m}"), Some("archive"));
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
     let (mut config, mut weights) = (None, None);

@@ -18,7 +18,8 @@ use super::validate;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+/// Checks roles and contents and turns the wire messages into the template's input.
+pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "'messages' must contain at least one message",

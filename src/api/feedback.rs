@@ -61,11 +61,23 @@ fn parse_rating(v: &Value) -> Result<i8, ApiError> {
     }
 }
 
-/// `POST /v1/feedback`.
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
-    let f: FeedbackIn = parse_json(&body)?;
-    let tenant = tenant_for(&req, &state, f.tenant.as_deref())?;
+/// A feedback body, checked: what `POST /v1/feedback` acts on once the
+/// caller's tenant is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackRequest {
+    pub completion_id: String,
+    pub choice_index: u32,
+    pub rating: Option<i8>,
+    pub correction: Option<String>,
+    pub comment: Option<String>,
+    /// Admin only: the tenant acted for.
+    pub tenant: Option<String>,
+}
+
+/// Parses and checks a feedback body without touching any state, so every
+/// refusal is decided before the store is consulted (and can be fuzzed).
+pub fn parse_request(body: &[u8]) -> Result<FeedbackRequest, ApiError> {
+    let f: FeedbackIn = parse_json(body)?;
     let completion_id = field_string(&f.completion_id, "completion_id", MAX_ID_BYTES)?;
     let rating = f.rating.as_ref().filter(|v| !v.is_null()).map(parse_rating).transpose()?;
     let correction =
@@ -82,6 +94,14 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
             .ok_or_else(|| ApiError::invalid(format!("'choice_index' must be a non-negative integer, got {v}"), Some("choice_index")))?
             as u32,
     };
+    Ok(FeedbackRequest { completion_id, choice_index, rating, correction, comment, tenant: f.tenant })
+}
+
+/// `POST /v1/feedback`.
+pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
+    let FeedbackRequest { completion_id, choice_index, rating, correction, comment, tenant } = parse_request(&body)?;
+    let tenant = tenant_for(&req, &state, tenant.as_deref())?;
     let records = state.records.clone();
     let accepted = web::block(move || -> Result<FeedbackRecord, ApiError> {
         // Another tenant's completion answers exactly like a missing one.

@@ -55,16 +55,19 @@ struct TrainIn {
     tenant: Option<String>,
 }
 
-/// `POST /v1/adapters/{name}/train`.
-pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let name = path.into_inner();
-    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
-    let input: TrainIn = if body.iter().all(u8::is_ascii_whitespace) { TrainIn::default() } else { super::body::parse_json(&body)? };
-    let tenant = tenant_for(&req, &state, input.tenant.as_deref())?;
-    crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string(), Some("name")))?;
-    if name != state.learner.settings().default_adapter {
-        state.registry.info(&tenant, &name)?;
-    }
+/// A `POST /v1/adapters/{name}/train` body, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainRequest {
+    /// `n_steps`, `batch_size`, `learning_rate` as given (null for defaults).
+    pub hyperparameters: Value,
+    /// Admin only: the tenant acted for.
+    pub tenant: Option<String>,
+}
+
+/// Parses and checks a train body (empty means defaults) without touching
+/// any state.
+pub fn parse_train_request(body: &[u8]) -> Result<TrainRequest, ApiError> {
+    let input: TrainIn = if body.iter().all(u8::is_ascii_whitespace) { TrainIn::default() } else { super::body::parse_json(body)? };
     let hp = input.hyperparameters.unwrap_or(Value::Null);
     if !hp.is_null() && !hp.is_object() {
         return Err(ApiError::invalid("'hyperparameters' must be an object", Some("hyperparameters")));
@@ -76,6 +79,19 @@ pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path
                 return Err(ApiError::invalid(format!("'hyperparameters.{key}' must be a positive number up to {max}, or \"auto\""), Some(&format!("hyperparameters.{key}"))));
             }
         }
+    }
+    Ok(TrainRequest { hyperparameters: hp, tenant: input.tenant })
+}
+
+/// `POST /v1/adapters/{name}/train`.
+pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let name = path.into_inner();
+    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
+    let TrainRequest { hyperparameters: hp, tenant } = parse_train_request(&body)?;
+    let tenant = tenant_for(&req, &state, tenant.as_deref())?;
+    crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string(), Some("name")))?;
+    if name != state.learner.settings().default_adapter {
+        state.registry.info(&tenant, &name)?;
     }
     let learner = state.learner.clone();
     let job = web::block(move || learner.submit(&tenant, &name, hp))
@@ -122,24 +138,44 @@ fn file_id(v: &Value, param: &str) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::invalid(format!("'{param}' must be a file id such as \"file-abc123\""), Some(param)))
 }
 
-/// `POST /v1/fine_tuning/jobs`: OpenAI's way to start a job, on a file
-/// uploaded with purpose `fine-tune`. `model` is the base model id (the
-/// result is the adapter named by `suffix`, or `learning.default_adapter`)
-/// or one of the tenant's adapters (the result is its next version).
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
-    let input: CreateIn = super::body::parse_json(&body)?;
-    let tenant = tenant_for(&req, &state, input.tenant.as_deref())?;
+/// Where a job starts: a new adapter grown from the base model, or an
+/// existing adapter's current version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobStart {
+    /// `model` was the base model id; the adapter is `suffix` or the default.
+    Base(String),
+    /// `model` named one of the tenant's adapters (checked by the handler).
+    Adapter(String),
+}
+
+/// A `POST /v1/fine_tuning/jobs` body, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRequest {
+    pub start: JobStart,
+    /// `supervised` or `dpo`.
+    pub method: String,
+    /// Normalised: `n_epochs`, `batch_size`, `learning_rate_multiplier`, `seed`.
+    pub hyperparameters: Value,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    /// Admin only: the tenant acted for.
+    pub tenant: Option<String>,
+}
+
+/// Parses and checks a job body without touching any state: everything but
+/// whether the named adapter and files exist and are the caller's.
+pub fn parse_job_request(body: &[u8], base_model: &str, default_adapter: &str) -> Result<JobRequest, ApiError> {
+    let input: CreateIn = super::body::parse_json(body)?;
     let model = input.model.as_str().ok_or_else(|| ApiError::invalid("'model' must be a string", Some("model")))?;
     let suffix = match &input.suffix {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(ApiError::invalid("'suffix' must be a string", Some("suffix"))),
     };
-    let adapter = if model == state.model.id {
-        let name = suffix.unwrap_or_else(|| state.learner.settings().default_adapter.clone());
+    let start = if model == base_model {
+        let name = suffix.unwrap_or_else(|| default_adapter.to_string());
         crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(format!("'suffix': {e}"), Some("suffix")))?;
-        name
+        JobStart::Base(name)
     } else {
         if model.contains('@') {
             return Err(ApiError::invalid("a job starts from an adapter's current version: name the adapter without @vN", Some("model")));
@@ -147,8 +183,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         if suffix.is_some() {
             return Err(ApiError::invalid("'suffix' names a new adapter and only goes with the base model", Some("suffix")));
         }
-        state.resolve_model(&tenant, model)?;
-        model.to_string()
+        JobStart::Adapter(model.to_string())
     };
     let (method, mut hp) = match &input.method {
         None | Some(Value::Null) => ("supervised".to_string(), input.hyperparameters.clone().unwrap_or(Value::Null)),
@@ -193,6 +228,25 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     });
     let training_file = file_id(&input.training_file, "training_file")?;
     let validation_file = input.validation_file.as_ref().filter(|v| !v.is_null()).map(|v| file_id(v, "validation_file")).transpose()?;
+    Ok(JobRequest { start, method, hyperparameters: hp, training_file, validation_file, tenant: input.tenant })
+}
+
+/// `POST /v1/fine_tuning/jobs`: OpenAI's way to start a job, on a file
+/// uploaded with purpose `fine-tune`. `model` is the base model id (the
+/// result is the adapter named by `suffix`, or `learning.default_adapter`)
+/// or one of the tenant's adapters (the result is its next version).
+pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
+    let JobRequest { start, method, hyperparameters: hp, training_file, validation_file, tenant } =
+        parse_job_request(&body, &state.model.id, &state.learner.settings().default_adapter)?;
+    let tenant = tenant_for(&req, &state, tenant.as_deref())?;
+    let adapter = match start {
+        JobStart::Base(name) => name,
+        JobStart::Adapter(name) => {
+            state.resolve_model(&tenant, &name)?;
+            name
+        }
+    };
 
     // The files must be the tenant's fine-tuning files and parse for the method.
     let (records, model_state) = (state.records.clone(), state.model.clone());

@@ -23,18 +23,27 @@ impl From<TenantError> for ApiError {
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateTenant {
     name: String,
+}
+
+/// Parses a `POST /v1/tenants` body and checks the name, without touching
+/// any state: the name becomes a directory, so it is refused here first.
+pub fn parse_create(body: &[u8]) -> Result<String, ApiError> {
+    let c: CreateTenant = parse_json(body)?;
+    crate::adapter_store::validate_name(&c.name).map_err(TenantError::Name)?;
+    Ok(c.name)
 }
 
 /// `POST /v1/tenants`.
 pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     require_admin(&req, &state)?;
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
-    let c: CreateTenant = parse_json(&body)?;
-    let key = state.tenants.create(&c.name)?;
-    super::audit::record(&state, &req, &c.name, "tenant.created", &c.name, json!({}));
-    Ok(HttpResponse::Created().json(json!({"object": "tenant", "name": c.name, "api_key": key})))
+    let name = parse_create(&body)?;
+    let key = state.tenants.create(&name)?;
+    super::audit::record(&state, &req, &name, "tenant.created", &name, json!({}));
+    Ok(HttpResponse::Created().json(json!({"object": "tenant", "name": name, "api_key": key})))
 }
 
 /// `GET /v1/tenants`.
