@@ -165,8 +165,9 @@ fn every_supported_weight_type_computes_what_its_weights_compute() {
     let dir = tempfile::tempdir().unwrap();
     let tokens: Vec<u32> = (0..20).map(|i| (i * 37 % 256) as u32).collect();
     for (dtype, tolerance) in [
-        (GgmlDType::F32, 1e-5),
-        (GgmlDType::F16, 1e-5),
+        // GGUF models keep llama.cpp's f16 KV cache: 5e-5 even for f32 weights.
+        (GgmlDType::F32, 2e-4),
+        (GgmlDType::F16, 2e-4),
         (GgmlDType::Q8_0, 0.02),
         (GgmlDType::Q4_0, 0.05),
         (GgmlDType::Q4_1, 0.05),

@@ -1,10 +1,15 @@
 //! The GGUF path against llama.cpp on SmolLM2-135M-Instruct (Q4_1): same
-//! prompt ids; under teacher forcing, reference-token log-probabilities
-//! within 0.05 on average and the same top-1 at most positions.
+//! prompt ids; under teacher forcing the same top-1 token at ≥ 98% of
+//! positions and reference-token log-probabilities within 0.05 on average;
+//! greedy completions equal to llama.cpp's for at least 4 of 6 prompts.
 //!
-//! Issue #3 asks for ≥ 98% top-1 agreement and ≥ 4/6 equal greedy
-//! completions; we measure 95.1% and 0/6 (first divergence after 4–36
-//! tokens). The floors below guard what we reach; see the issue note.
+//! GGUF models replay llama.cpp's CPU arithmetic (`model::ggml_numerics`),
+//! so we measure 100% / 0.0000 / 6 of 6. Teacher forcing feeds the tokens
+//! as llama.cpp's generation did (the prompt as one chunk, then one token
+//! at a time): llama.cpp itself switches to a tiled f32 attention for
+//! chunks of 64+ tokens, and so do we, which is why scoring prompt and
+//! completion in one 85-token chunk (the echo test below) agrees less
+//! closely (mean |Δ| 0.038).
 
 mod common;
 
@@ -62,19 +67,20 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
     for case in &cases {
         let prompt = ids(&case["prompt_token_ids"]);
         let completion = ids(&case["completion_token_ids"]);
-        let tokens: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
+        // The prompt in one chunk, then each reference token on its own.
         let mut cache = m.model.new_cache();
-        let logits = m
-            .model
-            .forward(&mut [SequenceInput {
-                tokens: &tokens,
-                cache: &mut cache,
-                logits: LogitsWanted::All,
-            }])
-            .unwrap();
-        let rows = logits.to_vec2::<f32>().unwrap();
+        let mut rows = Vec::with_capacity(completion.len());
+        let mut input = prompt.clone();
+        for &forced in &completion {
+            let logits = m
+                .model
+                .forward(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }])
+                .unwrap();
+            rows.push(logits.to_vec2::<f32>().unwrap().remove(0));
+            input = vec![forced];
+        }
         for (p, &reference_token) in completion.iter().enumerate() {
-            let row = &rows[prompt.len() - 1 + p];
+            let row = &rows[p];
             let top = &case["top_logprobs"][p];
             let their_top1 = top[0][0].as_u64().unwrap() as u32;
             let ours_top1 = lifelora::engine::sampling::argmax(row);
@@ -99,14 +105,14 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
     eprintln!(
         "top-1 agreement {agreement:.4} over {total} positions, mean |Δ logprob| {mean_diff:.4}"
     );
-    assert!(agreement >= 0.94, "top-1 agreement {agreement}");
+    assert!(agreement >= 0.98, "top-1 agreement {agreement}");
     assert!(mean_diff < 0.05, "mean logprob difference {mean_diff}");
 }
 
 #[test]
-fn greedy_completions_follow_llama_cpp_for_their_first_tokens() {
+fn greedy_completions_equal_llama_cpp_for_at_least_four_of_six_prompts() {
     let Some((m, cases)) = setup() else { return };
-    let mut agreeing_prefix = 0;
+    let mut equal = 0;
     for case in &cases {
         let prompt = ids(&case["prompt_token_ids"]);
         let expected = ids(&case["completion_token_ids"]);
@@ -135,13 +141,9 @@ fn greedy_completions_follow_llama_cpp_for_their_first_tokens() {
             "greedy agrees with llama.cpp for {same} of {} tokens",
             expected.len()
         );
-        agreeing_prefix += same;
+        equal += usize::from(same == expected.len());
     }
-    // Measured: 4 + 0 + 2 + ... tokens; the issue's target (4 of 6 fully equal) is open.
-    assert!(
-        agreeing_prefix >= 40,
-        "greedy prefixes agreeing with llama.cpp: {agreeing_prefix} tokens in total"
-    );
+    assert!(equal >= 4, "greedy completions equal to llama.cpp's: {equal} of 6");
 }
 
 #[test]

@@ -206,3 +206,62 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
+
+/// One sequence's new query rows and its cache, for [`flash_batch`].
+pub struct FlashSeq<'a> {
+    /// `[len, heads * head_dim]` row-major, already rotated, each head in
+    /// llama.cpp's element order.
+    pub q: &'a [f32],
+    /// Cache tensors `[kv_heads, capacity, head_dim]` holding f16-rounded
+    /// values, keys in llama.cpp's element order.
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// Positions cached before these rows.
+    pub past: usize,
+    pub len: usize,
+}
+
+/// Causal attention with llama.cpp's flash-attention arithmetic
+/// ([`ggml_numerics::flash_attention_row`]) for every new row of every
+/// sequence: row `i` sees keys `0..=past + i`. Returns the rows in order,
+/// `[Σ len, heads * head_dim]`, or `None` if a tensor is not CPU f32.
+pub fn flash_batch(shape: AttentionShape, seqs: &[FlashSeq<'_>]) -> Option<Vec<f32>> {
+    use super::ggml_numerics::flash_attention_row;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
+    let rep = heads / kv_heads;
+    let width = heads * head_dim;
+    let guards: Vec<_> = seqs.iter().map(|s| (s.k.storage_and_layout().0, s.v.storage_and_layout().0)).collect();
+    // (sequence, row within it) for every output row, and the cache slices.
+    let mut rows = Vec::new();
+    let mut slices = Vec::with_capacity(seqs.len());
+    for (si, (s, (ks, vs))) in seqs.iter().zip(&guards).enumerate() {
+        slices.push((cpu_f32(ks, s.k)?, cpu_f32(vs, s.v)?, s.k.dims()[1]));
+        rows.extend((0..s.len).map(|r| (si, r)));
+    }
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; rows.len() * width];
+    let work: usize = seqs.iter().map(|s| s.len * (s.past + s.len)).sum::<usize>() * width;
+    let one = |task: usize, dst: &mut [f32]| {
+        let (row, h) = (task / heads, task % heads);
+        let (si, r) = rows[row];
+        let s = &seqs[si];
+        let (k, v, cap) = slices[si];
+        let base = (h / rep) * cap * head_dim;
+        let q = &s.q[r * width + h * head_dim..r * width + (h + 1) * head_dim];
+        let kv = (0..=s.past + r).map(|j| {
+            let at = base + j * head_dim;
+            (&k[at..at + head_dim], &v[at..at + head_dim])
+        });
+        flash_attention_row(q, scale, kv, dst);
+    };
+    {
+        let shared = DisjointOut::new(&mut out);
+        for_ranges_on(shape.pool, rows.len() * heads, work, |range| {
+            for task in range {
+                // SAFETY: each task owns its own head_dim slice.
+                one(task, unsafe { shared.piece(task * head_dim, head_dim) });
+            }
+        });
+    }
+    Some(out)
+}

@@ -304,7 +304,7 @@ pub fn load_gguf(
     } else {
         None
     };
-    let model = Llama::from_parts(config, embed, blocks, final_norm, lm_head)?;
+    let model = Llama::from_parts(config, embed, blocks, final_norm, lm_head)?.with_ggml_numerics()?;
     let tokenizer = TextTokenizer::new(
         tok.tokenizer,
         tok.bos_token.clone(),

@@ -16,6 +16,7 @@ use super::projection::{Projection, Site};
 use super::quant_kernels::QuantMatrix;
 use crate::lora::batched::{self, AdapterSegment};
 use crate::lora::{LoraAdapter, SiteSpec};
+use super::ggml_numerics::{self, Numerics};
 use super::rope::RopeTable;
 use super::ModelError;
 
@@ -29,6 +30,10 @@ pub enum LogitsWanted {
     /// None (a prefill chunk that is not the last one).
     None,
 }
+
+/// Query rows from which llama.cpp's CPU flash attention switches to its
+/// tiled path (`GGML_FA_TILE_Q`).
+const FLASH_TILE_ROWS: usize = 64;
 
 /// One sequence's share of a step: its new tokens and its cache.
 pub struct SequenceInput<'a> {
@@ -117,6 +122,7 @@ impl Block {
 }
 
 mod train;
+mod train_ggml;
 pub use train::PackedSeq;
 
 /// The token embedding table, dense or quantized (GGUF keeps it quantized
@@ -180,6 +186,8 @@ pub struct Llama {
     /// Where our kernels between matmuls run: with the quantized matmuls on
     /// the barrier pool, or with dense gemm on rayon's.
     pool: Pool,
+    /// f32 kernels, or llama.cpp's arithmetic for GGUF files.
+    numerics: Numerics,
 }
 
 impl Llama {
@@ -212,7 +220,27 @@ impl Llama {
             dtype,
             device,
             pool,
+            numerics: Numerics::Reference,
         })
+    }
+
+    /// Switches the forward pass to llama.cpp's CPU arithmetic (RMSNorm,
+    /// RoPE, SwiGLU, an f16 KV cache and its flash attention), so a GGUF
+    /// file gives the answers llama.cpp gives. See [`super::ggml_numerics`].
+    pub fn with_ggml_numerics(mut self) -> Result<Self, ModelError> {
+        self.rope = RopeTable::ggml(&self.config, &self.device)?;
+        self.numerics = Numerics::Ggml;
+        Ok(self)
+    }
+
+    /// The arithmetic this model's forward pass uses.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
+    /// True when llama.cpp's arithmetic applies to these activations.
+    fn ggml(&self, x: &Tensor) -> bool {
+        self.numerics == Numerics::Ggml && ggml_numerics::applies(x)
     }
 
     /// A fresh, empty cache shaped for this model.
@@ -360,6 +388,9 @@ impl Llama {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        if self.ggml(x) {
+            return ggml_numerics::rms_norm(x, weight, self.config.rms_norm_eps as f32);
+        }
         candle_nn::ops::rms_norm(x, weight, self.config.rms_norm_eps as f32)
     }
 
@@ -437,12 +468,25 @@ impl Llama {
         ))?;
         let q = self.rope.apply(&q, positions)?;
         let k = self.rope.apply(&k, positions)?;
+        let (q, k, v) = if self.ggml(&k) {
+            // llama.cpp's element order for Q and K (attention sums in it),
+            // and its f16 cache for K and V.
+            let order = Tensor::from_vec(ggml_numerics::interleaved_order(cfg.head_dim).into_iter().map(|i| i as u32).collect::<Vec<_>>(), cfg.head_dim, &self.device)?;
+            let (q, k) = (q.index_select(&order, 2)?, k.index_select(&order, 2)?);
+            (q, ggml_numerics::round_tensor_f16(&k)?, ggml_numerics::round_tensor_f16(&v)?)
+        } else {
+            (q, k, v)
+        };
         let attn = self.attend(layer, &q, &k, &v, batch)?;
         let x = (x + self.project(layer, &block.o, &[("o_proj", hidden)], &attn, segments)?)?;
         let h = self.rms_norm(&x, &block.post_attention_norm)?;
         let gate_up = self.project(layer, &block.gate_up, &[("gate_proj", inter), ("up_proj", inter)], &h, segments)?;
         let i = block.intermediate;
-        let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
+        let act = if self.ggml(&gate_up) {
+            ggml_numerics::swiglu(&gate_up.narrow(1, 0, i)?, &gate_up.narrow(1, i, i)?)?
+        } else {
+            (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?
+        };
         let mlp = self.project(layer, &block.down, &[("down_proj", hidden)], &act, segments)?;
         Ok((x + mlp)?)
     }
@@ -473,6 +517,27 @@ impl Llama {
             offset += len;
         }
         let width = shape.heads * shape.head_dim;
+        // llama.cpp takes its tiled f32 path for chunks of 64+ queries (our
+        // matmul prefill is the same arithmetic up to summation order), and
+        // replays its one-row flash attention for everything shorter.
+        let short = spans.iter().all(|(_, len)| *len < FLASH_TILE_ROWS);
+        if self.ggml(q) && short {
+            let q_rows = q.flatten_from(1)?.contiguous()?;
+            let qs = q_rows.flatten_all()?.to_vec1::<f32>()?;
+            let seqs: Vec<attention::FlashSeq> = batch
+                .iter()
+                .zip(&spans)
+                .filter(|(_, (_, len))| *len > 0)
+                .map(|(s, &(off, len))| {
+                    let (kc, vc) = s.cache.layer(layer);
+                    attention::FlashSeq { q: &qs[off * width..(off + len) * width], k: kc, v: vc, past: s.cache.len(), len }
+                })
+                .collect();
+            if let Some(out) = attention::flash_batch(shape, &seqs) {
+                let rows = out.len() / width;
+                return Ok(Tensor::from_vec(out, (rows, width), q.device())?);
+            }
+        }
         // Single-token (decode) rows through the direct kernel, in one call.
         let mut decoded: Option<Vec<f32>> = None;
         let decode_rows = spans.iter().filter(|(_, len)| *len == 1).count();

@@ -6,6 +6,7 @@ pub mod builtin;
 pub mod chat;
 pub mod config;
 pub mod frozen_linear;
+pub mod ggml_numerics;
 pub mod gguf;
 pub mod gguf_meta;
 pub mod gguf_tokenizer;

@@ -4,12 +4,15 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
+use super::ggml_numerics;
 
 /// Precomputed cos/sin, `[max_positions, head_dim / 2]`, gathered per token.
 #[derive(Debug, Clone)]
 pub struct RopeTable {
     cos: Tensor,
     sin: Tensor,
+    /// llama.cpp's angles and fused rotation (GGUF models on CPU).
+    ggml: bool,
 }
 
 impl RopeTable {
@@ -41,6 +44,26 @@ impl RopeTable {
         Ok(RopeTable {
             cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+            ggml: false,
+        })
+    }
+
+    /// The table as ggml caches it (angles accumulated in f32 per pair) and
+    /// its fused rotation: what a GGUF model served by llama.cpp computes.
+    pub fn ggml(cfg: &ModelConfig, device: &Device) -> candle_core::Result<Self> {
+        let half = cfg.head_dim / 2;
+        let n = cfg.max_position_embeddings;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for p in 0..n {
+            for (c, s) in ggml_numerics::rope_row(p, cfg.head_dim, cfg.rope_theta as f32, cfg.rope_freq_factors.as_deref()) {
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        Ok(RopeTable {
+            cos: Tensor::from_vec(cos, (n, half), device)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?,
+            ggml: true,
         })
     }
 
@@ -59,10 +82,34 @@ impl RopeTable {
 
     /// Rotates `x` (`[T, heads, head_dim]`) at the given per-token positions.
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        if self.ggml && ggml_numerics::applies(x) {
+            return self.apply_ggml(x, &positions.to_vec1::<u32>()?);
+        }
         let cos = self.cos.index_select(positions, 0)?;
         let sin = self.sin.index_select(positions, 0)?;
         let x4 = x.unsqueeze(0)?.contiguous()?;
         candle_nn::rotary_emb::rope_thd(&x4, &cos, &sin)?.squeeze(0)
+    }
+}
+
+impl RopeTable {
+    /// ggml's fused rotation at the given positions (only for a [`RopeTable::ggml`] table).
+    pub fn apply_ggml(&self, x: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
+        let rows: Vec<u32> = positions.to_vec();
+        let idx = Tensor::from_vec(rows.clone(), rows.len(), self.cos.device())?;
+        let (cos, sin) = (self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?);
+        let local: Vec<u32> = (0..rows.len() as u32).collect();
+        ggml_numerics::rope(x, &cos, &sin, &local)
+    }
+
+    /// The `(cos, sin)` rows `[T, head_dim / 2]` of the given positions.
+    pub fn rows(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
+    }
+
+    /// Whether this table replays ggml's arithmetic.
+    pub fn is_ggml(&self) -> bool {
+        self.ggml
     }
 }
 

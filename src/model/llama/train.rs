@@ -6,7 +6,8 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::Llama;
+use super::{train_ggml, Llama};
+use crate::model::ggml_numerics;
 use crate::lora::trainable::TrainableLora;
 
 impl Llama {
@@ -79,6 +80,14 @@ impl Llama {
         let positions = Tensor::from_vec(positions, t, &self.device)?;
         let mask = block_causal_mask(lens, &self.device)?;
         let mut x = self.embed.lookup(&ids)?.to_dtype(DType::F32)?;
+        let ggml = self.ggml(&x);
+        let rms_norm = |x: &Tensor, w: &Tensor, eps: f64| rms_norm(x, w, eps, ggml);
+        let (cos, sin) = self.rope.rows(&positions)?;
+        let order = Tensor::from_vec(
+            ggml_numerics::interleaved_order(cfg.head_dim).into_iter().map(|i| i as u32).collect::<Vec<_>>(),
+            cfg.head_dim,
+            &self.device,
+        )?;
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.input_norm, cfg.rms_norm_eps)?;
             let qkv = add_delta(b.qkv.forward_train(&h)?, lora, layer, &[("q_proj", b.q_dim), ("k_proj", b.kv_dim), ("v_proj", b.kv_dim)], &h)?;
@@ -86,6 +95,13 @@ impl Llama {
             let q = qkv.narrow(1, 0, b.q_dim)?.reshape((t, heads, hd))?;
             let k = qkv.narrow(1, b.q_dim, b.kv_dim)?.reshape((t, kv_heads, hd))?;
             let v = qkv.narrow(1, b.q_dim + b.kv_dim, b.kv_dim)?.reshape((t, kv_heads, hd))?;
+            let attn = if ggml {
+                // Serving's arithmetic (see `ggml_numerics`), differentiably.
+                let rope = |m: &Tensor| m.contiguous()?.apply_op1(train_ggml::Rope { cos: cos.clone(), sin: sin.clone() })?.index_select(&order, 2);
+                let (q, k) = (rope(&q)?, rope(&k)?);
+                let (k, v) = (ggml_numerics::round_tensor_f16(&k)?, ggml_numerics::round_tensor_f16(&v)?);
+                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, train_ggml::FlashAttention { lens: lens.to_vec(), mask: mask.clone() })?
+            } else {
             let q = self.rope.apply_differentiable(&q, &positions)?.transpose(0, 1)?.contiguous()?;
             let k = self.rope.apply_differentiable(&k, &positions)?.transpose(0, 1)?.contiguous()?;
             let v = v.transpose(0, 1)?.contiguous()?;
@@ -100,12 +116,14 @@ impl Llama {
             };
             let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(&mask)?;
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, heads * hd))?;
+            probs.matmul(&v)?.transpose(0, 1)?.reshape((t, heads * hd))?
+            };
             let o = add_delta(b.o.forward_train(&attn)?, lora, layer, &[("o_proj", cfg.hidden_size)], &attn)?;
             x = (x + o)?;
             let h = rms_norm(&x, &b.post_attention_norm, cfg.rms_norm_eps)?;
             let gu = add_delta(b.gate_up.forward_train(&h)?, lora, layer, &[("gate_proj", b.intermediate), ("up_proj", b.intermediate)], &h)?;
-            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, b.intermediate)?)? * gu.narrow(1, b.intermediate, b.intermediate)?)?;
+            let (gate, up) = (gu.narrow(1, 0, b.intermediate)?, gu.narrow(1, b.intermediate, b.intermediate)?);
+            let act = if ggml { gate.contiguous()?.apply_op2(&up.contiguous()?, train_ggml::SwiGlu)? } else { (candle_nn::ops::silu(&gate)? * up)? };
             let down = add_delta(b.down.forward_train(&act)?, lora, layer, &[("down_proj", cfg.hidden_size)], &act)?;
             x = (x + down)?;
         }
@@ -116,17 +134,19 @@ impl Llama {
 /// `x / sqrt(mean(x²) + eps) · w` with the serving kernel's exact forward
 /// (quantized matmuls after it amplify even last-bit differences) and an
 /// analytic backward for `x` (the norm weight is frozen).
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, ggml: bool) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         return x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w);
     }
-    x.contiguous()?.apply_op1(FrozenRmsNorm { weight: w.clone(), eps })
+    x.contiguous()?.apply_op1(FrozenRmsNorm { weight: w.clone(), eps, ggml })
 }
 
 struct FrozenRmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Forward with llama.cpp's arithmetic (GGUF bases), as serving does.
+    ggml: bool,
 }
 
 impl candle_core::CustomOp1 for FrozenRmsNorm {
@@ -142,7 +162,11 @@ impl candle_core::CustomOp1 for FrozenRmsNorm {
             candle_core::CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
             _ => candle_core::bail!("frozen-rms-norm runs in f32"),
         };
-        let y = candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32)?;
+        let y = if self.ggml {
+            ggml_numerics::rms_norm(&x, &self.weight, self.eps as f32)?
+        } else {
+            candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32)?
+        };
         let shape = y.shape().clone();
         Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
     }
