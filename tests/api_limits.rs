@@ -147,6 +147,32 @@ fn a_client_that_trickles_its_body_is_timed_out() {
 }
 
 #[test]
+fn idle_connections_are_closed() {
+    let s = TestServer::start(None, &[("LIFELORA_LIMITS__CLIENT_TIMEOUT_SECS", "1")]);
+    let addr = s.base.trim_start_matches("http://");
+    // A connection that never sends a request, and one that goes quiet
+    // after its first request, are both closed by the server.
+    for send_first in [false, true] {
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if send_first {
+            write!(conn, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        }
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let read = conn.read_to_end(&mut answer);
+        assert!(read.is_ok(), "the server never closed the connection: {read:?}");
+        // `limits.client_timeout_secs` (1 s here), not actix's default 5 s.
+        assert!(started.elapsed() < Duration::from_secs(4), "closed only after {:?}", started.elapsed());
+        let text = String::from_utf8_lossy(&answer);
+        if send_first {
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        }
+    }
+    assert_eq!(s.get("/health").0, 200);
+}
+
+#[test]
 fn sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_zero() {
     let mut s = TestServer::start(None, &[("LIFELORA_LIMITS__SHUTDOWN_GRACE_SECS", "20")]);
     let base = s.base.clone();

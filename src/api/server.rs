@@ -170,6 +170,8 @@ pub async fn run(
     })
     .workers(workers)
     .client_request_timeout(client_timeout)
+    // Idle keep-alive connections are closed after the same time.
+    .keep_alive(client_timeout)
     .shutdown_timeout(grace.as_secs().max(1))
     .disable_signals()
     .bind((host.as_str(), port))?;
