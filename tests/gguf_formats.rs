@@ -193,6 +193,21 @@ fn every_supported_weight_type_computes_what_its_weights_compute() {
 }
 
 #[test]
+fn a_gguf_model_keeps_llama_cpps_f16_kv_cache_at_half_the_memory() {
+    let cfg = ModelConfig::from_hf_json(CONFIG).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q4_1.gguf");
+    let reference = write_gguf(&path, &cfg, GgmlDType::Q4_1);
+    let loaded = load_gguf(&path, None, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.kv_dtype(), candle_core::DType::F16);
+    let tokens: Vec<u32> = (0..20).collect();
+    let (mut ours, mut theirs) = (loaded.model.new_cache(), reference.new_cache());
+    loaded.model.forward(&mut [SequenceInput { tokens: &tokens, cache: &mut ours, logits: LogitsWanted::Last }]).unwrap();
+    reference.forward(&mut [SequenceInput { tokens: &tokens, cache: &mut theirs, logits: LogitsWanted::Last }]).unwrap();
+    assert_eq!(ours.allocated_bytes() * 2, theirs.allocated_bytes());
+}
+
+#[test]
 fn gpt2_gguf_tokenizer_round_trips_and_names_its_specials() {
     let cfg = ModelConfig::from_hf_json(CONFIG).unwrap();
     let dir = tempfile::tempdir().unwrap();

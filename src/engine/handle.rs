@@ -37,7 +37,7 @@ impl EngineHandle {
         let kv_per_token = model
             .model
             .config
-            .kv_bytes_per_token(model.model.dtype().size_in_bytes())
+            .kv_bytes_per_token(model.model.kv_dtype().size_in_bytes())
             as u64;
         metrics
             .kv_cache_capacity_bytes

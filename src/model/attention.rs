@@ -207,6 +207,33 @@ impl candle_core::CustomOp1 for CausalSoftmax {
     }
 }
 
+/// A CPU cache tensor's elements, f32 or f16.
+enum CacheRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> CacheRows<'a> {
+    fn of(storage: &'a Storage, t: &Tensor) -> Option<Self> {
+        let Storage::Cpu(cpu) = storage else { return None };
+        let start = t.layout().start_offset();
+        match t.dtype() {
+            DType::F32 => cpu.as_slice::<f32>().ok().map(|s| CacheRows::F32(&s[start..])),
+            DType::F16 => cpu.as_slice::<half::f16>().ok().map(|s| CacheRows::F16(&s[start..])),
+            _ => None,
+        }
+    }
+
+    /// `out.len()` elements from `at`, as f32.
+    #[inline(always)]
+    fn read(&self, at: usize, out: &mut [f32]) {
+        match self {
+            CacheRows::F32(s) => out.copy_from_slice(&s[at..at + out.len()]),
+            CacheRows::F16(s) => super::ggml_numerics::widen_f16(&s[at..at + out.len()], out),
+        }
+    }
+}
+
 /// One sequence's new query rows and its cache, for [`flash_batch`].
 pub struct FlashSeq<'a> {
     /// `[len, heads * head_dim]` row-major, already rotated, each head in
@@ -235,7 +262,7 @@ pub fn flash_batch(shape: AttentionShape, seqs: &[FlashSeq<'_>]) -> Option<Vec<f
     let mut rows = Vec::new();
     let mut slices = Vec::with_capacity(seqs.len());
     for (si, (s, (ks, vs))) in seqs.iter().zip(&guards).enumerate() {
-        slices.push((cpu_f32(ks, s.k)?, cpu_f32(vs, s.v)?, s.k.dims()[1]));
+        slices.push((CacheRows::of(ks, s.k)?, CacheRows::of(vs, s.v)?, s.k.dims()[1]));
         rows.extend((0..s.len).map(|r| (si, r)));
     }
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -245,14 +272,14 @@ pub fn flash_batch(shape: AttentionShape, seqs: &[FlashSeq<'_>]) -> Option<Vec<f
         let (row, h) = (task / heads, task % heads);
         let (si, r) = rows[row];
         let s = &seqs[si];
-        let (k, v, cap) = slices[si];
+        let (k, v, cap) = &slices[si];
         let base = (h / rep) * cap * head_dim;
         let q = &s.q[r * width + h * head_dim..r * width + (h + 1) * head_dim];
-        let kv = (0..=s.past + r).map(|j| {
-            let at = base + j * head_dim;
-            (&k[at..at + head_dim], &v[at..at + head_dim])
-        });
-        flash_attention_row(q, scale, kv, dst);
+        let fill = |j: usize, kr: &mut [f32], vr: &mut [f32]| {
+            k.read(base + j * head_dim, kr);
+            v.read(base + j * head_dim, vr);
+        };
+        flash_attention_row(q, scale, s.past + r + 1, fill, dst);
     };
     {
         let shared = DisjointOut::new(&mut out);

@@ -58,6 +58,65 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, (rows, dim), gate.device())
 }
 
+/// Rotates the heads of one token's Q or K row (`input`, Hugging Face's
+/// rotate-half layout) with that position's `cos`/`sin`, as ggml's fused
+/// `rotate_pairs` does, writing them in llama.cpp's interleaved element
+/// order; `round` passes the results through f16 (K, for the cache).
+pub fn rotate_interleaved(input: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize, round: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { rotate_interleaved_fma(input, out, cos, sin, head_dim, round) };
+    }
+    rotate_interleaved_body(input, out, cos, sin, head_dim, round)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rotate_interleaved_fma(input: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize, round: bool) {
+    rotate_interleaved_body(input, out, cos, sin, head_dim, round)
+}
+
+#[inline(always)]
+fn rotate_interleaved_body(input: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize, round: bool) {
+    let half = head_dim / 2;
+    for (h_in, h_out) in input.chunks(head_dim).zip(out.chunks_mut(head_dim)) {
+        for i in 0..half {
+            let (x0, x1) = (h_in[i], h_in[i + half]);
+            let (a, b) = (x0.mul_add(cos[i], -(x1 * sin[i])), x0.mul_add(sin[i], x1 * cos[i]));
+            h_out[2 * i] = if round { round_f16(a) } else { a };
+            h_out[2 * i + 1] = if round { round_f16(b) } else { b };
+        }
+    }
+}
+
+/// [`swiglu_row`] over a fused `[rows, 2 · dim]` gate-and-up projection.
+pub fn swiglu_fused(gate_up: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, width) = gate_up.dims2()?;
+    let dim = width / 2;
+    let x = gate_up.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; rows * dim];
+    for (o, r) in out.chunks_mut(dim).zip(x.chunks(width)) {
+        swiglu_row(&r[..dim], &r[dim..], o);
+    }
+    Tensor::from_vec(out, (rows, dim), gate_up.device())
+}
+
+/// f16 → f32 for a row, exactly, by integer arithmetic and one multiply by
+/// 2¹¹² (which rebiases normals and scales subnormals), so it vectorises
+/// wherever it is inlined.
+#[inline(always)]
+pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
+    for (d, h) in dst.iter_mut().zip(src) {
+        let h = u32::from(h.to_bits());
+        let sign = (h & 0x8000) << 16;
+        let em = h & 0x7fff;
+        let scaled = (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits();
+        let bits = if em >= 0x7c00 { (em << 13) | 0x7f80_0000 } else { scaled };
+        *d = f32::from_bits(bits | sign);
+    }
+}
+
 /// Rounds every element through f16 (what storing K and V in ggml's f16
 /// cache does to them).
 pub fn round_tensor_f16(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -68,6 +127,22 @@ pub fn round_tensor_f16(t: &Tensor) -> candle_core::Result<Tensor> {
 /// so llama.cpp's pair `(2i, 2i+1)` is our `(i, i+half)`) with the
 /// per-token `(cos, sin)` rows, as ggml's `rotate_pairs` compiles (fused).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { rope_fma(x, cos, sin, positions) };
+    }
+    rope_body(x, cos, sin, positions)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rope_fma(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
+    rope_body(x, cos, sin, positions)
+}
+
+#[inline(always)]
+fn rope_body(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
     let (t, heads, hd) = x.dims3()?;
     let half = hd / 2;
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -169,15 +244,16 @@ pub fn rope_row(position: usize, n_dims: usize, freq_base: f32, freq_factors: Op
 #[inline(always)]
 pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
     const STEP: usize = 64;
-    let n = x.len();
+    let n = x.len().min(y.len());
     let np = n - n % STEP;
     let mut acc = [[0f32; LANES]; 4];
-    for i in (0..np).step_by(STEP) {
+    for (xc, yc) in x[..np].chunks_exact(STEP).zip(y[..np].chunks_exact(STEP)) {
         for (j, a) in acc.iter_mut().enumerate() {
-            for (l, s) in a.iter_mut().enumerate() {
-                let k = i + j * LANES + l;
+            let xs: &[f32; LANES] = xc[j * LANES..(j + 1) * LANES].try_into().expect("16 lanes");
+            let ys: &[f32; LANES] = yc[j * LANES..(j + 1) * LANES].try_into().expect("16 lanes");
+            for l in 0..LANES {
                 // x·y is exact (11-bit significands), so this is ggml's fma.
-                *s += x[k] * y[k];
+                a[l] += xs[l] * ys[l];
             }
         }
     }
@@ -193,6 +269,7 @@ pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// GCC's `_mm512_reduce_add_ps`: halves, quarters, then a swap of pairs.
+#[inline(always)]
 fn reduce_add_16(v: &[f32; LANES]) -> f32 {
     let t3: [f32; 8] = std::array::from_fn(|i| v[i + 8] + v[i]);
     let t6: [f32; 4] = std::array::from_fn(|i| t3[i + 4] + t3[i]);
@@ -243,25 +320,99 @@ fn mad_f16(acc: &mut [f32], v: Option<&[f32]>, w: f32) {
 }
 
 /// One query row of `ggml_compute_forward_flash_attn_ext_f16_one_chunk`
-/// with an f16 KV cache: `q` is rounded to f16; for each visible key in
-/// order, the score is the f16 dot product times `scale`, the running
-/// maximum rescales the f16 output accumulator, and `v · exp(s - max)` is
-/// added to it with one fused operation, rounded to f16 each time. `keys`
-/// and `values` yield rows already rounded to f16; the query and keys must
-/// be in llama.cpp's element order (the dot product's summation order
-/// depends on it; see [`interleaved_order`]).
-pub fn flash_attention_row<'a>(
-    q: &[f32],
-    scale: f32,
-    keys_values: impl Iterator<Item = (&'a [f32], &'a [f32])>,
-    out: &mut [f32],
-) {
+/// with an f16 KV cache: `q` is rounded to f16; for each of the `n_keys`
+/// visible keys in order, the score is the f16 dot product times `scale`,
+/// the running maximum rescales the f16 output accumulator, and
+/// `v · exp(s - max)` is added to it with one fused operation, rounded to
+/// f16 each time. `row(j, key, value)` fills key `j`'s two rows (values
+/// already f16); the query and keys must be in llama.cpp's element order
+/// (the dot product's summation order depends on it; see
+/// [`interleaved_order`]).
+pub fn flash_attention_row(q: &[f32], scale: f32, n_keys: usize, row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { flash_attention_row_fma(q, scale, keys_values, out) };
+        if std::arch::is_x86_feature_detected!("f16c") && out.len() % 8 == 0 {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { f16c::flash_attention_row(q, scale, n_keys, row, out) };
+        }
+        // SAFETY: as above.
+        return unsafe { flash_attention_row_fma(q, scale, n_keys, row, out) };
     }
-    flash_attention_row_body(q, scale, keys_values, out)
+    flash_attention_row_body(q, scale, n_keys, row, out)
+}
+
+/// The same row with the f16 roundings done by the F16C conversion
+/// instructions (ggml's own on x86), eight lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use super::{dot_f16, reduce_add_16, round_f16, LANES};
+    use std::arch::x86_64::*;
+
+    /// [`dot_f16`] in registers: lane `l` of ggml's accumulator `j` is lane
+    /// `l % 8` of register `2j + l / 8`; same sums in the same order.
+    #[inline(always)]
+    unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
+        if x.len() % 64 != 0 || x.len() != y.len() {
+            return dot_f16(x, y);
+        }
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for i in (0..x.len()).step_by(64) {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let at = i + r * 8;
+                // The products are exact, so fused or not is the same sum.
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(at)), _mm256_loadu_ps(y.as_ptr().add(at)), *a);
+            }
+        }
+        // v = (acc0 + acc2) + (acc1 + acc3), per 16-lane half.
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        let mut v = [0f32; LANES];
+        _mm256_storeu_ps(v.as_mut_ptr(), lo);
+        _mm256_storeu_ps(v.as_mut_ptr().add(8), hi);
+        reduce_add_16(&v)
+    }
+
+    /// `acc = f16(x · w + acc)` (or `f16(acc · w)` without `x`), 8 lanes at a time.
+    #[inline(always)]
+    unsafe fn mad(acc: &mut [f32], x: Option<&[f32]>, w: f32) {
+        let wv = _mm256_set1_ps(w);
+        for i in (0..acc.len()).step_by(8) {
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            let y = match x {
+                Some(x) => _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), wv, a),
+                None => _mm256_mul_ps(a, wv),
+            };
+            let r = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), r);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn flash_attention_row(q: &[f32], scale: f32, n_keys: usize, mut row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
+        let q16: Vec<f32> = q.iter().map(|&x| round_f16(x)).collect();
+        let mut acc = vec![0f32; out.len()];
+        let (mut k, mut v) = (vec![0f32; q.len()], vec![0f32; out.len()]);
+        let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
+        for j in 0..n_keys {
+            row(j, &mut k, &mut v);
+            let s = dot(&k, &q16) * scale;
+            let (mut ms, mut vs) = (1.0f32, 1.0f32);
+            if s > max {
+                let old = max;
+                max = s;
+                ms = (old - max).exp();
+                mad(&mut acc, None, ms);
+            } else {
+                vs = (s - max).exp();
+            }
+            mad(&mut acc, Some(&v), vs);
+            sum = sum.mul_add(ms, vs);
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a * inv;
+        }
+    }
 }
 
 /// Whether fused multiply-add runs in hardware (then the replays here are
@@ -273,27 +424,19 @@ fn has_fma() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn flash_attention_row_fma<'a>(
-    q: &[f32],
-    scale: f32,
-    keys_values: impl Iterator<Item = (&'a [f32], &'a [f32])>,
-    out: &mut [f32],
-) {
-    flash_attention_row_body(q, scale, keys_values, out)
+unsafe fn flash_attention_row_fma(q: &[f32], scale: f32, n_keys: usize, row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
+    flash_attention_row_body(q, scale, n_keys, row, out)
 }
 
 #[inline(always)]
-fn flash_attention_row_body<'a>(
-    q: &[f32],
-    scale: f32,
-    keys_values: impl Iterator<Item = (&'a [f32], &'a [f32])>,
-    out: &mut [f32],
-) {
+fn flash_attention_row_body(q: &[f32], scale: f32, n_keys: usize, mut row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
     let q16: Vec<f32> = q.iter().map(|&x| round_f16(x)).collect();
     let mut acc = vec![0f32; out.len()];
+    let (mut k, mut v) = (vec![0f32; q.len()], vec![0f32; out.len()]);
     let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
-    for (k, v) in keys_values {
-        let s = dot_f16(k, &q16) * scale;
+    for j in 0..n_keys {
+        row(j, &mut k, &mut v);
+        let s = dot_f16(&k, &q16) * scale;
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if s > max {
             let old = max;
@@ -303,7 +446,7 @@ fn flash_attention_row_body<'a>(
         } else {
             vs = (s - max).exp();
         }
-        mad_f16(&mut acc, Some(v), vs);
+        mad_f16(&mut acc, Some(&v), vs);
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
@@ -334,6 +477,17 @@ mod tests {
     }
 
     #[test]
+    fn widen_f16_is_exact_for_every_f16() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut out = vec![0f32; all.len()];
+        widen_f16(&all, &mut out);
+        for (h, o) in all.iter().zip(&out) {
+            let want = h.to_f32();
+            assert!(want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()), "{h:?}: {o} vs {want}");
+        }
+    }
+
+    #[test]
     fn f16_dot_is_exact_on_small_integers() {
         let x: Vec<f32> = (0..70).map(|i| (i % 7) as f32).collect();
         let y: Vec<f32> = (0..70).map(|i| (i % 5) as f32 - 2.0).collect();
@@ -346,7 +500,10 @@ mod tests {
         let k = [0.5f32; 64];
         let v: Vec<f32> = (0..64).map(|i| round_f16(i as f32 * 0.1)).collect();
         let mut out = [0f32; 64];
-        flash_attention_row(&[1.0; 64], 0.125, std::iter::once((&k[..], &v[..])), &mut out);
+        flash_attention_row(&[1.0; 64], 0.125, 1, |_, kr, vr| {
+            kr.copy_from_slice(&k);
+            vr.copy_from_slice(&v);
+        }, &mut out);
         assert_eq!(&out[..], &v[..]);
     }
 

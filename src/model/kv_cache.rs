@@ -102,6 +102,8 @@ impl KvCache {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let new = k.dim(0)?;
         self.reserve(new)?;
+        // An f16 cache under f32 activations (values already rounded to f16).
+        let (k, v) = (&k.to_dtype(self.dtype)?, &v.to_dtype(self.dtype)?);
         let (kc, vc) = &self.layers[layer];
         kc.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, self.len)?;
         vc.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, self.len)?;

@@ -249,9 +249,19 @@ impl Llama {
             self.config.num_hidden_layers,
             self.config.num_key_value_heads,
             self.config.head_dim,
-            self.dtype,
+            self.kv_dtype(),
             &self.device,
         )
+    }
+
+    /// What the KV cache stores: f16 under llama.cpp's arithmetic (its
+    /// default cache type, half the memory), else the activations' dtype.
+    pub fn kv_dtype(&self) -> DType {
+        if self.numerics == Numerics::Ggml && self.device.is_cpu() && self.dtype == DType::F32 {
+            DType::F16
+        } else {
+            self.dtype
+        }
     }
 
     /// The weights' dtype (activations run in it too).
@@ -455,6 +465,18 @@ impl Llama {
         let qkv_parts = [("q_proj", block.q_dim), ("k_proj", block.kv_dim), ("v_proj", block.kv_dim)];
         let qkv = self.project(layer, &block.qkv, &qkv_parts, &h, segments)?;
         let (qd, kvd) = (block.q_dim, block.kv_dim);
+        if self.ggml(&qkv) {
+            // llama.cpp's element order for Q and K (attention sums in it)
+            // and its f16 cache for K and V, in one pass.
+            let (q, k, v) = self.rope.ggml_attention_inputs(&qkv, &positions.to_vec1::<u32>()?, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)?;
+            let attn = self.attend(layer, &q, &k, &v, batch)?;
+            let x = (x + self.project(layer, &block.o, &[("o_proj", hidden)], &attn, segments)?)?;
+            let h = self.rms_norm(&x, &block.post_attention_norm)?;
+            let gate_up = self.project(layer, &block.gate_up, &[("gate_proj", inter), ("up_proj", inter)], &h, segments)?;
+            let act = ggml_numerics::swiglu_fused(&gate_up)?;
+            let mlp = self.project(layer, &block.down, &[("down_proj", hidden)], &act, segments)?;
+            return Ok((x + mlp)?);
+        }
         let q = qkv
             .narrow(1, 0, qd)?
             .reshape((t, cfg.num_attention_heads, cfg.head_dim))?;
@@ -468,27 +490,54 @@ impl Llama {
         ))?;
         let q = self.rope.apply(&q, positions)?;
         let k = self.rope.apply(&k, positions)?;
-        let (q, k, v) = if self.ggml(&k) {
-            // llama.cpp's element order for Q and K (attention sums in it),
-            // and its f16 cache for K and V.
-            let order = Tensor::from_vec(ggml_numerics::interleaved_order(cfg.head_dim).into_iter().map(|i| i as u32).collect::<Vec<_>>(), cfg.head_dim, &self.device)?;
-            let (q, k) = (q.index_select(&order, 2)?, k.index_select(&order, 2)?);
-            (q, ggml_numerics::round_tensor_f16(&k)?, ggml_numerics::round_tensor_f16(&v)?)
-        } else {
-            (q, k, v)
-        };
         let attn = self.attend(layer, &q, &k, &v, batch)?;
         let x = (x + self.project(layer, &block.o, &[("o_proj", hidden)], &attn, segments)?)?;
         let h = self.rms_norm(&x, &block.post_attention_norm)?;
         let gate_up = self.project(layer, &block.gate_up, &[("gate_proj", inter), ("up_proj", inter)], &h, segments)?;
         let i = block.intermediate;
-        let act = if self.ggml(&gate_up) {
-            ggml_numerics::swiglu(&gate_up.narrow(1, 0, i)?, &gate_up.narrow(1, i, i)?)?
-        } else {
-            (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?
-        };
+        let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?;
         let mlp = self.project(layer, &block.down, &[("down_proj", hidden)], &act, segments)?;
         Ok((x + mlp)?)
+    }
+
+    /// [`Llama::attend`] under llama.cpp's arithmetic, after the caches are
+    /// written. Per sequence, as llama.cpp decides per batch: chunks under
+    /// 64 rows replay its one-row flash attention; longer prompt chunks take
+    /// the f32 matmul path (llama.cpp's tiled path, up to summation order).
+    /// Deciding per sequence keeps each answer independent of what else is
+    /// in the batch.
+    fn attend_ggml(&self, layer: usize, q: &Tensor, batch: &[SequenceInput<'_>], spans: &[(usize, usize)]) -> Result<Tensor, ModelError> {
+        let shape = self.attention_shape();
+        let width = shape.heads * shape.head_dim;
+        let qs = q.flatten_all()?.to_vec1::<f32>()?;
+        let short = |len: usize| len > 0 && len < FLASH_TILE_ROWS;
+        let seqs: Vec<attention::FlashSeq> = batch
+            .iter()
+            .zip(spans)
+            .filter(|(_, (_, len))| short(*len))
+            .map(|(s, &(off, len))| {
+                let (kc, vc) = s.cache.layer(layer);
+                attention::FlashSeq { q: &qs[off * width..(off + len) * width], k: kc, v: vc, past: s.cache.len(), len }
+            })
+            .collect();
+        let flashed = attention::flash_batch(shape, &seqs)
+            .ok_or_else(|| ModelError::InvalidConfig("the ggml attention needs CPU caches".into()))?;
+        let mut out = Vec::with_capacity(qs.len());
+        let mut next = 0;
+        for (s, &(off, len)) in batch.iter().zip(spans) {
+            if short(len) {
+                out.extend_from_slice(&flashed[next..next + len * width]);
+                next += len * width;
+            } else if len > 0 {
+                let past = s.cache.len();
+                let (kc, vc) = s.cache.layer(layer);
+                let as_f32 = |t: &Tensor| t.narrow(1, 0, past + len)?.to_dtype(DType::F32);
+                let rows = attention::prefill(shape, &q.narrow(0, off, len)?, &as_f32(kc)?, &as_f32(vc)?, past)?;
+                out.extend(rows.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        let rows = out.len() / width;
+        Ok(Tensor::from_vec(out, (rows, width), q.device())?)
     }
 
     /// Writes each sequence's new keys/values to its cache and attends.
@@ -517,26 +566,8 @@ impl Llama {
             offset += len;
         }
         let width = shape.heads * shape.head_dim;
-        // llama.cpp takes its tiled f32 path for chunks of 64+ queries (our
-        // matmul prefill is the same arithmetic up to summation order), and
-        // replays its one-row flash attention for everything shorter.
-        let short = spans.iter().all(|(_, len)| *len < FLASH_TILE_ROWS);
-        if self.ggml(q) && short {
-            let q_rows = q.flatten_from(1)?.contiguous()?;
-            let qs = q_rows.flatten_all()?.to_vec1::<f32>()?;
-            let seqs: Vec<attention::FlashSeq> = batch
-                .iter()
-                .zip(&spans)
-                .filter(|(_, (_, len))| *len > 0)
-                .map(|(s, &(off, len))| {
-                    let (kc, vc) = s.cache.layer(layer);
-                    attention::FlashSeq { q: &qs[off * width..(off + len) * width], k: kc, v: vc, past: s.cache.len(), len }
-                })
-                .collect();
-            if let Some(out) = attention::flash_batch(shape, &seqs) {
-                let rows = out.len() / width;
-                return Ok(Tensor::from_vec(out, (rows, width), q.device())?);
-            }
+        if self.ggml(q) {
+            return self.attend_ggml(layer, q, batch, &spans);
         }
         // Single-token (decode) rows through the direct kernel, in one call.
         let mut decoded: Option<Vec<f32>> = None;

@@ -11,8 +11,8 @@ use super::ggml_numerics;
 pub struct RopeTable {
     cos: Tensor,
     sin: Tensor,
-    /// llama.cpp's angles and fused rotation (GGUF models on CPU).
-    ggml: bool,
+    /// llama.cpp's table (GGUF models) on the host, for the fused ggml pass.
+    host: Option<std::sync::Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl RopeTable {
@@ -44,7 +44,7 @@ impl RopeTable {
         Ok(RopeTable {
             cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
-            ggml: false,
+            host: None,
         })
     }
 
@@ -61,9 +61,9 @@ impl RopeTable {
             }
         }
         Ok(RopeTable {
-            cos: Tensor::from_vec(cos, (n, half), device)?,
-            sin: Tensor::from_vec(sin, (n, half), device)?,
-            ggml: true,
+            cos: Tensor::from_slice(&cos, (n, half), device)?,
+            sin: Tensor::from_slice(&sin, (n, half), device)?,
+            host: Some(std::sync::Arc::new((cos, sin))),
         })
     }
 
@@ -82,9 +82,6 @@ impl RopeTable {
 
     /// Rotates `x` (`[T, heads, head_dim]`) at the given per-token positions.
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-        if self.ggml && ggml_numerics::applies(x) {
-            return self.apply_ggml(x, &positions.to_vec1::<u32>()?);
-        }
         let cos = self.cos.index_select(positions, 0)?;
         let sin = self.sin.index_select(positions, 0)?;
         let x4 = x.unsqueeze(0)?.contiguous()?;
@@ -93,23 +90,54 @@ impl RopeTable {
 }
 
 impl RopeTable {
-    /// ggml's fused rotation at the given positions (only for a [`RopeTable::ggml`] table).
-    pub fn apply_ggml(&self, x: &Tensor, positions: &[u32]) -> candle_core::Result<Tensor> {
-        let rows: Vec<u32> = positions.to_vec();
-        let idx = Tensor::from_vec(rows.clone(), rows.len(), self.cos.device())?;
-        let (cos, sin) = (self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?);
-        let local: Vec<u32> = (0..rows.len() as u32).collect();
-        ggml_numerics::rope(x, &cos, &sin, &local)
-    }
-
     /// The `(cos, sin)` rows `[T, head_dim / 2]` of the given positions.
     pub fn rows(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
     }
 
-    /// Whether this table replays ggml's arithmetic.
-    pub fn is_ggml(&self) -> bool {
-        self.ggml
+    /// Everything attention needs from a step's fused `[T, q | k | v]`
+    /// projection under ggml's arithmetic, in one pass: Q and K rotated
+    /// (fused, as ggml compiles it) and laid out in llama.cpp's interleaved
+    /// element order, K and V rounded through f16 as its cache stores them.
+    /// Returns `q [T, heads, hd]`, `k`, `v [T, kv_heads, hd]`.
+    pub fn ggml_attention_inputs(
+        &self,
+        qkv: &Tensor,
+        positions: &[u32],
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (t, width) = qkv.dims2()?;
+        let half = head_dim / 2;
+        let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
+        if width != qd + 2 * kvd || positions.len() != t {
+            candle_core::bail!("attention inputs: {t}x{width} projection for {heads}/{kv_heads} heads of {head_dim}");
+        }
+        let Some(host) = &self.host else {
+            candle_core::bail!("attention inputs need a ggml rope table");
+        };
+        let (cos, sin) = (&host.0, &host.1);
+        if positions.iter().any(|&p| (p as usize + 1) * half > cos.len()) {
+            candle_core::bail!("position beyond the rope table");
+        }
+        let x = qkv.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (mut q, mut k, mut v) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+        for (row, &p) in positions.iter().enumerate() {
+            let src = &x[row * width..(row + 1) * width];
+            let (c, s) = (&cos[p as usize * half..(p as usize + 1) * half], &sin[p as usize * half..(p as usize + 1) * half]);
+            ggml_numerics::rotate_interleaved(&src[..qd], &mut q[row * qd..(row + 1) * qd], c, s, head_dim, false);
+            ggml_numerics::rotate_interleaved(&src[qd..qd + kvd], &mut k[row * kvd..(row + 1) * kvd], c, s, head_dim, true);
+            for (o, &i) in v[row * kvd..(row + 1) * kvd].iter_mut().zip(&src[qd + kvd..]) {
+                *o = ggml_numerics::round_f16(i);
+            }
+        }
+        let device = qkv.device();
+        Ok((
+            Tensor::from_vec(q, (t, heads, head_dim), device)?,
+            Tensor::from_vec(k, (t, kv_heads, head_dim), device)?,
+            Tensor::from_vec(v, (t, kv_heads, head_dim), device)?,
+        ))
     }
 }
 

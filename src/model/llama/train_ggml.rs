@@ -101,12 +101,13 @@ impl CustomOp3 for FlashAttention {
             for i in begin..begin + n {
                 for h in 0..heads {
                     let kvh = h / rep;
-                    let kv = (begin..=i).map(|j| {
-                        let at = (j * kv_heads + kvh) * hd;
-                        (&ks[at..at + hd], &vs[at..at + hd])
-                    });
+                    let row = |j: usize, kr: &mut [f32], vr: &mut [f32]| {
+                        let at = ((begin + j) * kv_heads + kvh) * hd;
+                        kr.copy_from_slice(&ks[at..at + hd]);
+                        vr.copy_from_slice(&vs[at..at + hd]);
+                    };
                     let at = (i * heads + h) * hd;
-                    ggml_numerics::flash_attention_row(&qs[at..at + hd], scale, kv, &mut out[at..at + hd]);
+                    ggml_numerics::flash_attention_row(&qs[at..at + hd], scale, i - begin + 1, row, &mut out[at..at + hd]);
                 }
             }
             begin += n;
