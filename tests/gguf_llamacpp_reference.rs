@@ -177,3 +177,30 @@ fn echo_scoring_over_http_reproduces_llama_cpp_logprobs() {
     eprintln!("echo scoring over HTTP: mean |Δ logprob| {mean:.4} over {n} tokens");
     assert!(mean < 0.05, "mean |Δ logprob| {mean}");
 }
+
+#[test]
+fn an_answer_does_not_depend_on_what_else_is_in_the_batch() {
+    let Some((m, cases)) = setup() else { return };
+    // Case 0 decoded beside a 100-token prompt (which takes the long-chunk
+    // attention path) still gives llama.cpp's greedy completion exactly.
+    let prompt = ids(&cases[0]["prompt_token_ids"]);
+    let expected = ids(&cases[0]["completion_token_ids"]);
+    let other_prompt: Vec<u32> = (0..100u32).map(|i| 300 + (i * 37) % 5000).collect();
+    let (mut cache, mut other_cache) = (m.model.new_cache(), m.model.new_cache());
+    let (mut input, mut other_input) = (prompt.clone(), other_prompt);
+    let mut out = Vec::new();
+    for _ in 0..expected.len() {
+        let logits = m
+            .model
+            .forward(&mut [
+                SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last },
+                SequenceInput { tokens: &other_input, cache: &mut other_cache, logits: LogitsWanted::Last },
+            ])
+            .unwrap();
+        let next = argmax_rows(&logits).unwrap();
+        out.push(next[0]);
+        input = vec![next[0]];
+        other_input = vec![next[1]];
+    }
+    assert_eq!(out, expected);
+}
