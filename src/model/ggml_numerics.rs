@@ -331,7 +331,7 @@ fn mad_f16(acc: &mut [f32], v: Option<&[f32]>, w: f32) {
 pub fn flash_attention_row(q: &[f32], scale: f32, n_keys: usize, row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
-        if std::arch::is_x86_feature_detected!("f16c") && out.len() % 8 == 0 {
+        if std::arch::is_x86_feature_detected!("f16c") && out.len().is_multiple_of(8) {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { f16c::flash_attention_row(q, scale, n_keys, row, out) };
         }
@@ -352,7 +352,7 @@ mod f16c {
     /// `l % 8` of register `2j + l / 8`; same sums in the same order.
     #[inline(always)]
     unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
-        if x.len() % 64 != 0 || x.len() != y.len() {
+        if !x.len().is_multiple_of(64) || x.len() != y.len() {
             return dot_f16(x, y);
         }
         let mut acc = [_mm256_setzero_ps(); 8];
