@@ -274,3 +274,43 @@ fn a_llama_sentencepiece_gguf_tokenizer_reproduces_the_hf_tokenizer() {
         assert_eq!(t.encode_prompt(case["prompt"].as_str().unwrap()).unwrap(), want, "{}", case["prompt"]);
     }
 }
+
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).position(|w| w == needle).expect("present")
+}
+
+#[test]
+fn loading_refuses_other_architectures_truncated_files_and_unknown_quantization_types() {
+    let cfg = ModelConfig::from_hf_json(CONFIG).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &cfg, GgmlDType::Q4_0);
+    let bytes = std::fs::read(&good).unwrap();
+    let refused = |name: &str, data: &[u8]| -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, data).unwrap();
+        match load_gguf(&path, None, &Device::Cpu) {
+            Ok(_) => panic!("{name} was loaded"),
+            Err(e) => e.to_string(),
+        }
+    };
+
+    // general.architecture = "bloom": key, type (u32), length (u64), value.
+    let mut other = bytes.clone();
+    let at = find(&other, b"general.architecture") + "general.architecture".len() + 4 + 8;
+    other[at..at + 5].copy_from_slice(b"bloom");
+    let message = refused("bloom.gguf", &other);
+    assert!(message.contains("bloom") && message.contains("architecture"), "{message}");
+
+    // Cut in the middle of the tensor data.
+    let message = refused("truncated.gguf", &bytes[..bytes.len() * 3 / 5]);
+    assert!(message.contains("is truncated"), "{message}");
+
+    // The first tensor's type id (after its name, rank and two dimensions) set to 99.
+    let mut unknown = bytes.clone();
+    let at = find(&unknown, b"token_embd.weight") + "token_embd.weight".len() + 4 + 16;
+    unknown[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let message = refused("unknown_type.gguf", &unknown);
+    assert!(message.contains("unknown quantization type 99"), "{message}");
+}

@@ -127,6 +127,26 @@ fn permute_quantized_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor, ModelE
 }
 
 /// Reads GGUF tensors, checking shapes and keeping quantized ones packed.
+/// Refuses a file too short for the tensors its header lists (a truncated
+/// download), before anything is loaded.
+fn check_complete(path: &Path, content: &Content, file_len: u64) -> Result<(), ModelError> {
+    let needed = content
+        .tensor_infos
+        .iter()
+        .map(|(name, t)| {
+            let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+            (content.tensor_data_offset + t.offset + bytes as u64, name)
+        })
+        .max();
+    match needed {
+        Some((end, name)) if end > file_len => Err(ModelError::InvalidConfig(format!(
+            "{}: the GGUF file is truncated: it has {file_len} bytes but its tensors need {end} (tensor {name} ends past the end)",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 struct TensorReader<'a> {
     content: &'a Content,
     file: BufReader<File>,
@@ -222,8 +242,16 @@ pub fn load_gguf(
     };
     let mut file = BufReader::new(File::open(path).map_err(io)?);
     let content = Content::read(&mut file).map_err(|e| {
-        ModelError::InvalidConfig(format!("{}: not a readable GGUF file: {e}", path.display()))
+        // candle's message (its first line: no backtrace), named plainly.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default();
+        let what = match first.strip_prefix("unknown dtype for tensor ") {
+            Some(id) => format!("unknown quantization type {id} (a newer or foreign GGUF type this server cannot compute)"),
+            None => first.to_string(),
+        };
+        ModelError::InvalidConfig(format!("{}: not a readable GGUF file: {what}", path.display()))
     })?;
+    check_complete(path, &content, file.get_ref().metadata().map_err(io)?.len())?;
     let meta = GgufMeta::new(&content);
     let mut config = config_from_meta(&meta, &content)?;
     let tok = gguf_tokenizer::from_gguf(&meta)?;
