@@ -58,6 +58,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, (rows, dim), gate.device())
 }
 
+/// One pair through ggml's `rotate_pairs` as GCC compiles it (fused).
+#[inline(always)]
+fn rotate_pair(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
+    (x0.mul_add(c, -(x1 * s)), x0.mul_add(s, x1 * c))
+}
+
 /// Rotates the heads of one token's Q or K row (`input`, Hugging Face's
 /// rotate-half layout) with that position's `cos`/`sin`, as ggml's fused
 /// `rotate_pairs` does, writing them in llama.cpp's interleaved element
@@ -82,8 +88,7 @@ fn rotate_interleaved_body(input: &[f32], out: &mut [f32], cos: &[f32], sin: &[f
     let half = head_dim / 2;
     for (h_in, h_out) in input.chunks(head_dim).zip(out.chunks_mut(head_dim)) {
         for i in 0..half {
-            let (x0, x1) = (h_in[i], h_in[i + half]);
-            let (a, b) = (x0.mul_add(cos[i], -(x1 * sin[i])), x0.mul_add(sin[i], x1 * cos[i]));
+            let (a, b) = rotate_pair(h_in[i], h_in[i + half], cos[i], sin[i]);
             h_out[2 * i] = if round { round_f16(a) } else { a };
             h_out[2 * i + 1] = if round { round_f16(b) } else { b };
         }
@@ -153,9 +158,7 @@ fn rope_body(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &[u32]) -> candl
         for h in 0..heads {
             let base = (row * heads + h) * hd;
             for i in 0..half {
-                let (x0, x1) = (xs[base + i], xs[base + i + half]);
-                out[base + i] = x0.mul_add(c[i], -(x1 * s[i]));
-                out[base + i + half] = x0.mul_add(s[i], x1 * c[i]);
+                (out[base + i], out[base + i + half]) = rotate_pair(xs[base + i], xs[base + i + half], c[i], s[i]);
             }
         }
     }
@@ -338,14 +341,14 @@ pub fn flash_attention_row(q: &[f32], scale: f32, n_keys: usize, row: impl FnMut
         // SAFETY: as above.
         return unsafe { flash_attention_row_fma(q, scale, n_keys, row, out) };
     }
-    flash_attention_row_body(q, scale, n_keys, row, out)
+    flash_attention_row_body(q, scale, n_keys, row, out, dot_f16, mad_f16)
 }
 
 /// The same row with the f16 roundings done by the F16C conversion
 /// instructions (ggml's own on x86), eight lanes at a time.
 #[cfg(target_arch = "x86_64")]
 mod f16c {
-    use super::{dot_f16, reduce_add_16, round_f16, LANES};
+    use super::{dot_f16, reduce_add_16, LANES};
     use std::arch::x86_64::*;
 
     /// [`dot_f16`] in registers: lane `l` of ggml's accumulator `j` is lane
@@ -388,30 +391,9 @@ mod f16c {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn flash_attention_row(q: &[f32], scale: f32, n_keys: usize, mut row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
-        let q16: Vec<f32> = q.iter().map(|&x| round_f16(x)).collect();
-        let mut acc = vec![0f32; out.len()];
-        let (mut k, mut v) = (vec![0f32; q.len()], vec![0f32; out.len()]);
-        let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
-        for j in 0..n_keys {
-            row(j, &mut k, &mut v);
-            let s = dot(&k, &q16) * scale;
-            let (mut ms, mut vs) = (1.0f32, 1.0f32);
-            if s > max {
-                let old = max;
-                max = s;
-                ms = (old - max).exp();
-                mad(&mut acc, None, ms);
-            } else {
-                vs = (s - max).exp();
-            }
-            mad(&mut acc, Some(&v), vs);
-            sum = sum.mul_add(ms, vs);
-        }
-        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-        for (o, a) in out.iter_mut().zip(&acc) {
-            *o = a * inv;
-        }
+    pub(super) unsafe fn flash_attention_row(q: &[f32], scale: f32, n_keys: usize, row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
+        // SAFETY (both closures): this function runs only where AVX2, FMA and F16C exist.
+        super::flash_attention_row_body(q, scale, n_keys, row, out, |k, q| unsafe { dot(k, q) }, |acc, v, w| unsafe { mad(acc, v, w) })
     }
 }
 
@@ -425,28 +407,38 @@ fn has_fma() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn flash_attention_row_fma(q: &[f32], scale: f32, n_keys: usize, row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
-    flash_attention_row_body(q, scale, n_keys, row, out)
+    flash_attention_row_body(q, scale, n_keys, row, out, dot_f16, mad_f16)
 }
 
+/// The row's online softmax, with the f16 dot product and the rounding
+/// accumulate of the caller's instruction set.
 #[inline(always)]
-fn flash_attention_row_body(q: &[f32], scale: f32, n_keys: usize, mut row: impl FnMut(usize, &mut [f32], &mut [f32]), out: &mut [f32]) {
+fn flash_attention_row_body(
+    q: &[f32],
+    scale: f32,
+    n_keys: usize,
+    mut row: impl FnMut(usize, &mut [f32], &mut [f32]),
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    mad: impl Fn(&mut [f32], Option<&[f32]>, f32),
+) {
     let q16: Vec<f32> = q.iter().map(|&x| round_f16(x)).collect();
     let mut acc = vec![0f32; out.len()];
     let (mut k, mut v) = (vec![0f32; q.len()], vec![0f32; out.len()]);
     let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
     for j in 0..n_keys {
         row(j, &mut k, &mut v);
-        let s = dot_f16(&k, &q16) * scale;
+        let s = dot(&k, &q16) * scale;
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if s > max {
             let old = max;
             max = s;
             ms = (old - max).exp();
-            mad_f16(&mut acc, None, ms);
+            mad(&mut acc, None, ms);
         } else {
             vs = (s - max).exp();
         }
-        mad_f16(&mut acc, Some(&v), vs);
+        mad(&mut acc, Some(&v), vs);
         sum = sum.mul_add(ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };

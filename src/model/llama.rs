@@ -233,11 +233,6 @@ impl Llama {
         Ok(self)
     }
 
-    /// The arithmetic this model's forward pass uses.
-    pub fn numerics(&self) -> Numerics {
-        self.numerics
-    }
-
     /// True when llama.cpp's arithmetic applies to these activations.
     fn ggml(&self, x: &Tensor) -> bool {
         self.numerics == Numerics::Ggml && ggml_numerics::applies(x)
@@ -375,10 +370,11 @@ impl Llama {
             positions.extend((0..s.tokens.len()).map(|i| (start + i) as u32));
         }
         let ids = Tensor::from_vec(ids, total, &self.device)?;
-        let positions = Tensor::from_vec(positions, total, &self.device)?;
+        let position_ids = positions;
+        let positions = Tensor::from_slice(&position_ids, total, &self.device)?;
         let mut x = self.embed.lookup(&ids)?.to_dtype(self.dtype)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(layer, block, &x, &positions, batch, &segments)?;
+            x = self.block_forward(layer, block, &x, (&positions, &position_ids), batch, &segments)?;
         }
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -454,7 +450,7 @@ impl Llama {
         layer: usize,
         block: &Block,
         x: &Tensor,
-        positions: &Tensor,
+        (positions, position_ids): (&Tensor, &[u32]),
         batch: &mut [SequenceInput<'_>],
         segments: &[AdapterSegment],
     ) -> Result<Tensor, ModelError> {
@@ -468,7 +464,7 @@ impl Llama {
         if self.ggml(&qkv) {
             // llama.cpp's element order for Q and K (attention sums in it)
             // and its f16 cache for K and V, in one pass.
-            let (q, k, v) = self.rope.ggml_attention_inputs(&qkv, &positions.to_vec1::<u32>()?, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)?;
+            let (q, k, v) = self.rope.ggml_attention_inputs(&qkv, position_ids, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)?;
             let attn = self.attend(layer, &q, &k, &v, batch)?;
             let x = (x + self.project(layer, &block.o, &[("o_proj", hidden)], &attn, segments)?)?;
             let h = self.rms_norm(&x, &block.post_attention_norm)?;
