@@ -64,6 +64,9 @@ def main():
             job = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
         elapsed = time.time() - last_correction
         m = job["metrics"]
+        events = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100")["data"]
+        for e in reversed(events):
+            print(f"  +{e['created_at'] - last_correction:6.1f}s {e['message'][:90]}")
         print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1),
                           "train_seconds": m.get("train_seconds"), "train_tokens_per_second": m.get("train_tokens_per_second"),
                           "base_kl": m.get("base_kl"), "base_top1_agreement": m.get("base_top1_agreement"),

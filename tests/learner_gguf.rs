@@ -1,5 +1,5 @@
 //! Training over a quantized GGUF base (SmolLM2-135M-Instruct, Q4_1): the
-//! training forward of the base equals serving exactly, and gradients flow through the frozen
+//! training forward of the base equals serving exactly (alone or packed with sequences sharing its beginning), and gradients flow through the frozen
 //! quantized projections (no dense copy) to every adapter parameter, down
 //! to the first layer.
 
@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use lifelora::learner::sft::{self, SftExample};
 use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
 use lifelora::lora::trainable::TrainableLora;
-use lifelora::model::llama::{LogitsWanted, SequenceInput};
+use lifelora::model::llama::{LogitsWanted, PackedSeq, SequenceInput};
 
 #[test]
 fn gradients_flow_through_quantized_projections_to_every_adapter_parameter() {
@@ -33,6 +33,15 @@ fn gradients_flow_through_quantized_projections_to_every_adapter_parameter() {
         .unwrap();
     let diff = (&train - &serve).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "training and serving logits of the base differ");
+    // Packed with a sequence sharing its beginning (one prefix tree), still exact.
+    let other: Vec<u32> = tokens[..4].iter().copied().chain(loaded.tokenizer.encode_answer(" London.").unwrap()).collect();
+    let seqs = [PackedSeq { tokens: &tokens, start: 0, len: tokens.len() }, PackedSeq { tokens: &other, start: 0, len: other.len() }];
+    let packed = model.forward_train_packed(&seqs, &TrainableLora::empty()).unwrap();
+    let diff = (&packed[0] - &serve).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "a sequence packed with another that shares its beginning gets other logits");
+    let alone = model.forward_train(&other, &TrainableLora::empty()).unwrap();
+    let diff = (&packed[1] - &alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "the sharing sequence gets other logits packed than alone");
     let _ = adapter;
 
     let loss = sft::example_loss(model, &lora, &SftExample { prompt: tokens[..4].to_vec(), answer: tokens[4..].to_vec() }).unwrap();

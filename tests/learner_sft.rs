@@ -190,18 +190,31 @@ fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
 }
 
 #[test]
-fn sequences_packed_in_one_pass_get_the_logits_they_get_alone() {
+fn sequences_packed_in_one_pass_share_their_beginnings_and_get_the_logits_and_gradients_they_get_alone() {
     use lifelora::model::llama::PackedSeq;
     let Some(model) = model() else { return };
     let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
     let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
-    let seqs: [&[u32]; 3] = [&[1, 482, 82, 508, 499, 496], &[1, 300, 12], &[1, 77, 260, 390, 440, 333, 480]];
+    // Two share five tokens, one repeats another whole, one shares only the first.
+    let seqs: [&[u32]; 4] =
+        [&[1, 482, 82, 508, 499, 496], &[1, 482, 82, 508, 499, 300, 12], &[1, 300, 12], &[1, 482, 82, 508, 499, 496]];
     let packed: Vec<PackedSeq> = seqs.iter().map(|t| PackedSeq { tokens: t, start: 1, len: t.len() - 1 }).collect();
     let together = model.forward_train_packed(&packed, &lora).unwrap();
+    let mut alone_sum: Option<Tensor> = None;
     for (t, got) in seqs.iter().zip(&together) {
         let alone = model.forward_train_range(t, &lora, 1, t.len() - 1).unwrap();
         // Float summation order differs with the number of rows; nothing more.
         assert!(max_diff(got, &alone) < 1e-4, "{t:?}: {}", max_diff(got, &alone));
+        let s = alone.sqr().unwrap().mean_all().unwrap();
+        alone_sum = Some(match alone_sum { None => s, Some(a) => (a + s).unwrap() });
+    }
+    // A shared token's gradient is the sum over the sequences that read it.
+    let packed_sum = together.iter().map(|l| l.sqr().unwrap().mean_all().unwrap()).reduce(|a, b| (a + b).unwrap()).unwrap();
+    let (g_packed, g_alone) = (packed_sum.backward().unwrap(), alone_sum.unwrap().backward().unwrap());
+    for (i, v) in lora.vars().iter().enumerate() {
+        let (a, b) = (g_packed.get(v.as_tensor()).unwrap(), g_alone.get(v.as_tensor()).unwrap());
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        assert!(max_diff(a, b) < 1e-3 * scale, "parameter {i}: {} vs scale {scale}", max_diff(a, b));
     }
 }

@@ -123,6 +123,7 @@ impl Block {
 
 mod train;
 mod train_ggml;
+pub mod prefix_tree;
 pub use train::PackedSeq;
 
 /// The token embedding table, dense or quantized (GGUF keeps it quantized

@@ -1,11 +1,12 @@
 //! The differentiable forward pass for training adapters: one sequence or
-//! several packed end to end, causal attention within each, every op one that candle can differentiate
+//! several packed as a prefix tree, causal attention along each, every op one that candle can differentiate
 //! (plain RMSNorm, softmax and RoPE instead of the fused kernels, which
 //! record no backward), LoRA deltas from a [`TrainableLora`]. The frozen
 //! base weights are the serving model's own tensors, never copied.
 
 use candle_core::{DType, Tensor, D};
 
+use super::prefix_tree::PrefixTree;
 use super::{train_ggml, Llama};
 use crate::model::ggml_numerics;
 use crate::lora::trainable::TrainableLora;
@@ -28,33 +29,34 @@ impl Llama {
     /// Logits for positions `start..start + len` only: the output head (the
     /// largest matmul of a small model) runs on the rows a loss reads.
     pub fn forward_train_range(&self, tokens: &[u32], lora: &TrainableLora, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let x = self.hidden_train(tokens, &[tokens.len()], lora)?;
+        let (tree, _) = PrefixTree::build(&[tokens]);
+        let x = self.hidden_train(&tree, lora)?;
         self.lm_head.forward_train(&x.narrow(0, start, len)?)
     }
 
-    /// Several sequences in one pass, packed end to end with attention kept
-    /// inside each (a block-diagonal causal mask, positions restarting):
-    /// each frozen projection runs once over all their tokens, so its
-    /// backward (which dequantizes a quantized weight tile by tile) is paid
-    /// once per step instead of once per sequence. Returns each sequence's
-    /// logits rows `start..start + len`.
+    /// Several sequences in one pass, packed as a prefix tree (see
+    /// [`super::prefix_tree`]): each frozen projection runs once over all
+    /// their tokens, so its backward (which dequantizes a quantized weight
+    /// tile by tile) is paid once per step instead of once per sequence,
+    /// and beginnings they share (a system prompt, a preference's prompt)
+    /// are computed once. Returns each sequence's logits rows `start..start + len`.
     pub fn forward_train_packed(&self, seqs: &[PackedSeq<'_>], lora: &TrainableLora) -> candle_core::Result<Vec<Tensor>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
-        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let x = self.hidden_train(&tokens, &lens, lora)?;
-        let mut rows = Vec::with_capacity(seqs.len());
-        let mut offset = 0;
-        for s in seqs {
+        let token_lists: Vec<&[u32]> = seqs.iter().map(|s| s.tokens).collect();
+        let (tree, paths) = PrefixTree::build(&token_lists);
+        let x = self.hidden_train(&tree, lora)?;
+        let mut rows = Vec::new();
+        for (s, path) in seqs.iter().zip(&paths) {
             if s.start + s.len > s.tokens.len() {
                 candle_core::bail!("logits rows {}..{} are outside a sequence of {}", s.start, s.start + s.len, s.tokens.len());
             }
-            rows.push(x.narrow(0, offset + s.start, s.len)?);
-            offset += s.tokens.len();
+            rows.extend(path[s.start..s.start + s.len].iter().map(|&i| i as u32));
         }
-        let logits = self.lm_head.forward_train(&Tensor::cat(&rows, 0)?)?;
+        let n = rows.len();
+        let rows = Tensor::from_vec(rows, n, &self.device)?;
+        let logits = self.lm_head.forward_train(&x.index_select(&rows, 0)?)?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for s in seqs {
@@ -64,21 +66,18 @@ impl Llama {
         Ok(out)
     }
 
-    /// Final hidden states `[T, hidden]` (after the last norm) of `tokens`,
-    /// which hold sequences of `lens` end to end.
-    fn hidden_train(&self, tokens: &[u32], lens: &[usize], lora: &TrainableLora) -> candle_core::Result<Tensor> {
+    /// Final hidden states `[T, hidden]` (after the last norm) of the
+    /// tokens of `tree`, each attending to its ancestors.
+    fn hidden_train(&self, tree: &PrefixTree, lora: &TrainableLora) -> candle_core::Result<Tensor> {
         if !self.trainable() {
             candle_core::bail!("training needs f32 activations: serve the model with dtype f32 to train it");
         }
         let cfg = &self.config;
-        let t = tokens.len();
-        if lens.iter().sum::<usize>() != t {
-            candle_core::bail!("packed sequence lengths {lens:?} do not add up to {t} tokens");
-        }
-        let ids = Tensor::from_vec(tokens.to_vec(), t, &self.device)?;
-        let positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
-        let positions = Tensor::from_vec(positions, t, &self.device)?;
-        let mask = block_causal_mask(lens, &self.device)?;
+        let t = tree.len();
+        let ids = Tensor::from_vec(tree.tokens.clone(), t, &self.device)?;
+        let positions = Tensor::from_vec(tree.positions.clone(), t, &self.device)?;
+        let mask = tree.mask(&self.device)?;
+        let keys: Vec<Vec<usize>> = (0..t).map(|i| tree.visible(i)).collect();
         let mut x = self.embed.lookup(&ids)?.to_dtype(DType::F32)?;
         let ggml = self.ggml(&x);
         let rms_norm = |x: &Tensor, w: &Tensor, eps: f64| rms_norm(x, w, eps, ggml);
@@ -100,7 +99,7 @@ impl Llama {
                 let rope = |m: &Tensor| m.contiguous()?.apply_op1(train_ggml::Rope { cos: cos.clone(), sin: sin.clone() })?.index_select(&order, 2);
                 let (q, k) = (rope(&q)?, rope(&k)?);
                 let (k, v) = (ggml_numerics::round_tensor_f16(&k)?, ggml_numerics::round_tensor_f16(&v)?);
-                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, train_ggml::FlashAttention { lens: lens.to_vec(), mask: mask.clone() })?
+                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, train_ggml::FlashAttention { keys: keys.clone(), mask: mask.clone() })?
             } else {
             let q = self.rope.apply_differentiable(&q, &positions)?.transpose(0, 1)?.contiguous()?;
             let k = self.rope.apply_differentiable(&k, &positions)?.transpose(0, 1)?.contiguous()?;
@@ -189,21 +188,6 @@ pub struct PackedSeq<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub len: usize,
-}
-
-/// `[T, T]` for sequences of `lens` end to end: a token sees itself and the
-/// tokens before it in its own sequence (0), nothing else (-inf).
-fn block_causal_mask(lens: &[usize], device: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let t: usize = lens.iter().sum();
-    let mut m = vec![f32::NEG_INFINITY; t * t];
-    let mut begin = 0;
-    for &n in lens {
-        for i in begin..begin + n {
-            m[i * t + begin..=i * t + i].fill(0.0);
-        }
-        begin += n;
-    }
-    Tensor::from_vec(m, (t, t), device)
 }
 
 /// `y` plus the LoRA deltas of the modules `parts` lays out in its columns.

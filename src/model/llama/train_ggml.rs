@@ -78,8 +78,10 @@ impl CustomOp1 for Rope {
 /// (Q and K in llama.cpp's element order, K and V rounded to f16); output
 /// `[T, heads · hd]`. The backward is exact softmax attention's.
 pub struct FlashAttention {
-    pub lens: Vec<usize>,
-    /// `[T, T]`: 0 where a token sees another, -inf elsewhere.
+    /// Per token, the tokens it attends to, in sequence order (packed
+    /// sequences or a prefix tree: see [`super::prefix_tree`]).
+    pub keys: Vec<Vec<usize>>,
+    /// `[T, T]`: 0 where a token sees another, -inf elsewhere (the same relation as `keys`).
     pub mask: Tensor,
 }
 
@@ -96,21 +98,20 @@ impl CustomOp3 for FlashAttention {
         let (qs, ks, vs) = (q.flatten_all()?.to_vec1::<f32>()?, k.flatten_all()?.to_vec1::<f32>()?, v.flatten_all()?.to_vec1::<f32>()?);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; t * heads * hd];
-        let mut begin = 0;
-        for &n in &self.lens {
-            for i in begin..begin + n {
-                for h in 0..heads {
-                    let kvh = h / rep;
-                    let row = |j: usize, kr: &mut [f32], vr: &mut [f32]| {
-                        let at = ((begin + j) * kv_heads + kvh) * hd;
-                        kr.copy_from_slice(&ks[at..at + hd]);
-                        vr.copy_from_slice(&vs[at..at + hd]);
-                    };
-                    let at = (i * heads + h) * hd;
-                    ggml_numerics::flash_attention_row(&qs[at..at + hd], scale, i - begin + 1, row, &mut out[at..at + hd]);
-                }
+        if self.keys.len() != t {
+            candle_core::bail!("flash attention: {} key lists for {t} tokens", self.keys.len());
+        }
+        for (i, keys) in self.keys.iter().enumerate() {
+            for h in 0..heads {
+                let kvh = h / rep;
+                let row = |j: usize, kr: &mut [f32], vr: &mut [f32]| {
+                    let at = (keys[j] * kv_heads + kvh) * hd;
+                    kr.copy_from_slice(&ks[at..at + hd]);
+                    vr.copy_from_slice(&vs[at..at + hd]);
+                };
+                let at = (i * heads + h) * hd;
+                ggml_numerics::flash_attention_row(&qs[at..at + hd], scale, keys.len(), row, &mut out[at..at + hd]);
             }
-            begin += n;
         }
         Ok((CpuStorage::F32(out), Shape::from((t, heads * hd))))
     }
@@ -186,16 +187,18 @@ mod tests {
         let k = Var::from_tensor(&ggml_numerics::round_tensor_f16(&rand(&[t, kv_heads, hd], 8)).unwrap()).unwrap();
         let v = Var::from_tensor(&ggml_numerics::round_tensor_f16(&rand(&[t, kv_heads, hd], 9)).unwrap()).unwrap();
         let mut m = vec![f32::NEG_INFINITY; t * t];
+        let mut keys = Vec::new();
         let mut begin = 0;
         for &n in &lens {
             for i in begin..begin + n {
                 m[i * t + begin..=i * t + i].fill(0.0);
+                keys.push((begin..=i).collect::<Vec<usize>>());
             }
             begin += n;
         }
         let mask = Tensor::from_vec(m, (t, t), &Device::Cpu).unwrap();
         let w = rand(&[t, heads * hd], 10);
-        let out = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), FlashAttention { lens, mask: mask.clone() }).unwrap();
+        let out = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), FlashAttention { keys, mask: mask.clone() }).unwrap();
         // Exact softmax attention, by autograd.
         let rep = heads / kv_heads;
         let expand = |m: &Tensor| m.transpose(0, 1).unwrap().contiguous().unwrap().unsqueeze(1).unwrap().expand((kv_heads, rep, t, hd)).unwrap().reshape((heads, t, hd)).unwrap();
