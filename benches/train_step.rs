@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lifelora::learner::sft::{self, KlAnchors, Lesson, SftConfig, SftExample};
+use lifelora::learner::sft::{KlAnchors, Lesson, SftExample, Trainer};
 use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
 use lifelora::lora::trainable::TrainableLora;
 use lifelora::model::chat::ChatMessage;
@@ -63,13 +63,15 @@ fn bench_train(c: &mut Criterion) {
         let set = lessons(prefer);
         let per_step: usize = set.iter().take(4).map(Lesson::tokens).sum::<usize>() + anchor_seqs.iter().map(|(t, _)| t.len()).sum::<usize>();
         group.throughput(Throughput::Elements(per_step as u64));
-        // Two steps per iteration after the preferences' reference passes;
-        // the bench reports the mean of a step (see `steps` below).
         let lora = TrainableLora::from_adapter(&adapter).expect("trainable");
-        let cfg = SftConfig { steps: 1, learning_rate: 1e-3, batch_size: 4, seed: 0 };
-        let no_prefs: Vec<Lesson> = set.iter().take(4).cloned().collect();
+        let mut trainer = Trainer::new(model, &lora, &set, 1e-3, Some(&anchors)).expect("trainer");
+        let mut next = 0;
         group.bench_function(BenchmarkId::new(label, 4), |b| {
-            b.iter(|| sft::train_lessons(model, &lora, &no_prefs, &cfg, Some(&anchors), |_, _| true).expect("step"))
+            b.iter(|| {
+                let batch: Vec<usize> = (0..4).map(|k| (next + k) % set.len()).collect();
+                next += 4;
+                trainer.step(&batch).expect("step")
+            })
         });
     }
     group.finish();

@@ -67,11 +67,8 @@ def main():
         events = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100")["data"]
         for e in reversed(events):
             print(f"  +{e['created_at'] - last_correction:6.1f}s {e['message'][:90]}")
-        print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1),
-                          "train_seconds": m.get("train_seconds"), "train_tokens_per_second": m.get("train_tokens_per_second"),
-                          "base_kl": m.get("base_kl"), "base_top1_agreement": m.get("base_top1_agreement"),
-                          "valid_loss": m.get("valid_loss"), "valid_loss_before": m.get("valid_loss_before"),
-                          "train_loss": m.get("train_loss")}, indent=1))
+        shown = {k: v for k, v in m.items() if k not in ("feedback_ids", "job_id")}
+        print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1), **shown}, indent=1))
         target = "main" if job["status"] == "succeeded" else f"main@v{job['metadata']['result_version']}"
         plain_answers = [ask(base, target, q)[1] for q in questions]
         other_answers = [ask(base, target, q)[1] for q in reworded]

@@ -54,3 +54,27 @@ fn gradients_flow_through_quantized_projections_to_every_adapter_parameter() {
         assert!(norm > 0.0 && norm.is_finite(), "parameter {i}: gradient norm {norm}");
     }
 }
+
+/// Training measures what serving will compute: the adapter's deltas use
+/// serving's kernel, so even over re-quantized activations the logits agree to the bit.
+#[test]
+fn with_an_adapter_the_training_forward_equals_serving_exactly() {
+    let Some(path) = common::smollm2_gguf() else { return };
+    let loaded = lifelora::model::gguf::load_gguf(&path, None, &Device::Cpu).unwrap();
+    let model = &loaded.model;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let spec = FreshSpec { targets: &targets, rank: 8, alpha: 16.0, seed: 5, init_b: InitB::Random };
+    let adapter = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
+    let lora = TrainableLora::from_adapter(&adapter).unwrap();
+    let tokens = loaded.tokenizer.encode_prompt("The capital of France is Paris. The capital of Italy is Rome.").unwrap();
+    let train = model.forward_train(&tokens, &lora).unwrap();
+    let mut cache = model.new_cache();
+    let serve = model
+        .forward_with_adapters(&mut [SequenceInput { tokens: &tokens, cache: &mut cache, logits: LogitsWanted::All }], &[Some(adapter.clone())])
+        .unwrap();
+    let base = model.forward_train(&tokens, &TrainableLora::empty()).unwrap();
+    let diff = (&train - &serve).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let effect = (&train - &base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(effect > 1.0, "the adapter hardly moves the logits ({effect})");
+    assert_eq!(diff, 0.0, "training and serving logits with an adapter differ by {diff}");
+}

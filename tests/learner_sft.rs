@@ -99,7 +99,7 @@ fn supervised_training_teaches_answers_made_of_vocabulary_pieces() {
     let before: Vec<Vec<u32>> = facts.iter().map(|f| greedy(&model, &f.prompt, &start, 3)).collect();
     assert!(facts.iter().zip(&before).all(|(f, b)| &f.answer != b), "the base already knows a fact");
     let lora = TrainableLora::from_adapter(&start).unwrap();
-    let cfg = SftConfig { steps: 60, learning_rate: 1e-2, batch_size: 4, seed: 0 };
+    let cfg = SftConfig { steps: 60, learning_rate: 1e-2, batch_size: 4, seed: 0, until_learned: false };
     let losses = sft::train(&model, &lora, &facts, &cfg, |_, _| {}).unwrap();
     assert!(losses.last().unwrap() < &(losses[0] * 0.1), "loss fell from {} to {}", losses[0], losses.last().unwrap());
     let learned = Arc::new(lora.to_adapter().unwrap());
@@ -163,7 +163,7 @@ fn a_preference_teaches_the_chosen_answer_over_the_rejected_one() {
     let at_start = sft::lesson_loss(&model, &lora, &lesson, None).unwrap().to_scalar::<f32>().unwrap();
     let nll = -mean_log_prob(&model, &start, &prompt, &chosen);
     assert!((at_start - nll - std::f32::consts::LN_2).abs() < 1e-4, "{at_start} vs {nll} + ln 2");
-    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 1, seed: 0 };
+    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: false };
     sft::train_lessons(&model, &lora, &[lesson], &cfg, None, |_, _| true).unwrap();
     let learned = Arc::new(lora.to_adapter().unwrap());
     assert_eq!(greedy(&model, &prompt, &learned, 3), chosen);
@@ -179,7 +179,7 @@ fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
     let prompt = vec![1, 499, 496, 77];
     let said = greedy(&model, &prompt, &start, 4);
     let lora = TrainableLora::from_adapter(&start).unwrap();
-    let cfg = SftConfig { steps: 20, learning_rate: 1e-2, batch_size: 1, seed: 0 };
+    let cfg = SftConfig { steps: 20, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: false };
     let lesson = Lesson::Avoid(SftExample { prompt: prompt.clone(), answer: said.clone() });
     let losses = sft::train_lessons(&model, &lora, &[lesson], &cfg, None, |_, _| true).unwrap();
     assert!(losses.last().unwrap() < &losses[0], "unlikelihood loss {} -> {}", losses[0], losses.last().unwrap());

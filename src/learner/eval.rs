@@ -1,8 +1,9 @@
-//! The measurements the eval gate decides on, all teacher-forced or greedy
-//! through the serving forward pass (what users will actually get): loss
-//! and exact match on examples, and drift from the base model on general
-//! prompts (mean KL of next-token distributions over the base's own
-//! answers, and top-1 agreement).
+//! The measurements the eval gate decides on, all teacher-forced in packed
+//! passes of the training forward (for the base, bit-identical to serving;
+//! adapter deltas differ from serving's batched kernel by float rounding
+//! only): loss and exact match on examples, and drift from the base model
+//! on general prompts (mean KL of next-token distributions over the base's
+//! own answers, and top-1 agreement).
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use candle_core::{Tensor, D};
 use super::sft::SftExample;
 use crate::lora::LoraAdapter;
 use crate::model::chat::{ChatMessage, ChatTemplate};
-use crate::model::llama::{argmax_rows, Llama, LogitsWanted, SequenceInput};
+use crate::lora::trainable::TrainableLora;
+use crate::model::llama::{argmax_rows, Llama, LogitsWanted, PackedSeq, SequenceInput};
 use crate::model::TextTokenizer;
 
 /// General prompts for the drift measure: never trained on.
@@ -65,13 +67,6 @@ pub fn pace() {
     });
 }
 
-fn logits_all(model: &Llama, tokens: &[u32], adapter: Option<&Arc<LoraAdapter>>) -> candle_core::Result<Tensor> {
-    let mut cache = model.new_cache();
-    model
-        .forward_with_adapters(&mut [SequenceInput { tokens, cache: &mut cache, logits: LogitsWanted::All }], &[adapter.cloned()])
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))
-}
-
 /// Decodes up to `n` tokens after `prompt`, `pick` choosing each from the
 /// last row's logits; stops at an `eos` token (kept in the output when
 /// `keep_eos`) or the context length.
@@ -113,35 +108,80 @@ pub fn greedy(model: &Llama, prompt: &[u32], adapter: Option<&Arc<LoraAdapter>>,
     decode(model, prompt, adapter, n, eos, true, |logits| Ok(argmax_rows(logits)?[0]))
 }
 
-/// Mean per-token cross-entropy of the examples' answers.
-pub fn mean_loss(model: &Llama, adapter: Option<&Arc<LoraAdapter>>, examples: &[SftExample]) -> candle_core::Result<f64> {
-    let (mut total, mut count) = (0f64, 0usize);
-    for e in examples {
-        let tokens: Vec<u32> = e.prompt.iter().chain(&e.answer).copied().collect();
-        let logits = logits_all(model, &tokens[..tokens.len() - 1], adapter)?;
-        let logits = logits.narrow(0, e.prompt.len() - 1, e.answer.len())?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::from_vec(e.answer.clone(), (e.answer.len(), 1), lp.device())?;
-        let picked = lp.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()?;
+/// Examples per packed pass when measuring.
+const MEASURE_CHUNK: usize = 8;
+
+/// Calls `each` with every example's answer logits rows `[answer len, vocab]`
+/// under `lora`, a few examples per packed pass (their shared beginnings
+/// computed once; see [`Llama::forward_train_packed`]), no gradient kept.
+fn answer_logits(
+    model: &Llama,
+    lora: &TrainableLora,
+    examples: &[SftExample],
+    mut each: impl FnMut(&SftExample, &Tensor) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    let usable: Vec<&SftExample> = examples.iter().filter(|e| !e.prompt.is_empty() && !e.answer.is_empty()).collect();
+    for chunk in usable.chunks(MEASURE_CHUNK) {
+        let inputs: Vec<Vec<u32>> =
+            chunk.iter().map(|e| e.prompt.iter().chain(&e.answer[..e.answer.len() - 1]).copied().collect()).collect();
+        let seqs: Vec<PackedSeq<'_>> =
+            inputs.iter().zip(chunk).map(|(t, e)| PackedSeq { tokens: t, start: e.prompt.len() - 1, len: e.answer.len() }).collect();
+        let logits = model.forward_train_packed(&seqs, lora)?;
+        for (e, l) in chunk.iter().zip(&logits) {
+            each(e, &l.detach())?;
+        }
         pace();
-        total -= picked as f64;
-        count += e.answer.len();
     }
+    Ok(())
+}
+
+/// Mean per-token cross-entropy of the examples' answers under `lora`.
+pub fn mean_loss(model: &Llama, lora: &TrainableLora, examples: &[SftExample]) -> candle_core::Result<f64> {
+    let (mut total, mut count) = (0f64, 0usize);
+    answer_logits(model, lora, examples, |e, logits| {
+        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let targets = Tensor::from_vec(e.answer.clone(), (e.answer.len(), 1), lp.device())?;
+        total -= lp.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        count += e.answer.len();
+        Ok(())
+    })?;
     Ok(if count == 0 { 0.0 } else { total / count as f64 })
 }
 
-/// Share of examples whose greedy answer reproduces the expected one exactly.
-pub fn exact_match(model: &Llama, adapter: Option<&Arc<LoraAdapter>>, examples: &[SftExample]) -> candle_core::Result<f64> {
+/// Share of examples whose greedy answer under `lora` reproduces the
+/// expected one exactly: teacher-forced, the top token at every answer
+/// position is the expected one (which is what greedy decoding needs).
+pub fn exact_match(model: &Llama, lora: &TrainableLora, examples: &[SftExample]) -> candle_core::Result<f64> {
     if examples.is_empty() {
         return Ok(0.0);
     }
     let mut hits = 0;
-    for e in examples {
-        if greedy(model, &e.prompt, adapter, e.answer.len(), &[])? == e.answer {
+    answer_logits(model, lora, examples, |e, logits| {
+        if argmax_rows(logits)? == e.answer {
             hits += 1;
         }
-    }
+        Ok(())
+    })?;
     Ok(hits as f64 / examples.len() as f64)
+}
+
+/// The general prompts the drift measure reads, with the base model's own
+/// greedy answers and its next-token log-probabilities over them (a base
+/// model's property: built once, then only candidates are measured).
+#[derive(Debug, Clone, Default)]
+pub struct DriftAnchors {
+    pub anchors: Vec<Anchor>,
+    /// Per anchor, `[answer len, vocab]` log-probabilities of the base.
+    base_log_probs: Vec<Tensor>,
+}
+
+impl DriftAnchors {
+    fn examples(&self) -> Vec<SftExample> {
+        self.anchors
+            .iter()
+            .map(|a| SftExample { prompt: a.tokens[..a.answer_start].to_vec(), answer: a.tokens[a.answer_start..].to_vec() })
+            .collect()
+    }
 }
 
 /// The general prompts with the base model's greedy answers (up to `answer_tokens`).
@@ -150,7 +190,7 @@ pub fn build_anchors(
     tokenizer: &TextTokenizer,
     chat: &ChatTemplate,
     answer_tokens: usize,
-) -> Result<Vec<Anchor>, crate::model::ModelError> {
+) -> Result<DriftAnchors, crate::model::ModelError> {
     let mut anchors = Vec::with_capacity(GENERAL_PROMPTS.len());
     for p in GENERAL_PROMPTS {
         let prompt = if chat.has_model_template() {
@@ -166,28 +206,31 @@ pub fn build_anchors(
         let answer_start = prompt.len();
         anchors.push(Anchor { tokens: prompt.into_iter().chain(answer).collect(), answer_start });
     }
-    Ok(anchors)
+    let mut built = DriftAnchors { anchors, base_log_probs: Vec::new() };
+    let mut base = Vec::with_capacity(built.anchors.len());
+    answer_logits(model, &TrainableLora::empty(), &built.examples(), |_, logits| {
+        base.push(candle_nn::ops::log_softmax(logits, D::Minus1)?);
+        Ok(())
+    })?;
+    built.base_log_probs = base;
+    Ok(built)
 }
 
 /// Mean KL(base ‖ adapted) of the next-token distributions over the
 /// anchors' answer positions, and the share of positions where both pick
 /// the same top token.
-pub fn drift(model: &Llama, adapter: &Arc<LoraAdapter>, anchors: &[Anchor]) -> candle_core::Result<(f64, f64)> {
+pub fn drift(model: &Llama, lora: &TrainableLora, anchors: &DriftAnchors) -> candle_core::Result<(f64, f64)> {
     let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
-    for a in anchors {
-        let n = a.tokens.len() - a.answer_start;
-        let input = &a.tokens[..a.tokens.len() - 1];
-        let base = logits_all(model, input, None)?.narrow(0, a.answer_start - 1, n)?;
-        let cand = logits_all(model, input, Some(adapter))?.narrow(0, a.answer_start - 1, n)?;
-        let lp_base = candle_nn::ops::log_softmax(&base, D::Minus1)?;
-        let lp_cand = candle_nn::ops::log_softmax(&cand, D::Minus1)?;
-        let kl = (lp_base.exp()? * (&lp_base - &lp_cand)?)?.sum_all()?.to_scalar::<f32>()?;
-        pace();
-        kl_sum += kl as f64;
-        let (tb, tc) = (argmax_rows(&base)?, argmax_rows(&cand)?);
+    let mut base = anchors.base_log_probs.iter();
+    answer_logits(model, lora, &anchors.examples(), |e, logits| {
+        let Some(lp_base) = base.next() else { candle_core::bail!("drift anchors without base log-probabilities") };
+        let lp_cand = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        kl_sum += (lp_base.exp()? * (lp_base - &lp_cand)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let (tb, tc) = (argmax_rows(lp_base)?, argmax_rows(&lp_cand)?);
         agree += tb.iter().zip(&tc).filter(|(x, y)| x == y).count();
-        positions += n;
-    }
+        positions += e.answer.len();
+        Ok(())
+    })?;
     if positions == 0 {
         return Ok((0.0, 1.0));
     }

@@ -125,11 +125,15 @@ pub struct SftConfig {
     pub batch_size: usize,
     /// Orders the examples, so a run is reproducible.
     pub seed: u64,
+    /// Stop before `steps` once every lesson is learned (greedy decoding
+    /// gives each wanted answer, with a margin), and take unlearned lessons
+    /// first into each batch.
+    pub until_learned: bool,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
-        SftConfig { steps: 30, learning_rate: 1e-3, batch_size: 4, seed: 0 }
+        SftConfig { steps: 30, learning_rate: 1e-3, batch_size: 4, seed: 0, until_learned: false }
     }
 }
 
@@ -154,11 +158,6 @@ fn softplus(z: &Tensor) -> candle_core::Result<Tensor> {
 /// Unlikelihood of `example.answer`: mean of `-log(1 - p(token))` (differentiable).
 pub fn avoid_loss(model: &Llama, lora: &TrainableLora, example: &SftExample) -> candle_core::Result<Tensor> {
     lesson_loss(model, lora, &Lesson::Avoid(example.clone()), None)
-}
-
-/// Sum of the answer's log-probabilities under `lora` as it is now (no gradient).
-fn sequence_log_prob(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer: &[u32]) -> candle_core::Result<f32> {
-    answer_log_probs(model, lora, prompt, answer)?.detach().sum_all()?.to_scalar::<f32>()
 }
 
 /// A sequence one loss reads: its input tokens, where the answer's logits
@@ -281,15 +280,29 @@ pub fn train_lessons(
     anchors: Option<&KlAnchors>,
     on_step: impl FnMut(usize, f32) -> bool,
 ) -> Result<Vec<f32>, LearnError> {
-    train_lessons_on(model, lora, lessons, cfg, anchors, &|step: &mut (dyn FnMut() + Send)| step(), on_step)
+    let run = train_lessons_on(model, lora, lessons, cfg, anchors, &|step: &mut (dyn FnMut() + Send)| step(), on_step)?;
+    Ok(run.losses)
 }
 
 /// Runs one training step's tensor work; lets a caller pick the thread pool per step.
 pub type StepRunner<'a> = &'a (dyn Fn(&mut (dyn FnMut() + Send)) + Sync);
 
+/// What a training run did.
+#[derive(Debug, Clone, Default)]
+pub struct TrainRun {
+    /// Each step's loss (the lessons' part).
+    pub losses: Vec<f32>,
+    /// Whether it stopped because every lesson was learned (see [`SftConfig::until_learned`]).
+    pub all_learned: bool,
+}
+
 /// [`train_lessons`] with each step's work run through `run_step` (the
 /// learner runs a step on all cores while serving is idle, on its own
-/// small pool otherwise).
+/// small pool otherwise). Each batch takes lessons not yet learned first
+/// (as the step's own logits last showed), then the others in shuffled
+/// order, so steps go where they teach something; with
+/// [`SftConfig::until_learned`] it stops once a check confirms every
+/// lesson learned.
 pub fn train_lessons_on(
     model: &Llama,
     lora: &TrainableLora,
@@ -298,90 +311,221 @@ pub fn train_lessons_on(
     anchors: Option<&KlAnchors>,
     run_step: StepRunner<'_>,
     mut on_step: impl FnMut(usize, f32) -> bool,
-) -> Result<Vec<f32>, LearnError> {
-    if !model.trainable() {
-        return Err(LearnError::NotTrainable("activations are not f32; serve the model with dtype f32 to train".into()));
-    }
-    let usable: Vec<&Lesson> = lessons.iter().filter(|l| l.usable()).collect();
-    if usable.is_empty() {
-        return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
-    }
-    // The reference of each preference: the starting adapter, measured once.
-    let mut reference = Vec::with_capacity(usable.len());
-    for l in &usable {
-        reference.push(match l {
-            Lesson::Prefer { prompt, chosen, rejected } => {
-                let r = (sequence_log_prob(model, lora, prompt, chosen)?, sequence_log_prob(model, lora, prompt, rejected)?);
-                super::eval::pace();
-                Some(r)
-            }
-            _ => None,
-        });
-    }
-    let params = ParamsAdamW { lr: cfg.learning_rate, weight_decay: 0.0, ..Default::default() };
-    let mut opt = AdamW::new(lora.vars(), params)?;
+) -> Result<TrainRun, LearnError> {
+    let mut trainer = Trainer::new(model, lora, lessons, cfg.learning_rate, anchors)?;
+    let count = trainer.lessons().len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = Vec::new();
-    let mut losses = Vec::with_capacity(cfg.steps);
+    // Whether each lesson was learned when a step last read it.
+    let mut learned = vec![false; count];
+    let mut run = TrainRun::default();
     for step in 0..cfg.steps {
-        let n = cfg.batch_size.clamp(1, usable.len());
-        let mut batch = Vec::with_capacity(n);
-        for _ in 0..n {
+        let n = cfg.batch_size.clamp(1, count);
+        let mut batch: Vec<usize> = Vec::with_capacity(n);
+        if cfg.until_learned {
+            // Unlearned lessons first, starting after the last one taken, so each gets its turn.
+            let first = (step * n) % count;
+            batch.extend((0..count).map(|k| (first + k) % count).filter(|&i| !learned[i]).take(n));
+        }
+        while batch.len() < n {
             if order.is_empty() {
-                order = (0..usable.len()).collect();
+                order = (0..count).collect();
                 order.shuffle(&mut rng);
             }
-            batch.push(order.pop().unwrap_or(0));
+            let i = order.pop().unwrap_or(0);
+            if !batch.contains(&i) {
+                batch.push(i);
+            }
         }
-        let mut result: Option<Result<f32, LearnError>> = None;
-        run_step(&mut || {
-            let mut one = || -> Result<f32, LearnError> {
-                // Every sequence of the step (lessons, then anchors) in one packed pass.
-                let lesson_pieces: Vec<Vec<Piece>> = batch.iter().map(|&i| lesson_pieces(usable[i])).collect();
-                let active = anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
-                let anchor_ids: Vec<usize> = match active {
-                    Some(a) => (0..a.per_step).map(|k| (step * a.per_step + k) % a.anchors.len()).collect(),
-                    None => Vec::new(),
-                };
-                let anchor_pieces: Vec<Piece> = match active {
-                    Some(a) => anchor_ids.iter().map(|&i| a.piece(i)).collect(),
-                    None => Vec::new(),
-                };
-                let all: Vec<&Piece> = lesson_pieces.iter().flatten().chain(&anchor_pieces).collect();
-                let logits = packed_logits(model, lora, &all)?;
-                let mut at = 0;
-                let mut total: Option<Tensor> = None;
-                for (k, &i) in batch.iter().enumerate() {
-                    let n_pieces = lesson_pieces[k].len();
-                    let l = loss_from_logits(usable[i], &lesson_pieces[k], &logits[at..at + n_pieces], reference[i])?;
-                    at += n_pieces;
-                    total = Some(match total {
-                        None => l,
-                        Some(acc) => (acc + l)?,
-                    });
-                }
-                let Some(total) = total else { return Err(LearnError::NoExamples("empty batch".into())) };
-                let loss = (total / n as f64)?;
-                let mut objective = loss.clone();
-                if let Some(a) = active {
-                    for (k, &i) in anchor_ids.iter().enumerate() {
-                        let kl = a.kl_from_logits(i, &logits[at + k])?;
-                        objective = (objective + (kl * (a.weight / a.per_step as f64))?)?;
-                    }
-                }
-                let grads = objective.backward()?;
-                opt.step(&grads)?;
-                // The gradient store also holds the frozen weights' gradients: drop it now.
-                drop(grads);
-                Ok(loss.to_scalar::<f32>()?)
-            };
-            result = Some(one());
-        });
-        let value = result.unwrap_or_else(|| Err(LearnError::NoExamples("the step did not run".into())))?;
-        losses.push(value);
-        if !on_step(step, value) {
+        let mut result: Option<Result<StepOutcome, LearnError>> = None;
+        run_step(&mut || result = Some(trainer.step(&batch)));
+        let outcome = result.unwrap_or_else(|| Err(LearnError::NoExamples("the step did not run".into())))?;
+        for (&i, &l) in batch.iter().zip(&outcome.learned) {
+            learned[i] = l;
+        }
+        run.losses.push(outcome.loss);
+        if !on_step(step, outcome.loss) {
             break;
         }
+        if cfg.until_learned && learned.iter().all(|&l| l) {
+            // The flags come from before each lesson's last update: confirm with the adapter as it is now.
+            let all: Vec<usize> = (0..count).collect();
+            let mut check: Option<Result<Vec<bool>, LearnError>> = None;
+            run_step(&mut || check = Some(trainer.learned(&all)));
+            let now = check.unwrap_or_else(|| Err(LearnError::NoExamples("the check did not run".into())))?;
+            learned = now;
+            if learned.iter().all(|&l| l) {
+                run.all_learned = true;
+                break;
+            }
+        }
     }
-    Ok(losses)
+    Ok(run)
+}
+
+/// How far the wanted token's logit must lead every other, at each
+/// position of an answer, for the answer to count as learned: a margin
+/// that serving's different summation order cannot overturn.
+pub const LEARNED_MARGIN: f32 = 1.0;
+
+/// One optimizer step's result.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    /// The batch's mean lesson loss (without the KL term).
+    pub loss: f32,
+    /// Per lesson of the batch: whether it was already learned before the
+    /// step (from the step's own logits; see [`Lesson::learned_from`]).
+    pub learned: Vec<bool>,
+}
+
+/// Trains one adapter on a fixed set of lessons, a batch at a time: the
+/// optimizer state, each preference's reference log-probabilities and the
+/// KL anchors live here.
+pub struct Trainer<'a> {
+    model: &'a Llama,
+    lora: &'a TrainableLora,
+    lessons: Vec<&'a Lesson>,
+    /// A preference's `(chosen, rejected)` log-probabilities under the starting adapter.
+    reference: Vec<Option<(f32, f32)>>,
+    anchors: Option<&'a KlAnchors>,
+    opt: AdamW,
+    steps: usize,
+}
+
+/// Lessons per packed pass when measuring without gradients.
+const CHECK_CHUNK: usize = 8;
+
+impl<'a> Trainer<'a> {
+    /// Keeps the usable lessons (a prompt and an answer each) and measures
+    /// the preferences' reference log-probabilities, a few lessons per
+    /// packed pass.
+    pub fn new(
+        model: &'a Llama,
+        lora: &'a TrainableLora,
+        lessons: &'a [Lesson],
+        learning_rate: f64,
+        anchors: Option<&'a KlAnchors>,
+    ) -> Result<Self, LearnError> {
+        if !model.trainable() {
+            return Err(LearnError::NotTrainable("activations are not f32; serve the model with dtype f32 to train".into()));
+        }
+        let usable: Vec<&Lesson> = lessons.iter().filter(|l| l.usable()).collect();
+        if usable.is_empty() {
+            return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
+        }
+        let mut reference = vec![None; usable.len()];
+        let prefs: Vec<usize> = (0..usable.len()).filter(|&i| matches!(usable[i], Lesson::Prefer { .. })).collect();
+        for chunk in prefs.chunks(CHECK_CHUNK) {
+            let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(usable[i])).collect();
+            let logits = packed_logits(model, lora, &pieces.iter().flatten().collect::<Vec<_>>())?;
+            for (k, &i) in chunk.iter().enumerate() {
+                let sum = |j: usize| -> candle_core::Result<f32> {
+                    picked_log_probs(&logits[2 * k + j].detach(), &pieces[k][j].targets)?.sum_all()?.to_scalar::<f32>()
+                };
+                reference[i] = Some((sum(0)?, sum(1)?));
+            }
+            super::eval::pace();
+        }
+        let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
+        let opt = AdamW::new(lora.vars(), params)?;
+        Ok(Trainer { model, lora, lessons: usable, reference, anchors, opt, steps: 0 })
+    }
+
+    /// The lessons it trains on (the usable ones, in order); batches index them.
+    pub fn lessons(&self) -> &[&'a Lesson] {
+        &self.lessons
+    }
+
+    /// One optimizer step on the lessons `batch` names, every sequence of
+    /// the step (lessons, then anchors) in one packed pass.
+    pub fn step(&mut self, batch: &[usize]) -> Result<StepOutcome, LearnError> {
+        if batch.is_empty() {
+            return Err(LearnError::NoExamples("empty batch".into()));
+        }
+        let pieces: Vec<Vec<Piece>> = batch.iter().map(|&i| lesson_pieces(self.lessons[i])).collect();
+        let active = self.anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
+        let anchor_ids: Vec<usize> = match active {
+            Some(a) => (0..a.per_step).map(|k| (self.steps * a.per_step + k) % a.anchors.len()).collect(),
+            None => Vec::new(),
+        };
+        let anchor_pieces: Vec<Piece> = match active {
+            Some(a) => anchor_ids.iter().map(|&i| a.piece(i)).collect(),
+            None => Vec::new(),
+        };
+        let all: Vec<&Piece> = pieces.iter().flatten().chain(&anchor_pieces).collect();
+        let logits = packed_logits(self.model, self.lora, &all)?;
+        let mut at = 0;
+        let mut total: Option<Tensor> = None;
+        let mut learned = Vec::with_capacity(batch.len());
+        for (k, &i) in batch.iter().enumerate() {
+            let n_pieces = pieces[k].len();
+            let own = &logits[at..at + n_pieces];
+            learned.push(self.lessons[i].learned_from(own)?);
+            let l = loss_from_logits(self.lessons[i], &pieces[k], own, self.reference[i])?;
+            at += n_pieces;
+            total = Some(match total {
+                None => l,
+                Some(acc) => (acc + l)?,
+            });
+        }
+        let Some(total) = total else { return Err(LearnError::NoExamples("empty batch".into())) };
+        let loss = (total / batch.len() as f64)?;
+        let mut objective = loss.clone();
+        if let Some(a) = active {
+            for (k, &i) in anchor_ids.iter().enumerate() {
+                let kl = a.kl_from_logits(i, &logits[at + k])?;
+                objective = (objective + (kl * (a.weight / a.per_step as f64))?)?;
+            }
+        }
+        let grads = objective.backward()?;
+        self.opt.step(&grads)?;
+        // The gradient store holds every intermediate's gradient too: drop it now.
+        drop(grads);
+        self.steps += 1;
+        Ok(StepOutcome { loss: loss.to_scalar::<f32>()?, learned })
+    }
+
+    /// Whether each lesson `ids` names is learned by the adapter as it is now.
+    pub fn learned(&self, ids: &[usize]) -> Result<Vec<bool>, LearnError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CHECK_CHUNK) {
+            let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(self.lessons[i])).collect();
+            let logits = packed_logits(self.model, self.lora, &pieces.iter().flatten().collect::<Vec<_>>())?;
+            let mut at = 0;
+            for (k, &i) in chunk.iter().enumerate() {
+                let n = pieces[k].len();
+                let own: Vec<Tensor> = logits[at..at + n].iter().map(Tensor::detach).collect();
+                out.push(self.lessons[i].learned_from(&own)?);
+                at += n;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Per position, the target's logit minus the largest other logit.
+fn target_leads(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f32>> {
+    let rows = logits.detach().to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .zip(targets)
+        .map(|(row, &t)| {
+            let wanted = row.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY);
+            let best_other = row.iter().enumerate().filter(|(j, _)| *j != t as usize).map(|(_, &v)| v).fold(f32::NEG_INFINITY, f32::max);
+            wanted - best_other
+        })
+        .collect())
+}
+
+impl Lesson {
+    /// Whether the logits of this lesson's pieces show it learned: greedy
+    /// decoding says the wanted answer with [`LEARNED_MARGIN`] to spare at
+    /// every token, or, for an answer to avoid, would leave it somewhere.
+    fn learned_from(&self, logits: &[Tensor]) -> candle_core::Result<bool> {
+        let pieces = lesson_pieces(self);
+        Ok(match self {
+            Lesson::Imitate(_) | Lesson::Prefer { .. } => target_leads(&logits[0], &pieces[0].targets)?.iter().all(|&d| d >= LEARNED_MARGIN),
+            Lesson::Avoid(_) => target_leads(&logits[0], &pieces[0].targets)?.iter().any(|&d| d < 0.0),
+        })
+    }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use super::eval::{self, Anchor};
+use super::eval::{self, DriftAnchors};
 use super::sft::{self, KlAnchors, Lesson, SftConfig, SftExample};
 use crate::adapter_store::Source;
 use crate::config::LearningSettings;
@@ -46,7 +46,7 @@ struct Inner {
     current: Mutex<Option<String>>,
     /// Set at shutdown: no further job starts.
     stopping: AtomicBool,
-    anchors: OnceLock<Vec<Anchor>>,
+    anchors: OnceLock<DriftAnchors>,
     kl_anchors: OnceLock<KlAnchors>,
     /// Whether the engine is serving requests right now.
     serving_busy: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -117,6 +117,21 @@ impl Learner {
             .name("learner".into())
             .spawn(move || {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(worker.settings.threads.max(1)).build();
+                // The base model's anchors (drift measure, KL pull) are
+                // built now, resting for serving, rather than in the first run.
+                let prepare = || {
+                    if !worker.model.model.trainable() {
+                        return;
+                    }
+                    eval::with_pacer(worker.pacer(), || {
+                        worker.anchors();
+                        worker.kl_anchors();
+                    })
+                };
+                match &pool {
+                    Ok(pool) => pool.install(prepare),
+                    Err(_) => prepare(),
+                }
                 for job_id in rx {
                     match &pool {
                         Ok(pool) => pool.install(|| worker.run(&job_id)),
@@ -438,11 +453,11 @@ impl Inner {
         Ok(lessons)
     }
 
-    fn anchors(&self) -> &[Anchor] {
+    fn anchors(&self) -> &DriftAnchors {
         self.anchors.get_or_init(|| {
             self.work(|| eval::build_anchors(&self.model.model, &self.model.tokenizer, &self.model.chat, ANCHOR_ANSWER_TOKENS)).unwrap_or_else(|e| {
                 tracing::error!("learner: cannot build drift anchors: {e}");
-                Vec::new()
+                DriftAnchors::default()
             })
         })
     }
@@ -469,6 +484,24 @@ impl Inner {
         })
     }
 
+    /// Rests `serving_priority` times the length of each piece of work
+    /// since the last call while requests are served.
+    fn pacer(&self) -> Box<dyn FnMut()> {
+        let busy = self.serving_busy.clone();
+        let priority = self.settings.serving_priority.max(0.0);
+        let mut last = std::time::Instant::now();
+        Box::new(move || {
+            // One forward pass of evaluation is well under 2 s; longer
+            // means training ran in between (it rests on its own).
+            let rest = last.elapsed().min(std::time::Duration::from_secs(2)).mul_f64(priority);
+            let until = std::time::Instant::now() + rest;
+            while std::time::Instant::now() < until && busy() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            last = std::time::Instant::now();
+        })
+    }
+
     fn run(&self, job_id: &str) {
         let job = match self.records.job_by_id(job_id) {
             Ok(j) => j,
@@ -478,19 +511,7 @@ impl Inner {
         if job.status == "queued" && !self.stopping.load(Ordering::SeqCst) {
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(job_id.to_string());
             // Evaluation and anchor sampling rest for serving as training steps do.
-            let busy = self.serving_busy.clone();
-            let priority = self.settings.serving_priority.max(0.0);
-            let mut last = std::time::Instant::now();
-            let pacer = Box::new(move || {
-                // One forward pass of evaluation is well under 2 s; longer
-                // means training ran in between (it rests on its own).
-                let rest = last.elapsed().min(std::time::Duration::from_secs(2)).mul_f64(priority);
-                let until = std::time::Instant::now() + rest;
-                while std::time::Instant::now() < until && busy() {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                last = std::time::Instant::now();
-            });
+            let pacer = self.pacer();
             eval::with_pacer(pacer, || self.run_job(job));
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
@@ -618,16 +639,18 @@ impl Inner {
                 fresh_adapter(&model.lora_sites(), &spec, DType::F32, model.device())?
             }
         };
-        let parent_arc = parent.clone();
-        let loss_on = |adapter: Option<&Arc<crate::lora::LoraAdapter>>, set: &[SftExample]| -> Result<f64, RunError> {
-            Ok(if set.is_empty() { 0.0 } else { self.work(|| eval::mean_loss(model, adapter, set))? })
-        };
-        let before_loss = loss_on(parent_arc.as_ref(), &held_targets)?;
-        let before_avoided = loss_on(parent_arc.as_ref(), &held_avoided)?;
-        let before_match = if held_targets.is_empty() { 0.0 } else { self.work(|| eval::exact_match(model, parent_arc.as_ref(), &held_targets))? };
-        let before_replay = loss_on(parent_arc.as_ref(), &replay_targets)?;
-
         let lora = TrainableLora::from_adapter(&start)?;
+        let loss_on = |set: &[SftExample]| -> Result<f64, RunError> {
+            Ok(if set.is_empty() { 0.0 } else { self.work(|| eval::mean_loss(model, &lora, set))? })
+        };
+        let match_on = |set: &[SftExample]| -> Result<f64, RunError> {
+            Ok(if set.is_empty() { 0.0 } else { self.work(|| eval::exact_match(model, &lora, set))? })
+        };
+        let before_loss = loss_on(&held_targets)?;
+        let before_avoided = loss_on(&held_avoided)?;
+        let before_match = match_on(&held_targets)?;
+        let before_replay = loss_on(&replay_targets)?;
+
         let mut train_set = train_new.clone();
         train_set.extend(replay.iter().cloned());
         let hp = &job.hyperparameters;
@@ -641,6 +664,8 @@ impl Inner {
             learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
             batch_size: hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64) as usize,
             seed: hp["seed"].as_u64().unwrap_or(job.parent_version.unwrap_or(0) as u64),
+            // Feedback and "auto" epochs: stop once every lesson is learned.
+            until_learned: hp["n_epochs"].as_f64().is_none(),
         };
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
@@ -653,7 +678,7 @@ impl Inner {
         };
         let mut step_started = std::time::Instant::now();
         let run_step = |step: &mut (dyn FnMut() + Send)| self.run_step(step);
-        let losses = sft::train_lessons_on(model, &lora, &train_set, &cfg, Some(anchors), &run_step, |step, loss| {
+        let first = sft::train_lessons_on(model, &lora, &train_set, &cfg, Some(anchors), &run_step, |step, loss| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
             step_started = std::time::Instant::now();
             if step % 5 == 4 || step + 1 == cfg.steps {
@@ -668,13 +693,14 @@ impl Inner {
         if cancelled.load(Ordering::Relaxed) {
             return Err(RunError::Cancelled);
         }
+        let losses = first.losses;
         let train_secs = started.elapsed().as_secs_f64();
+        let after_loss = loss_on(&held_targets)?;
+        let after_avoided = loss_on(&held_avoided)?;
+        let after_match = match_on(&held_targets)?;
+        let after_replay = loss_on(&replay_targets)?;
+        let (kl, agreement) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
         let candidate = Arc::new(lora.to_adapter()?);
-        let after_loss = loss_on(Some(&candidate), &held_targets)?;
-        let after_avoided = loss_on(Some(&candidate), &held_avoided)?;
-        let after_match = if held_targets.is_empty() { 0.0 } else { self.work(|| eval::exact_match(model, Some(&candidate), &held_targets))? };
-        let after_replay = loss_on(Some(&candidate), &replay_targets)?;
-        let (kl, agreement) = self.work(|| eval::drift(model, &candidate, self.anchors()))?;
 
         let mut reasons = Vec::new();
         if !held_targets.is_empty() && after_loss >= before_loss {
@@ -694,15 +720,17 @@ impl Inner {
         }
         let passed = reasons.is_empty();
         // Passed with a real held-out split: the held-out examples are
-        // taught too (a third more steps over every new example), and the
-        // result is kept only if it still stays close to the base.
+        // taught too (every new example, the ones not yet learned first,
+        // up to half as many steps again), and the result is kept only if
+        // it still stays close to the base.
         let mut candidate = candidate;
         let (mut kl, mut agreement) = (kl, agreement);
         let mut final_steps = 0;
+        let mut all_learned = first.all_learned && held_out.len() == new_lessons.len();
         if passed && held_out.len() < new_lessons.len() {
             let mut all = new_lessons.clone();
             all.extend(replay.iter().cloned());
-            let extra = SftConfig { steps: (cfg.steps / 3).max(1), ..cfg.clone() };
+            let extra = SftConfig { steps: (cfg.steps / 2).max(1), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
             let more = sft::train_lessons_on(model, &lora, &all, &extra, Some(anchors), &run_step, |step, loss| {
                 self.yield_to_serving(step_started.elapsed(), &job.id);
@@ -715,16 +743,20 @@ impl Inner {
             if self.is_cancelled(&job.id) {
                 return Err(RunError::Cancelled);
             }
+            let (kl2, agreement2) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
             let full = Arc::new(lora.to_adapter()?);
-            let (kl2, agreement2) = self.work(|| eval::drift(model, &full, self.anchors()))?;
             if kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement {
                 candidate = full;
                 (kl, agreement) = (kl2, agreement2);
-                final_steps = more.len();
+                final_steps = more.losses.len();
+                all_learned = more.all_learned;
             }
         }
+        let train_secs_total = started.elapsed().as_secs_f64();
         job.metrics = json!({
             "final_steps_on_all_examples": final_steps,
+            "all_examples_learned": all_learned,
+            "train_seconds_with_final_steps": train_secs_total,
             "train_loss": losses.last(),
             "first_train_loss": losses.first(),
             "valid_loss": after_loss,

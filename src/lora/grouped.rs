@@ -120,20 +120,30 @@ pub fn delta(
                 let Some(mods) = seg_modules.get(row_segment[row]) else { continue };
                 let x_row = &xs[row * in_features..(row + 1) * in_features];
                 for m in mods {
-                    u.clear();
-                    u.resize(m.rank, 0.0);
-                    shrink(x_row, m.a_t, &mut u);
                     // SAFETY: each task owns whole rows, and rows are disjoint.
                     let y = unsafe { sink.piece(row * width + m.col, m.out) };
-                    for (k, &uk) in u.iter().enumerate() {
-                        axpy(uk, &m.b_t[k * m.out..(k + 1) * m.out], y);
-                    }
+                    row_delta(x_row, m.a_t, m.b_t, m.rank, &mut u, y);
                 }
             }
         });
     }
     drop(x_guard);
     Tensor::from_vec(out, (rows, width), &Device::Cpu)
+}
+
+/// One row's delta, `y += (xᵀ Aᵀ) (s·Bᵀ)` for `Aᵀ` `[in, rank]` and
+/// `s·Bᵀ` `[rank, y.len()]`; `u` is scratch. Serving and training both
+/// compute deltas here, so an adapter's logits in training are serving's
+/// to the bit.
+#[inline]
+pub fn row_delta(x_row: &[f32], a_t: &[f32], b_t: &[f32], rank: usize, u: &mut Vec<f32>, y: &mut [f32]) {
+    let out = y.len();
+    u.clear();
+    u.resize(rank, 0.0);
+    shrink(x_row, a_t, u);
+    for (k, &uk) in u.iter().enumerate() {
+        axpy(uk, &b_t[k * out..(k + 1) * out], y);
+    }
 }
 
 /// `u = xᵀ Aᵀ` for `Aᵀ` `[x.len(), u.len()]`, summed over `x` in order.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, Var};
 
 use super::adapter::{LoraAdapter, LoraModule};
 
@@ -50,10 +50,19 @@ impl TrainableLora {
     }
 
     /// `s · (x Aᵀ) Bᵀ` for `x` `[T, in]`, if the adapter has this module.
+    /// On the CPU in f32 the forward is serving's own kernel (see
+    /// [`super::grouped::row_delta`]), so what training measures is what
+    /// serving computes: over a quantized base, whose activations are
+    /// re-quantized at every matmul, even last-bit differences would grow
+    /// into visibly different logits.
     pub fn delta(&self, layer: usize, module: &str, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let Some(m) = self.modules.get(&(layer, module.to_string())) else { return Ok(None) };
-        let d = x.matmul(m.a_t.as_tensor())?.matmul(m.b_t.as_tensor())?;
-        Ok(Some((d * m.scale)?))
+        // `s·Bᵀ` as `to_adapter` gives it to serving.
+        let b_t_scaled = (m.b_t.as_tensor() * m.scale)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return Ok(Some(x.contiguous()?.apply_op3(&m.a_t.as_tensor().contiguous()?, &b_t_scaled.contiguous()?, DeltaOp)?));
+        }
+        Ok(Some(x.matmul(m.a_t.as_tensor())?.matmul(&b_t_scaled)?))
     }
 
     /// A servable adapter holding a deep copy of the current weights.
@@ -65,5 +74,52 @@ impl TrainableLora {
             modules.insert((*layer, module.clone()), LoraModule { a_t, b_t_scaled, rank: m.rank, scale: m.scale });
         }
         Ok(LoraAdapter::new(modules))
+    }
+}
+
+/// `(x Aᵀ)(s·Bᵀ)` for `x` `[T, in]`, `Aᵀ` `[in, r]`, `s·Bᵀ` `[r, out]`:
+/// serving's row kernel forward, the matmul derivatives backward.
+struct DeltaOp;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("lora delta needs contiguous operands") };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => candle_core::bail!("lora delta runs in f32"),
+    }
+}
+
+impl candle_core::CustomOp3 for DeltaOp {
+    fn name(&self) -> &'static str {
+        "lora-delta"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a_t, b_t) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (rows, in_features) = l1.shape().dims2()?;
+        let (a_in, rank) = l2.shape().dims2()?;
+        let (b_rank, out) = l3.shape().dims2()?;
+        if a_in != in_features || b_rank != rank {
+            candle_core::bail!("lora delta shapes: x [{rows}, {in_features}], Aᵀ [{a_in}, {rank}], Bᵀ [{b_rank}, {out}]");
+        }
+        let mut y = vec![0f32; rows * out];
+        {
+            let sink = crate::model::parallel::DisjointOut::new(&mut y);
+            crate::model::parallel::for_ranges(rows, rows * rank * (in_features + out), |range| {
+                let mut u = Vec::with_capacity(rank);
+                for row in range {
+                    // SAFETY: each task owns whole rows, and rows are disjoint.
+                    let y_row = unsafe { sink.piece(row * out, out) };
+                    super::grouped::row_delta(&x[row * in_features..(row + 1) * in_features], a_t, b_t, rank, &mut u, y_row);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, a_t: &Tensor, b_t: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let u = x.matmul(a_t)?;
+        let du = grad.matmul(&b_t.t()?)?;
+        Ok((Some(du.matmul(&a_t.t()?)?), Some(x.t()?.matmul(&du)?), Some(u.t()?.matmul(grad)?)))
     }
 }
