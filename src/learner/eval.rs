@@ -5,12 +5,10 @@
 //! on general prompts (mean KL of next-token distributions over the base's
 //! own answers, and top-1 agreement).
 
-use std::sync::Arc;
 
 use candle_core::{Tensor, D};
 
 use super::sft::SftExample;
-use crate::lora::LoraAdapter;
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::lora::trainable::TrainableLora;
 use crate::model::llama::{argmax_rows, Llama, LogitsWanted, PackedSeq, SequenceInput};
@@ -67,45 +65,81 @@ pub fn pace() {
     });
 }
 
-/// Decodes up to `n` tokens after `prompt`, `pick` choosing each from the
-/// last row's logits; stops at an `eos` token (kept in the output when
-/// `keep_eos`) or the context length.
-fn decode(
+/// Decodes up to `n` tokens after each of `prompts` with the base model,
+/// all of them in one batched forward pass per token; `pick(i, logits)`
+/// chooses sequence `i`'s next token from its `[1, vocab]` logits. A
+/// sequence stops at an `eos` token (kept in its output when `keep_eos`)
+/// or the context length.
+fn decode_batch(
     model: &Llama,
-    prompt: &[u32],
-    adapter: Option<&Arc<LoraAdapter>>,
+    prompts: &[Vec<u32>],
     n: usize,
     eos: &[u32],
     keep_eos: bool,
-    mut pick: impl FnMut(&Tensor) -> candle_core::Result<u32>,
-) -> candle_core::Result<Vec<u32>> {
-    let mut cache = model.new_cache();
-    let mut out = Vec::with_capacity(n);
-    let mut input = prompt.to_vec();
+    mut pick: impl FnMut(usize, &Tensor) -> candle_core::Result<u32>,
+) -> candle_core::Result<Vec<Vec<u32>>> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut outs: Vec<Vec<u32>> = prompts.iter().map(|_| Vec::with_capacity(n)).collect();
+    let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut live: Vec<usize> = (0..prompts.len()).filter(|&i| !prompts[i].is_empty()).collect();
     for _ in 0..n {
-        if cache.len() + input.len() >= model.config.max_position_embeddings {
+        live.retain(|&i| caches[i].len() + inputs[i].len() < model.config.max_position_embeddings);
+        if live.is_empty() {
             break;
         }
-        let logits = model
-            .forward_with_adapters(&mut [SequenceInput { tokens: &input, cache: &mut cache, logits: LogitsWanted::Last }], &[adapter.cloned()])
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let next = pick(&logits)?;
+        let mut batch: Vec<SequenceInput<'_>> = Vec::with_capacity(live.len());
+        let mut live_caches: Vec<&mut crate::model::kv_cache::KvCache> =
+            caches.iter_mut().enumerate().filter(|(i, _)| live.contains(i)).map(|(_, c)| c).collect();
+        for (k, cache) in live_caches.iter_mut().enumerate() {
+            batch.push(SequenceInput { tokens: &inputs[live[k]], cache, logits: LogitsWanted::Last });
+        }
+        let logits = model.forward(&mut batch).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        drop(batch);
+        let mut still = Vec::with_capacity(live.len());
+        for (k, &i) in live.iter().enumerate() {
+            let next = pick(i, &logits.narrow(0, k, 1)?)?;
+            let stop = eos.contains(&next);
+            if !stop || keep_eos {
+                outs[i].push(next);
+            }
+            if !stop {
+                inputs[i] = vec![next];
+                still.push(i);
+            }
+        }
+        live = still;
         pace();
-        let stop = eos.contains(&next);
-        if !stop || keep_eos {
-            out.push(next);
-        }
-        if stop {
-            break;
-        }
-        input = vec![next];
     }
-    Ok(out)
+    Ok(outs)
 }
 
-/// Greedy continuation of `prompt`, `n` tokens (stops early at `eos`, which it keeps).
-pub fn greedy(model: &Llama, prompt: &[u32], adapter: Option<&Arc<LoraAdapter>>, n: usize, eos: &[u32]) -> candle_core::Result<Vec<u32>> {
-    decode(model, prompt, adapter, n, eos, true, |logits| Ok(argmax_rows(logits)?[0]))
+/// Greedy continuations of `prompts` by the base model, `n` tokens each
+/// (each stops early at `eos`, which it keeps).
+pub fn greedy_batch(model: &Llama, prompts: &[Vec<u32>], n: usize, eos: &[u32]) -> candle_core::Result<Vec<Vec<u32>>> {
+    decode_batch(model, prompts, n, eos, true, |_, logits| Ok(argmax_rows(logits)?[0]))
+}
+
+/// Samples `n` tokens of the base model after each of `prompts` at
+/// `temperature` (each stops at `eos`, which it drops).
+pub fn sample_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    n: usize,
+    temperature: f64,
+    rng: &mut impl rand::Rng,
+    eos: &[u32],
+) -> candle_core::Result<Vec<Vec<u32>>> {
+    decode_batch(model, prompts, n, eos, false, |_, logits| {
+        let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature.max(1e-3))?)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut r: f32 = rng.gen();
+        for (i, p) in probs.iter().enumerate() {
+            r -= p;
+            if r <= 0.0 {
+                return Ok(i as u32);
+            }
+        }
+        Ok(probs.len() as u32 - 1)
+    })
 }
 
 /// Examples per packed pass when measuring.
@@ -191,21 +225,22 @@ pub fn build_anchors(
     chat: &ChatTemplate,
     answer_tokens: usize,
 ) -> Result<DriftAnchors, crate::model::ModelError> {
-    let mut anchors = Vec::with_capacity(GENERAL_PROMPTS.len());
+    let mut prompts = Vec::with_capacity(GENERAL_PROMPTS.len());
     for p in GENERAL_PROMPTS {
-        let prompt = if chat.has_model_template() {
+        prompts.push(if chat.has_model_template() {
             let rendered = chat.render(&[ChatMessage { role: "user".into(), content: p.into() }])?;
             tokenizer.encode_chat(&rendered)?
         } else {
             tokenizer.encode_prompt(p)?
-        };
-        let answer = greedy(model, &prompt, None, answer_tokens, &tokenizer.eos_ids)?;
-        if answer.is_empty() {
-            continue;
-        }
-        let answer_start = prompt.len();
-        anchors.push(Anchor { tokens: prompt.into_iter().chain(answer).collect(), answer_start });
+        });
     }
+    let answers = greedy_batch(model, &prompts, answer_tokens, &tokenizer.eos_ids)?;
+    let anchors: Vec<Anchor> = prompts
+        .into_iter()
+        .zip(answers)
+        .filter(|(p, a)| !p.is_empty() && !a.is_empty())
+        .map(|(prompt, answer)| Anchor { answer_start: prompt.len(), tokens: prompt.into_iter().chain(answer).collect() })
+        .collect();
     let mut built = DriftAnchors { anchors, base_log_probs: Vec::new() };
     let mut base = Vec::with_capacity(built.anchors.len());
     answer_logits(model, &TrainableLora::empty(), &built.examples(), |_, logits| {
@@ -237,29 +272,6 @@ pub fn drift(model: &Llama, lora: &TrainableLora, anchors: &DriftAnchors) -> can
     Ok((kl_sum / positions as f64, agree as f64 / positions as f64))
 }
 
-/// Samples `n` tokens of the base model after `prompt` at `temperature`
-/// (stops at `eos`, which it drops).
-pub fn sample(
-    model: &Llama,
-    prompt: &[u32],
-    n: usize,
-    temperature: f64,
-    rng: &mut impl rand::Rng,
-    eos: &[u32],
-) -> candle_core::Result<Vec<u32>> {
-    decode(model, prompt, None, n, eos, false, |logits| {
-        let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature.max(1e-3))?)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut r: f32 = rng.gen();
-        for (i, p) in probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return Ok(i as u32);
-            }
-        }
-        Ok(probs.len() as u32 - 1)
-    })
-}
-
 /// Anchors for learning without forgetting, drawn from the base model
 /// itself: `count` short questions it samples (temperature 1), each with
 /// its own greedy answer. Disjoint from [`GENERAL_PROMPTS`], which measure drift.
@@ -274,33 +286,36 @@ pub fn training_anchors(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let eos = &tokenizer.eos_ids;
     let mut anchors = Vec::with_capacity(count);
-    for _ in 0..count * 2 {
-        if anchors.len() == count {
+    // Two rounds at most: a round's empty questions or answers are drawn again once.
+    for _ in 0..2 {
+        let want = count - anchors.len();
+        if want == 0 {
             break;
         }
-        let prompt = if chat.has_model_template() {
+        let prompts: Vec<Vec<u32>> = if chat.has_model_template() {
             let ask = chat.render(&[ChatMessage { role: "user".into(), content: "Write one short question that a user might ask an assistant.".into() }])?;
-            let question = sample(model, &tokenizer.encode_chat(&ask)?, 24, 1.0, &mut rng, eos)?;
-            let question = tokenizer.decode(&question)?;
-            if question.trim().is_empty() {
-                continue;
+            let ask = tokenizer.encode_chat(&ask)?;
+            let questions = sample_batch(model, &vec![ask; want], 24, 1.0, &mut rng, eos)?;
+            let mut prompts = Vec::with_capacity(want);
+            for q in questions {
+                let q = tokenizer.decode(&q)?;
+                if !q.trim().is_empty() {
+                    prompts.push(tokenizer.encode_chat(&chat.render(&[ChatMessage { role: "user".into(), content: q.trim().to_string() }])?)?);
+                }
             }
-            tokenizer.encode_chat(&chat.render(&[ChatMessage { role: "user".into(), content: question.trim().to_string() }])?)?
+            prompts
         } else {
             let start = tokenizer.encode_prompt("")?;
-            let mut p = start.clone();
-            p.extend(sample(model, &start, 12, 1.0, &mut rng, eos)?);
-            p
+            let tails = sample_batch(model, &vec![start.clone(); want], 12, 1.0, &mut rng, eos)?;
+            tails.into_iter().map(|t| start.iter().copied().chain(t).collect()).collect()
         };
-        if prompt.is_empty() {
-            continue;
+        let prompts: Vec<Vec<u32>> = prompts.into_iter().filter(|p| !p.is_empty()).collect();
+        let answers = greedy_batch(model, &prompts, 24, eos)?;
+        for (prompt, answer) in prompts.into_iter().zip(answers) {
+            if !answer.is_empty() {
+                anchors.push(Anchor { answer_start: prompt.len(), tokens: prompt.into_iter().chain(answer).collect() });
+            }
         }
-        let answer = greedy(model, &prompt, None, 24, eos)?;
-        if answer.is_empty() {
-            continue;
-        }
-        let answer_start = prompt.len();
-        anchors.push(Anchor { tokens: prompt.into_iter().chain(answer).collect(), answer_start });
     }
     Ok(anchors)
 }
