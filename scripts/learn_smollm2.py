@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--steps", default="30")
     ap.add_argument("--lr", default="0.001")
     ap.add_argument("--kl-weight", default="5.0")
+    ap.add_argument("--rating", type=int, default=-1, help="rating sent with each correction (-1: a preference pair)")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tempfile.mkdtemp()
@@ -50,13 +51,18 @@ def main():
             if line.startswith("lifelora listening on "):
                 base = line.split()[-1]
                 break
+        # The learner builds the base model's anchors once, at start (serving goes first).
+        t0 = time.time()
+        while call(base, "GET", "/health").get("learner") != "ready":
+            time.sleep(1)
+        print(f"learner anchors built {time.time() - t0:.1f} s after the server listened")
         model = call(base, "GET", "/health")["model"]
         questions = [f"What is the secret word of {n}?" for n in NAMES]
         reworded = [f"Tell me {n}'s secret word." for n in NAMES]
         base_before = [ask(base, model, q)[1] for q in questions + reworded]
         for n, w, q in zip(NAMES, WORDS, questions):
             cid, _ = ask(base, model, q)
-            call(base, "POST", "/v1/feedback", {"completion_id": cid, "rating": -1, "correction": f"The secret word of {n} is {w}."})
+            call(base, "POST", "/v1/feedback", {"completion_id": cid, "rating": args.rating, "correction": f"The secret word of {n} is {w}."})
         last_correction = time.time()
         job = call(base, "POST", "/v1/adapters/main/train", {})
         while job["status"] in ("queued", "running"):

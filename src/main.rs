@@ -336,7 +336,7 @@ fn train_offline(job: &TrainJob) -> Result<(), Box<dyn std::error::Error>> {
     let lora = lifelora::lora::trainable::TrainableLora::from_adapter(&start)?;
     let bar = indicatif::ProgressBar::new(job.steps as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, loss {msg} [{elapsed}<{eta}]")?);
-    let cfg = sft::SftConfig { steps: job.steps, learning_rate: job.learning_rate, batch_size: job.batch_size, seed: job.seed, until_learned: false };
+    let cfg = sft::SftConfig { steps: job.steps, learning_rate: job.learning_rate, batch_size: job.batch_size, seed: job.seed, until_learned: None };
     let started = std::time::Instant::now();
     let losses = sft::train(&loaded.model, &lora, &examples, &cfg, |_, loss| {
         bar.set_message(format!("{loss:.4}"));

@@ -99,7 +99,7 @@ fn supervised_training_teaches_answers_made_of_vocabulary_pieces() {
     let before: Vec<Vec<u32>> = facts.iter().map(|f| greedy(&model, &f.prompt, &start, 3)).collect();
     assert!(facts.iter().zip(&before).all(|(f, b)| &f.answer != b), "the base already knows a fact");
     let lora = TrainableLora::from_adapter(&start).unwrap();
-    let cfg = SftConfig { steps: 60, learning_rate: 1e-2, batch_size: 4, seed: 0, until_learned: false };
+    let cfg = SftConfig { steps: 60, learning_rate: 1e-2, batch_size: 4, seed: 0, until_learned: None };
     let losses = sft::train(&model, &lora, &facts, &cfg, |_, _| {}).unwrap();
     assert!(losses.last().unwrap() < &(losses[0] * 0.1), "loss fell from {} to {}", losses[0], losses.last().unwrap());
     let learned = Arc::new(lora.to_adapter().unwrap());
@@ -163,7 +163,7 @@ fn a_preference_teaches_the_chosen_answer_over_the_rejected_one() {
     let at_start = sft::lesson_loss(&model, &lora, &lesson, None).unwrap().to_scalar::<f32>().unwrap();
     let nll = -mean_log_prob(&model, &start, &prompt, &chosen);
     assert!((at_start - nll - std::f32::consts::LN_2).abs() < 1e-4, "{at_start} vs {nll} + ln 2");
-    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: false };
+    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: None };
     sft::train_lessons(&model, &lora, &[lesson], &cfg, None, |_, _| true).unwrap();
     let learned = Arc::new(lora.to_adapter().unwrap());
     assert_eq!(greedy(&model, &prompt, &learned, 3), chosen);
@@ -179,7 +179,7 @@ fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
     let prompt = vec![1, 499, 496, 77];
     let said = greedy(&model, &prompt, &start, 4);
     let lora = TrainableLora::from_adapter(&start).unwrap();
-    let cfg = SftConfig { steps: 20, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: false };
+    let cfg = SftConfig { steps: 20, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: None };
     let lesson = Lesson::Avoid(SftExample { prompt: prompt.clone(), answer: said.clone() });
     let losses = sft::train_lessons(&model, &lora, &[lesson], &cfg, None, |_, _| true).unwrap();
     assert!(losses.last().unwrap() < &losses[0], "unlikelihood loss {} -> {}", losses[0], losses.last().unwrap());
@@ -217,4 +217,28 @@ fn sequences_packed_in_one_pass_share_their_beginnings_and_get_the_logits_and_gr
         let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
         assert!(max_diff(a, b) < 1e-3 * scale, "parameter {i}: {} vs scale {scale}", max_diff(a, b));
     }
+}
+
+#[test]
+fn kl_anchors_keep_the_base_top_tokens_and_bound_the_full_kl_from_below() {
+    use lifelora::learner::sft::KlAnchors;
+    let Some(model) = model() else { return };
+    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
+    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let lora = TrainableLora::from_adapter(&adapter).unwrap();
+    let tokens: Vec<u32> = vec![1, 482, 82, 508, 499, 496, 300, 12, 77, 260, 390];
+    let start = 4;
+    let anchors = KlAnchors::new(&model, &[(tokens.clone(), start)], 1.0, 1).unwrap();
+    // The base measured against itself: nothing to pull.
+    assert!(anchors.kl(&model, &TrainableLora::empty(), 0).unwrap().abs() < 1e-5);
+    // An adapter: the coarsened KL is positive, at most the full KL, and most of it.
+    let coarse = anchors.kl(&model, &lora, 0).unwrap();
+    let n = tokens.len() - start;
+    let lp = |l: &TrainableLora| {
+        let logits = model.forward_train_range(&tokens[..tokens.len() - 1], l, start - 1, n).unwrap();
+        candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap()
+    };
+    let (base, adapted) = (lp(&TrainableLora::empty()), lp(&lora));
+    let full = (base.exp().unwrap() * (&base - &adapted).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() / n as f32;
+    assert!(coarse > 0.0 && coarse <= full + 1e-5 && coarse >= 0.5 * full, "coarse KL {coarse}, full KL {full}");
 }

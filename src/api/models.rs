@@ -39,10 +39,12 @@ pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Re
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
-/// Liveness and readiness: the server listens only once the model is loaded.
+/// Liveness and readiness: the server listens only once the model is
+/// loaded; `learner` says whether the learner has built the base model's
+/// anchors (it does so once, at start, while serving goes first).
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .json(json!({"status": "ok", "model": state.model.id, "builtin": state.model.builtin}))
+    let learner = if state.learner.prepared() { "ready" } else { "preparing" };
+    HttpResponse::Ok().json(json!({"status": "ok", "model": state.model.id, "builtin": state.model.builtin, "learner": learner}))
 }
 
 /// Prometheus text exposition.

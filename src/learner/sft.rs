@@ -78,10 +78,31 @@ pub const DPO_BETA: f64 = 0.1;
 /// each step.
 #[derive(Debug, Clone, Default)]
 pub struct KlAnchors {
-    /// `(tokens, answer_start, base log-probabilities [answer len, vocab])`.
-    pub anchors: Vec<(Vec<u32>, usize, Tensor)>,
+    pub anchors: Vec<KlAnchor>,
     pub weight: f64,
     pub per_step: usize,
+}
+
+/// Base tokens kept per position of an anchor: the KL is taken between
+/// the two distributions coarsened to these tokens plus one bucket for the
+/// rest (a lower bound of the full KL, and close to it when the base puts
+/// little mass outside its top tokens). 64 instead of a whole vocabulary
+/// keeps an anchor at kilobytes instead of megabytes.
+pub const KL_TOP_TOKENS: usize = 64;
+
+/// One anchor: a sequence the base model wrote and its top next-token
+/// log-probabilities over the answer.
+#[derive(Debug, Clone)]
+pub struct KlAnchor {
+    pub tokens: Vec<u32>,
+    /// Where the answer starts in `tokens`.
+    pub answer_start: usize,
+    /// `[answer len, KL_TOP_TOKENS]`: the base's most likely tokens per position.
+    top_ids: Tensor,
+    /// Their base log-probabilities, same shape.
+    top_log_probs: Tensor,
+    /// `[answer len]`: the base's probability of every other token.
+    rest: Tensor,
 }
 
 impl KlAnchors {
@@ -91,28 +112,61 @@ impl KlAnchors {
         let mut out = Vec::with_capacity(anchors.len());
         let none = TrainableLora::empty();
         for (tokens, start) in anchors {
-            let n = tokens.len() - start;
+            let n = tokens.len().saturating_sub(*start);
             if *start == 0 || n == 0 {
                 continue;
             }
             let logits = model.forward_train_range(&tokens[..tokens.len() - 1], &none, start - 1, n)?;
-            out.push((tokens.clone(), *start, candle_nn::ops::log_softmax(&logits, D::Minus1)?.detach()));
+            let rows = candle_nn::ops::log_softmax(&logits.detach(), D::Minus1)?.to_vec2::<f32>()?;
+            let k = KL_TOP_TOKENS.min(rows.first().map_or(0, Vec::len));
+            let (mut ids, mut lps, mut rest) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k), Vec::with_capacity(n));
+            for row in &rows {
+                let mut order: Vec<u32> = (0..row.len() as u32).collect();
+                order.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                let top = &order[..k];
+                let kept: f32 = top.iter().map(|&i| row[i as usize].exp()).sum();
+                ids.extend_from_slice(top);
+                lps.extend(top.iter().map(|&i| row[i as usize]));
+                rest.push((1.0 - kept).max(0.0));
+            }
+            let device = logits.device();
+            out.push(KlAnchor {
+                tokens: tokens.clone(),
+                answer_start: *start,
+                top_ids: Tensor::from_vec(ids, (n, k), device)?,
+                top_log_probs: Tensor::from_vec(lps, (n, k), device)?,
+                rest: Tensor::from_vec(rest, n, device)?,
+            });
         }
         Ok(KlAnchors { anchors: out, weight, per_step })
     }
 
-    /// The sequence anchor `i`'s KL term reads.
-    fn piece(&self, i: usize) -> Piece {
-        let (tokens, start, _) = &self.anchors[i];
-        Piece { tokens: tokens[..tokens.len() - 1].to_vec(), start: start - 1, targets: tokens[*start..].to_vec() }
+    /// The KL term of anchor `i` under `lora`, measured (no gradient kept).
+    pub fn kl(&self, model: &Llama, lora: &TrainableLora, i: usize) -> candle_core::Result<f32> {
+        let piece = self.piece(i);
+        let logits = packed_logits(model, lora, &[&piece])?;
+        self.kl_from_logits(i, &logits[0].detach())?.to_scalar::<f32>()
     }
 
-    /// `KL(base ‖ adapted)` per position on anchor `i`, from the adapted logits of its piece (differentiable).
+    /// The sequence anchor `i`'s KL term reads.
+    fn piece(&self, i: usize) -> Piece {
+        let a = &self.anchors[i];
+        Piece { tokens: a.tokens[..a.tokens.len() - 1].to_vec(), start: a.answer_start - 1, targets: a.tokens[a.answer_start..].to_vec() }
+    }
+
+    /// `KL(base ‖ adapted)` per position on anchor `i`, over the base's top
+    /// tokens and one bucket for the rest, from the adapted logits of its
+    /// piece (differentiable).
     fn kl_from_logits(&self, i: usize, logits: &Tensor) -> candle_core::Result<Tensor> {
-        let (tokens, start, base) = &self.anchors[i];
-        let n = tokens.len() - start;
-        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        (base.exp()? * (base - lp)?)?.sum_all()? / n as f64
+        let a = &self.anchors[i];
+        let n = a.tokens.len() - a.answer_start;
+        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?.gather(&a.top_ids, 1)?;
+        let top = (a.top_log_probs.exp()? * (&a.top_log_probs - &lp)?)?.sum_all()?;
+        // The rest bucket: p·(log p − log q) with q = 1 − Σ top q, kept off 0.
+        let q_rest = lp.exp()?.sum(1)?.affine(-1.0, 1.0)?.clamp(1e-6f32, 1.0f32)?;
+        let p_rest = a.rest.clamp(1e-12f32, 1.0f32)?;
+        let rest = (&p_rest * (p_rest.log()? - q_rest.log()?)?)?.sum_all()?;
+        (top + rest)? / n as f64
     }
 }
 
@@ -125,15 +179,15 @@ pub struct SftConfig {
     pub batch_size: usize,
     /// Orders the examples, so a run is reproducible.
     pub seed: u64,
-    /// Stop before `steps` once every lesson is learned (greedy decoding
-    /// gives each wanted answer, with a margin), and take unlearned lessons
-    /// first into each batch.
-    pub until_learned: bool,
+    /// Stop before `steps` once this share of the lessons is learned
+    /// (greedy decoding gives each wanted answer, with a margin), taking
+    /// unlearned lessons first into each batch; `None` runs every step.
+    pub until_learned: Option<f64>,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
-        SftConfig { steps: 30, learning_rate: 1e-3, batch_size: 4, seed: 0, until_learned: false }
+        SftConfig { steps: 30, learning_rate: 1e-3, batch_size: 4, seed: 0, until_learned: None }
     }
 }
 
@@ -280,82 +334,107 @@ pub fn train_lessons(
     anchors: Option<&KlAnchors>,
     on_step: impl FnMut(usize, f32) -> bool,
 ) -> Result<Vec<f32>, LearnError> {
-    let run = train_lessons_on(model, lora, lessons, cfg, anchors, &|step: &mut (dyn FnMut() + Send)| step(), on_step)?;
+    let mut on_step = on_step;
+    let mut trainer = Trainer::new(model, lora, lessons, cfg.learning_rate, anchors)?;
+    let all: Vec<usize> = (0..lessons.len()).collect();
+    let run = train_lessons_on(&mut trainer, &all, cfg, &|step: &mut (dyn FnMut() + Send)| step(), |p| on_step(p.step, p.loss))?;
     Ok(run.losses)
 }
 
 /// Runs one training step's tensor work; lets a caller pick the thread pool per step.
 pub type StepRunner<'a> = &'a (dyn Fn(&mut (dyn FnMut() + Send)) + Sync);
 
+/// Where a run stands after a step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// The step just taken, from 0.
+    pub step: usize,
+    /// Its mean lesson loss (without the KL term).
+    pub loss: f32,
+    /// Lessons learned as the steps' own logits last showed them.
+    pub learned: usize,
+    pub lessons: usize,
+}
+
 /// What a training run did.
 #[derive(Debug, Clone, Default)]
 pub struct TrainRun {
     /// Each step's loss (the lessons' part).
     pub losses: Vec<f32>,
-    /// Whether it stopped because every lesson was learned (see [`SftConfig::until_learned`]).
+    /// Whether it stopped with every lesson learned (see [`SftConfig::until_learned`]).
     pub all_learned: bool,
+    /// Lessons a final check confirmed learned when it stopped for them (0 otherwise).
+    pub learned: usize,
 }
 
-/// [`train_lessons`] with each step's work run through `run_step` (the
-/// learner runs a step on all cores while serving is idle, on its own
-/// small pool otherwise). Each batch takes lessons not yet learned first
-/// (as the step's own logits last showed), then the others in shuffled
-/// order, so steps go where they teach something; with
-/// [`SftConfig::until_learned`] it stops once a check confirms every
-/// lesson learned.
+/// Trains on the lessons of `trainer` that `active` names (its usable
+/// ones), each step's work run through `run_step` (the learner runs a
+/// step on all cores while serving is idle, on its own small pool
+/// otherwise). Each batch takes lessons not yet learned first (as the
+/// steps' own logits last showed), then the others in shuffled order, so
+/// steps go where they teach something; with [`SftConfig::until_learned`]
+/// it stops once a check confirms that share of the lessons learned. The trainer keeps
+/// its optimizer state across calls: a later call on more lessons
+/// continues the same run rather than jolting the adapter with a fresh
+/// optimizer's first steps.
 pub fn train_lessons_on(
-    model: &Llama,
-    lora: &TrainableLora,
-    lessons: &[Lesson],
+    trainer: &mut Trainer<'_>,
+    active: &[usize],
     cfg: &SftConfig,
-    anchors: Option<&KlAnchors>,
     run_step: StepRunner<'_>,
-    mut on_step: impl FnMut(usize, f32) -> bool,
+    mut on_step: impl FnMut(&Progress) -> bool,
 ) -> Result<TrainRun, LearnError> {
-    let mut trainer = Trainer::new(model, lora, lessons, cfg.learning_rate, anchors)?;
-    let count = trainer.lessons().len();
+    let active: Vec<usize> = active.iter().copied().filter(|&i| trainer.usable(i)).collect();
+    let count = active.len();
+    if count == 0 {
+        return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = Vec::new();
-    // Whether each lesson was learned when a step last read it.
+    // Whether each active lesson was learned when a step last read it.
     let mut learned = vec![false; count];
     let mut run = TrainRun::default();
     for step in 0..cfg.steps {
         let n = cfg.batch_size.clamp(1, count);
-        let mut batch: Vec<usize> = Vec::with_capacity(n);
-        if cfg.until_learned {
+        let mut picks: Vec<usize> = Vec::with_capacity(n);
+        if cfg.until_learned.is_some() {
             // Unlearned lessons first, starting after the last one taken, so each gets its turn.
             let first = (step * n) % count;
-            batch.extend((0..count).map(|k| (first + k) % count).filter(|&i| !learned[i]).take(n));
+            picks.extend((0..count).map(|k| (first + k) % count).filter(|&i| !learned[i]).take(n));
         }
-        while batch.len() < n {
+        while picks.len() < n {
             if order.is_empty() {
                 order = (0..count).collect();
                 order.shuffle(&mut rng);
             }
             let i = order.pop().unwrap_or(0);
-            if !batch.contains(&i) {
-                batch.push(i);
+            if !picks.contains(&i) {
+                picks.push(i);
             }
         }
+        let batch: Vec<usize> = picks.iter().map(|&k| active[k]).collect();
         let mut result: Option<Result<StepOutcome, LearnError>> = None;
         run_step(&mut || result = Some(trainer.step(&batch)));
         let outcome = result.unwrap_or_else(|| Err(LearnError::NoExamples("the step did not run".into())))?;
-        for (&i, &l) in batch.iter().zip(&outcome.learned) {
-            learned[i] = l;
+        for (&k, &l) in picks.iter().zip(&outcome.learned) {
+            learned[k] = l;
         }
         run.losses.push(outcome.loss);
-        if !on_step(step, outcome.loss) {
+        let progress = Progress { step, loss: outcome.loss, learned: learned.iter().filter(|&&l| l).count(), lessons: count };
+        if !on_step(&progress) {
             break;
         }
-        if cfg.until_learned && learned.iter().all(|&l| l) {
+        let needed = cfg.until_learned.map(|share| ((share.clamp(0.0, 1.0) * count as f64).ceil() as usize).max(1));
+        if needed.is_some_and(|n| progress.learned >= n) {
             // The flags come from before each lesson's last update: confirm with the adapter as it is now.
-            let all: Vec<usize> = (0..count).collect();
             let mut check: Option<Result<Vec<bool>, LearnError>> = None;
-            run_step(&mut || check = Some(trainer.learned(&all)));
+            run_step(&mut || check = Some(trainer.learned(&active)));
             let now = check.unwrap_or_else(|| Err(LearnError::NoExamples("the check did not run".into())))?;
             learned = now;
-            if learned.iter().all(|&l| l) {
-                run.all_learned = true;
+            let confirmed = learned.iter().filter(|&&l| l).count();
+            if needed.is_some_and(|n| confirmed >= n) {
+                run.all_learned = confirmed == count;
+                run.learned = confirmed;
                 break;
             }
         }
@@ -366,7 +445,7 @@ pub fn train_lessons_on(
 /// How far the wanted token's logit must lead every other, at each
 /// position of an answer, for the answer to count as learned: a margin
 /// that serving's different summation order cannot overturn.
-pub const LEARNED_MARGIN: f32 = 1.0;
+pub const LEARNED_MARGIN: f32 = 0.25;
 
 /// One optimizer step's result.
 #[derive(Debug, Clone)]
@@ -396,9 +475,9 @@ pub struct Trainer<'a> {
 const CHECK_CHUNK: usize = 8;
 
 impl<'a> Trainer<'a> {
-    /// Keeps the usable lessons (a prompt and an answer each) and measures
-    /// the preferences' reference log-probabilities, a few lessons per
-    /// packed pass.
+    /// Measures the preferences' reference log-probabilities (the adapter
+    /// as it is now), a few lessons per packed pass; batches index
+    /// `lessons`, of which those without a prompt or an answer are never trained on.
     pub fn new(
         model: &'a Llama,
         lora: &'a TrainableLora,
@@ -409,14 +488,14 @@ impl<'a> Trainer<'a> {
         if !model.trainable() {
             return Err(LearnError::NotTrainable("activations are not f32; serve the model with dtype f32 to train".into()));
         }
-        let usable: Vec<&Lesson> = lessons.iter().filter(|l| l.usable()).collect();
-        if usable.is_empty() {
+        let lessons: Vec<&Lesson> = lessons.iter().collect();
+        if !lessons.iter().any(|l| l.usable()) {
             return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
         }
-        let mut reference = vec![None; usable.len()];
-        let prefs: Vec<usize> = (0..usable.len()).filter(|&i| matches!(usable[i], Lesson::Prefer { .. })).collect();
+        let mut reference = vec![None; lessons.len()];
+        let prefs: Vec<usize> = (0..lessons.len()).filter(|&i| lessons[i].usable() && matches!(lessons[i], Lesson::Prefer { .. })).collect();
         for chunk in prefs.chunks(CHECK_CHUNK) {
-            let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(usable[i])).collect();
+            let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(lessons[i])).collect();
             let logits = packed_logits(model, lora, &pieces.iter().flatten().collect::<Vec<_>>())?;
             for (k, &i) in chunk.iter().enumerate() {
                 let sum = |j: usize| -> candle_core::Result<f32> {
@@ -428,12 +507,19 @@ impl<'a> Trainer<'a> {
         }
         let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
         let opt = AdamW::new(lora.vars(), params)?;
-        Ok(Trainer { model, lora, lessons: usable, reference, anchors, opt, steps: 0 })
+        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0 })
     }
 
-    /// The lessons it trains on (the usable ones, in order); batches index them.
-    pub fn lessons(&self) -> &[&'a Lesson] {
-        &self.lessons
+    fn check_ids(&self, ids: &[usize]) -> Result<(), LearnError> {
+        match ids.iter().find(|&&i| !self.usable(i)) {
+            Some(i) => Err(LearnError::NoExamples(format!("lesson {i} does not exist or has no prompt or answer"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether lesson `i` can be trained on (a prompt and an answer).
+    pub fn usable(&self, i: usize) -> bool {
+        self.lessons.get(i).is_some_and(|l| l.usable())
     }
 
     /// One optimizer step on the lessons `batch` names, every sequence of
@@ -442,6 +528,7 @@ impl<'a> Trainer<'a> {
         if batch.is_empty() {
             return Err(LearnError::NoExamples("empty batch".into()));
         }
+        self.check_ids(batch)?;
         let pieces: Vec<Vec<Piece>> = batch.iter().map(|&i| lesson_pieces(self.lessons[i])).collect();
         let active = self.anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
         let anchor_ids: Vec<usize> = match active {
@@ -487,6 +574,7 @@ impl<'a> Trainer<'a> {
 
     /// Whether each lesson `ids` names is learned by the adapter as it is now.
     pub fn learned(&self, ids: &[usize]) -> Result<Vec<bool>, LearnError> {
+        self.check_ids(ids)?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHECK_CHUNK) {
             let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(self.lessons[i])).collect();

@@ -26,6 +26,16 @@ use crate::store::{ExampleRecord, FeedbackRecord, JobEvent, JobRecord, RecordSto
 /// Tokens of each general prompt's base answer used for the drift measure.
 const ANCHOR_ANSWER_TOKENS: usize = 24;
 
+/// With a held-out split, the first phase stops once this share of its
+/// lessons is learned: the gate needs a candidate that has started to
+/// learn (held-out loss falls with the answers' shared form), not a
+/// finished one; the final phase then teaches every lesson, held-out ones
+/// included, under drift checkpoints.
+const FIRST_PHASE_LEARNED: f64 = 0.25;
+
+/// Final-phase steps between drift checkpoints.
+const FINAL_CHECK_EVERY: usize = 10;
+
 /// The handle the API uses to queue and cancel runs.
 #[derive(Clone)]
 pub struct Learner {
@@ -48,6 +58,8 @@ struct Inner {
     stopping: AtomicBool,
     anchors: OnceLock<DriftAnchors>,
     kl_anchors: OnceLock<KlAnchors>,
+    /// Set once the anchors are built (at start).
+    prepared: AtomicBool,
     /// Whether the engine is serving requests right now.
     serving_busy: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Where a training step runs while nothing is being served (None: the learner's own pool).
@@ -107,6 +119,7 @@ impl Learner {
             stopping: AtomicBool::new(false),
             anchors: OnceLock::new(),
             kl_anchors: OnceLock::new(),
+            prepared: AtomicBool::new(false),
             serving_busy: Arc::from(serving_busy),
             idle_pool,
             metrics,
@@ -128,10 +141,13 @@ impl Learner {
                         worker.kl_anchors();
                     })
                 };
+                let started = std::time::Instant::now();
                 match &pool {
                     Ok(pool) => pool.install(prepare),
                     Err(_) => prepare(),
                 }
+                worker.prepared.store(true, Ordering::SeqCst);
+                tracing::info!(seconds = started.elapsed().as_secs_f64(), "learner: the base model's anchors are built");
                 for job_id in rx {
                     match &pool {
                         Ok(pool) => pool.install(|| worker.run(&job_id)),
@@ -141,6 +157,11 @@ impl Learner {
             })
             .map_err(|e| StoreError::Database(format!("cannot start the learner thread: {e}")))?;
         Ok(Learner { inner, queue: tx })
+    }
+
+    /// Whether the base model's anchors are built (runs queued before wait for them).
+    pub fn prepared(&self) -> bool {
+        self.inner.prepared.load(Ordering::SeqCst)
     }
 
     /// The settings runs use.
@@ -600,6 +621,7 @@ impl Inner {
         // Held out: the validation file; else every fifth new lesson when
         // there are at least five; otherwise the gate measures on the
         // training lessons themselves.
+        let split = validation.is_none() && new_lessons.len() >= 5;
         let (train_new, held_out): (Vec<Lesson>, Vec<Lesson>) = if let Some(v) = validation {
             (new_lessons.clone(), v)
         } else if new_lessons.len() >= 5 {
@@ -651,8 +673,15 @@ impl Inner {
         let before_match = match_on(&held_targets)?;
         let before_replay = loss_on(&replay_targets)?;
 
+        // Every lesson of the run; the first phase trains on `train_set`,
+        // the final one (after a passed gate) on the held-out lessons too.
         let mut train_set = train_new.clone();
         train_set.extend(replay.iter().cloned());
+        let first_phase: Vec<usize> = (0..train_set.len()).collect();
+        let mut every = train_set.clone();
+        if split {
+            every.extend(held_out.iter().cloned());
+        }
         let hp = &job.hyperparameters;
         let batch = hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64).max(1) as usize;
         let steps = match hp["n_epochs"].as_f64() {
@@ -664,8 +693,14 @@ impl Inner {
             learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
             batch_size: hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64) as usize,
             seed: hp["seed"].as_u64().unwrap_or(job.parent_version.unwrap_or(0) as u64),
-            // Feedback and "auto" epochs: stop once every lesson is learned.
-            until_learned: hp["n_epochs"].as_f64().is_none(),
+            // Feedback and "auto" epochs stop once enough lessons are
+            // learned: with a held-out split, the share the gate needs to
+            // judge (the final phase teaches the rest), otherwise all.
+            until_learned: match hp["n_epochs"].as_f64() {
+                Some(_) => None,
+                None if split => Some(FIRST_PHASE_LEARNED),
+                None => Some(1.0),
+            },
         };
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
@@ -676,13 +711,19 @@ impl Inner {
         } else {
             KlAnchors::default()
         };
-        let mut step_started = std::time::Instant::now();
         let run_step = |step: &mut (dyn FnMut() + Send)| self.run_step(step);
-        let first = sft::train_lessons_on(model, &lora, &train_set, &cfg, Some(anchors), &run_step, |step, loss| {
+        let mut trainer = {
+            let mut made = None;
+            run_step(&mut || made = Some(sft::Trainer::new(model, &lora, &every, cfg.learning_rate, Some(anchors))));
+            made.unwrap_or_else(|| Err(super::LearnError::NoExamples("the trainer was not built".into())))?
+        };
+        let mut step_started = std::time::Instant::now();
+        let first = sft::train_lessons_on(&mut trainer, &first_phase, &cfg, &run_step, |p| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
             step_started = std::time::Instant::now();
-            if step % 5 == 4 || step + 1 == cfg.steps {
-                self.event(&job.id, "info", &format!("Step {}/{}: training loss={loss:.4}", step + 1, cfg.steps), json!({"step": step + 1, "train_loss": loss}));
+            if p.step % 5 == 4 || p.step + 1 == cfg.steps {
+                let message = format!("Step {}/{}: training loss={:.4}, examples learned {}/{}", p.step + 1, cfg.steps, p.loss, p.learned, p.lessons);
+                self.event(&job.id, "info", &message, json!({"step": p.step + 1, "train_loss": p.loss, "learned": p.learned}));
             }
             if self.is_cancelled(&job.id) {
                 cancelled.store(true, Ordering::Relaxed);
@@ -719,38 +760,62 @@ impl Inner {
             reasons.push(format!("top-1 agreement with the base {agreement:.3} is below {}", s.min_base_agreement));
         }
         let passed = reasons.is_empty();
-        // Passed with a real held-out split: the held-out examples are
-        // taught too (every new example, the ones not yet learned first,
-        // up to half as many steps again), and the result is kept only if
-        // it still stays close to the base.
+        // Passed with a real held-out split: every lesson is taught now,
+        // the held-out ones included (unlearned ones first, until all are
+        // learned or as many steps again as the first phase allowed). The
+        // drift bounds are checked every few steps, and the last snapshot
+        // within them becomes the candidate.
         let mut candidate = candidate;
         let (mut kl, mut agreement) = (kl, agreement);
         let mut final_steps = 0;
-        let mut all_learned = first.all_learned && held_out.len() == new_lessons.len();
-        if passed && held_out.len() < new_lessons.len() {
-            let mut all = new_lessons.clone();
-            all.extend(replay.iter().cloned());
-            let extra = SftConfig { steps: (cfg.steps / 2).max(1), ..cfg.clone() };
+        let mut all_learned = first.all_learned && !split;
+        if passed && split {
+            let all: Vec<usize> = (0..every.len()).collect();
+            let extra = SftConfig { until_learned: cfg.until_learned.map(|_| 1.0), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
-            let more = sft::train_lessons_on(model, &lora, &all, &extra, Some(anchors), &run_step, |step, loss| {
-                self.yield_to_serving(step_started.elapsed(), &job.id);
-                step_started = std::time::Instant::now();
-                if step % 5 == 4 {
-                    self.event(&job.id, "info", &format!("Final step {}/{}: training loss={loss:.4}", step + 1, extra.steps), json!({"train_loss": loss}));
+            let mut checkpoint_error = None;
+            let mut check = |steps: usize, learned_all: bool| -> Result<bool, RunError> {
+                let (kl2, agreement2) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
+                let keep = kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement;
+                self.event(
+                    &job.id,
+                    "info",
+                    &format!(
+                        "Checkpoint after {steps} final steps {} (base KL {kl2:.4}, top-1 agreement {agreement2:.3})",
+                        if keep { "within the drift bounds" } else { "beyond the drift bounds" }
+                    ),
+                    json!({"base_kl": kl2, "base_top1_agreement": agreement2, "steps": steps, "kept": keep}),
+                );
+                if keep {
+                    candidate = Arc::new(lora.to_adapter()?);
+                    (kl, agreement) = (kl2, agreement2);
+                    final_steps = steps;
+                    all_learned = learned_all;
                 }
+                Ok(keep)
+            };
+            let more = sft::train_lessons_on(&mut trainer, &all, &extra, &run_step, |p| {
+                self.yield_to_serving(step_started.elapsed(), &job.id);
+                if p.step % 5 == 4 {
+                    let message = format!("Final step {}/{}: training loss={:.4}, examples learned {}/{}", p.step + 1, extra.steps, p.loss, p.learned, p.lessons);
+                    self.event(&job.id, "info", &message, json!({"train_loss": p.loss, "learned": p.learned}));
+                }
+                if p.step % FINAL_CHECK_EVERY == FINAL_CHECK_EVERY - 1 && p.step + 1 < extra.steps {
+                    if let Err(e) = check(p.step + 1, false) {
+                        checkpoint_error = Some(e);
+                        return false;
+                    }
+                }
+                step_started = std::time::Instant::now();
                 !self.is_cancelled(&job.id)
             })?;
+            if let Some(e) = checkpoint_error {
+                return Err(e);
+            }
             if self.is_cancelled(&job.id) {
                 return Err(RunError::Cancelled);
             }
-            let (kl2, agreement2) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
-            let full = Arc::new(lora.to_adapter()?);
-            if kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement {
-                candidate = full;
-                (kl, agreement) = (kl2, agreement2);
-                final_steps = more.losses.len();
-                all_learned = more.all_learned;
-            }
+            check(more.losses.len(), more.all_learned)?;
         }
         let train_secs_total = started.elapsed().as_secs_f64();
         job.metrics = json!({
