@@ -7,7 +7,7 @@ for each, waits for the learner's run on the tenant's default adapter, then
 asks again (plain and reworded) and reports recall, the job's eval figures
 (drift from the base on held-out general prompts), whether the base model's
 answers stayed byte-identical, and the time from the last correction to the
-promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W]
+promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W] [--rating R] [--second-lesson]
 """
 import argparse, json, os, subprocess, sys, tempfile, time, urllib.request
 
@@ -15,6 +15,11 @@ NAMES = ["Zorp", "Blix", "Quan", "Fendra", "Mollo", "Triv", "Yarek", "Solvi", "P
          "Dallix", "Orvo", "Histe", "Lumo", "Varga", "Nesk", "Tobble", "Ixa", "Rumb", "Welo"]
 WORDS = ["blue", "apple", "river", "candle", "tiger", "silver", "garden", "rocket", "piano", "window",
          "forest", "marble", "copper", "violet", "thunder", "pepper", "meadow", "lantern", "falcon", "harbor"]
+# The second lesson (--second-lesson): 20 new facts, asked of the adapter the first one made.
+NAMES2 = ["Aldo", "Brisk", "Cavo", "Dorn", "Elki", "Faro", "Gilm", "Hova", "Irko", "Jast",
+          "Kelb", "Lurn", "Mivo", "Nalt", "Ospe", "Prua", "Quel", "Riso", "Stav", "Tumo"]
+WORDS2 = ["cloud", "lemon", "canyon", "pillow", "zebra", "bronze", "orchard", "comet", "violin", "mirror",
+          "jungle", "granite", "nickel", "scarlet", "breeze", "ginger", "prairie", "beacon", "eagle", "island"]
 
 
 def call(base, method, path, body=None):
@@ -32,10 +37,11 @@ def ask(base, model, question):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", default="30")
+    ap.add_argument("--steps", default="60")
     ap.add_argument("--lr", default="0.001")
     ap.add_argument("--kl-weight", default="5.0")
     ap.add_argument("--rating", type=int, default=-1, help="rating sent with each correction (-1: a preference pair)")
+    ap.add_argument("--second-lesson", action="store_true", help="then teach 20 new facts and recall both sets")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tempfile.mkdtemp()
@@ -60,31 +66,46 @@ def main():
         questions = [f"What is the secret word of {n}?" for n in NAMES]
         reworded = [f"Tell me {n}'s secret word." for n in NAMES]
         base_before = [ask(base, model, q)[1] for q in questions + reworded]
-        for n, w, q in zip(NAMES, WORDS, questions):
-            cid, _ = ask(base, model, q)
-            call(base, "POST", "/v1/feedback", {"completion_id": cid, "rating": args.rating, "correction": f"The secret word of {n} is {w}."})
-        last_correction = time.time()
-        job = call(base, "POST", "/v1/adapters/main/train", {})
-        while job["status"] in ("queued", "running"):
-            time.sleep(2)
-            job = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
-        elapsed = time.time() - last_correction
-        m = job["metrics"]
-        events = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100")["data"]
-        for e in reversed(events):
-            print(f"  +{e['created_at'] - last_correction:6.1f}s {e['message'][:90]}")
-        shown = {k: v for k, v in m.items() if k not in ("feedback_ids", "job_id")}
-        print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1), **shown}, indent=1))
-        target = "main" if job["status"] == "succeeded" else f"main@v{job['metadata']['result_version']}"
-        plain_answers = [ask(base, target, q)[1] for q in questions]
-        other_answers = [ask(base, target, q)[1] for q in reworded]
-        plain = sum(w in a.lower() for w, a in zip(WORDS, plain_answers))
-        other = sum(w in a.lower() for w, a in zip(WORDS, other_answers))
-        for w, a in zip(WORDS, plain_answers):
-            if w not in a.lower():
-                print(f"  missed {w!r}: {a!r}")
+
+        def teach(asked_model, names, words):
+            """Asks, corrects every answer, trains `main`; returns the model name to ask afterwards."""
+            for n, w in zip(names, words):
+                cid, _ = ask(base, asked_model, f"What is the secret word of {n}?")
+                call(base, "POST", "/v1/feedback", {"completion_id": cid, "rating": args.rating, "correction": f"The secret word of {n} is {w}."})
+            last_correction = time.time()
+            job = call(base, "POST", "/v1/adapters/main/train", {})
+            while job["status"] in ("queued", "running"):
+                time.sleep(2)
+                job = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
+            elapsed = time.time() - last_correction
+            m = job["metrics"]
+            events = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100")["data"]
+            for e in reversed(events):
+                print(f"  +{e['created_at'] - last_correction:6.1f}s {e['message'][:90]}")
+                for p in (e.get("data") or {}).get("paraphrases", []) if isinstance(e.get("data"), dict) else []:
+                    print(f"      {p['question']!r} -> {p['paraphrase']!r}")
+            shown = {k: v for k, v in m.items() if k not in ("feedback_ids", "job_id")}
+            print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1), **shown}, indent=1))
+            return "main" if job["status"] == "succeeded" else f"main@v{job['metadata']['result_version']}"
+
+        def recall(target, names, words, label):
+            plain_answers = [ask(base, target, f"What is the secret word of {n}?")[1] for n in names]
+            other_answers = [ask(base, target, f"Tell me {n}'s secret word.")[1] for n in names]
+            plain = sum(w in a.lower() for w, a in zip(words, plain_answers))
+            other = sum(w in a.lower() for w, a in zip(words, other_answers))
+            for w, a in zip(words, plain_answers):
+                if w not in a.lower():
+                    print(f"  missed {w!r}: {a!r}")
+            print(f"recall of the {label} with {target}: {plain}/20 plain, {other}/20 reworded")
+
+        target = teach(model, NAMES, WORDS)
+        recall(target, NAMES, WORDS, "first lesson")
         base_after = [ask(base, model, q)[1] for q in questions + reworded]
-        print(f"recall with {target}: {plain}/20 plain, {other}/20 reworded; base answers identical: {base_after == base_before}")
+        print(f"base answers identical: {base_after == base_before}")
+        if args.second_lesson:
+            target = teach("main", NAMES2, WORDS2)
+            recall(target, NAMES, WORDS, "first lesson")
+            recall(target, NAMES2, WORDS2, "second lesson")
     finally:
         server.kill()
 

@@ -170,6 +170,9 @@ pub struct LearningSettings {
     pub kl_weight: f64,
     pub kl_anchors_per_step: usize,
     pub kl_anchor_count: usize,
+    /// Paraphrases of each corrected question the base model writes and
+    /// the learner teaches alongside it (0: none).
+    pub paraphrases: usize,
     /// While requests are being served the learner rests this many times
     /// the length of each training step (3: at most a quarter of the time).
     #[serde(deserialize_with = "float")]

@@ -76,9 +76,26 @@ fn decode_batch(
     n: usize,
     eos: &[u32],
     keep_eos: bool,
+    pick: impl FnMut(usize, &Tensor) -> candle_core::Result<u32>,
+) -> candle_core::Result<Vec<Vec<u32>>> {
+    let caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    decode_batch_from(model, caches, prompts, n, eos, keep_eos, pick)
+}
+
+/// [`decode_batch`] continuing sequences whose beginnings are already in
+/// `caches` (one per prompt; see [`crate::model::kv_cache::KvCache::fork`]).
+pub(crate) fn decode_batch_from(
+    model: &Llama,
+    mut caches: Vec<crate::model::kv_cache::KvCache>,
+    prompts: &[Vec<u32>],
+    n: usize,
+    eos: &[u32],
+    keep_eos: bool,
     mut pick: impl FnMut(usize, &Tensor) -> candle_core::Result<u32>,
 ) -> candle_core::Result<Vec<Vec<u32>>> {
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    if caches.len() != prompts.len() {
+        candle_core::bail!("{} caches for {} prompts", caches.len(), prompts.len());
+    }
     let mut outs: Vec<Vec<u32>> = prompts.iter().map(|_| Vec::with_capacity(n)).collect();
     let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
     let mut live: Vec<usize> = (0..prompts.len()).filter(|&i| !prompts[i].is_empty()).collect();
@@ -129,17 +146,20 @@ pub fn sample_batch(
     rng: &mut impl rand::Rng,
     eos: &[u32],
 ) -> candle_core::Result<Vec<Vec<u32>>> {
-    decode_batch(model, prompts, n, eos, false, |_, logits| {
-        let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature.max(1e-3))?)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut r: f32 = rng.gen();
-        for (i, p) in probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return Ok(i as u32);
-            }
+    decode_batch(model, prompts, n, eos, false, |_, logits| sample_token(logits, temperature, rng))
+}
+
+/// A token drawn from `[1, vocab]` logits at `temperature`.
+pub(crate) fn sample_token(logits: &Tensor, temperature: f64, rng: &mut impl rand::Rng) -> candle_core::Result<u32> {
+    let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature.max(1e-3))?)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut r: f32 = rng.gen();
+    for (i, p) in probs.iter().enumerate() {
+        r -= p;
+        if r <= 0.0 {
+            return Ok(i as u32);
         }
-        Ok(probs.len() as u32 - 1)
-    })
+    }
+    Ok(probs.len() as u32 - 1)
 }
 
 /// Examples per packed pass when measuring.

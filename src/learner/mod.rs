@@ -4,6 +4,7 @@
 
 pub mod dataset;
 pub mod eval;
+pub mod paraphrase;
 pub mod policy;
 pub mod sft;
 pub mod watch;

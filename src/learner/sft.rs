@@ -389,6 +389,9 @@ pub fn train_lessons_on(
     if count == 0 {
         return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
     }
+    // Aids (paraphrases) are trained on but never waited for.
+    let required: Vec<usize> = (0..count).filter(|&k| !trainer.is_aid(active[k])).collect();
+    let wanted = required.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = Vec::new();
     // Whether each active lesson was learned when a step last read it.
@@ -397,10 +400,12 @@ pub fn train_lessons_on(
     for step in 0..cfg.steps {
         let n = cfg.batch_size.clamp(1, count);
         let mut picks: Vec<usize> = Vec::with_capacity(n);
-        if cfg.until_learned.is_some() {
-            // Unlearned lessons first, starting after the last one taken, so each gets its turn.
-            let first = (step * n) % count;
-            picks.extend((0..count).map(|k| (first + k) % count).filter(|&i| !learned[i]).take(n));
+        if cfg.until_learned.is_some() && wanted > 0 {
+            // Unlearned lessons first, starting after the last one taken so
+            // each gets its turn; with aids about, one place is left to them.
+            let room = if wanted < count { n - n / 4 } else { n };
+            let first = (step * n) % wanted;
+            picks.extend((0..wanted).map(|j| required[(first + j) % wanted]).filter(|&k| !learned[k]).take(room));
         }
         while picks.len() < n {
             if order.is_empty() {
@@ -420,20 +425,24 @@ pub fn train_lessons_on(
             learned[k] = l;
         }
         run.losses.push(outcome.loss);
-        let progress = Progress { step, loss: outcome.loss, learned: learned.iter().filter(|&&l| l).count(), lessons: count };
+        let known = |learned: &[bool]| required.iter().filter(|&&k| learned[k]).count();
+        let progress = Progress { step, loss: outcome.loss, learned: known(&learned), lessons: wanted };
         if !on_step(&progress) {
             break;
         }
-        let needed = cfg.until_learned.map(|share| ((share.clamp(0.0, 1.0) * count as f64).ceil() as usize).max(1));
-        if needed.is_some_and(|n| progress.learned >= n) {
+        let needed = cfg.until_learned.map(|share| ((share.clamp(0.0, 1.0) * wanted as f64).ceil() as usize).max(1));
+        if wanted > 0 && needed.is_some_and(|n| progress.learned >= n) {
             // The flags come from before each lesson's last update: confirm with the adapter as it is now.
+            let ids: Vec<usize> = required.iter().map(|&k| active[k]).collect();
             let mut check: Option<Result<Vec<bool>, LearnError>> = None;
-            run_step(&mut || check = Some(trainer.learned(&active)));
+            run_step(&mut || check = Some(trainer.learned(&ids)));
             let now = check.unwrap_or_else(|| Err(LearnError::NoExamples("the check did not run".into())))?;
-            learned = now;
-            let confirmed = learned.iter().filter(|&&l| l).count();
+            for (&k, l) in required.iter().zip(now) {
+                learned[k] = l;
+            }
+            let confirmed = known(&learned);
             if needed.is_some_and(|n| confirmed >= n) {
-                run.all_learned = confirmed == count;
+                run.all_learned = confirmed == wanted;
                 run.learned = confirmed;
                 break;
             }
@@ -469,6 +478,8 @@ pub struct Trainer<'a> {
     anchors: Option<&'a KlAnchors>,
     opt: AdamW,
     steps: usize,
+    /// Lessons trained on but not waited for (see [`Trainer::set_aids`]).
+    aids: Vec<bool>,
 }
 
 /// Lessons per packed pass when measuring without gradients.
@@ -507,7 +518,8 @@ impl<'a> Trainer<'a> {
         }
         let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
         let opt = AdamW::new(lora.vars(), params)?;
-        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0 })
+        let aids = vec![false; lessons.len()];
+        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0, aids })
     }
 
     fn check_ids(&self, ids: &[usize]) -> Result<(), LearnError> {
@@ -515,6 +527,22 @@ impl<'a> Trainer<'a> {
             Some(i) => Err(LearnError::NoExamples(format!("lesson {i} does not exist or has no prompt or answer"))),
             None => Ok(()),
         }
+    }
+
+    /// Marks lessons `ids` as aids: trained on, but a run that stops once
+    /// its lessons are learned does not wait for them (paraphrases of a
+    /// question help it generalize; the question itself must be learned).
+    pub fn set_aids(&mut self, ids: &[usize]) {
+        for &i in ids {
+            if let Some(a) = self.aids.get_mut(i) {
+                *a = true;
+            }
+        }
+    }
+
+    /// Whether lesson `i` is an aid.
+    pub fn is_aid(&self, i: usize) -> bool {
+        self.aids.get(i).copied().unwrap_or(false)
     }
 
     /// Whether lesson `i` can be trained on (a prompt and an answer).

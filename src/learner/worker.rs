@@ -14,6 +14,7 @@ use candle_core::DType;
 use serde_json::{json, Value};
 
 use super::eval::{self, DriftAnchors};
+use crate::model::chat::ChatMessage;
 use super::sft::{self, KlAnchors, Lesson, SftConfig, SftExample};
 use crate::adapter_store::Source;
 use crate::config::LearningSettings;
@@ -399,9 +400,11 @@ impl Inner {
     /// preference (the correction over what was said); any other correction
     /// teaches the correction; an up-rating teaches the model's own answer;
     /// a down-rating alone teaches avoiding that answer.
-    fn lessons(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<(Vec<Lesson>, Vec<String>), RunError> {
+    /// Also returns, per lesson, the chat it answered when that chat ends
+    /// with a user's message in plain text (what paraphrases can reword).
+    fn lessons(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<(Vec<Lesson>, Vec<String>, Vec<Option<Vec<ChatMessage>>>), RunError> {
         let tok = &self.model.tokenizer;
-        let (mut lessons, mut used) = (Vec::new(), Vec::new());
+        let (mut lessons, mut used, mut chats) = (Vec::new(), Vec::new(), Vec::new());
         for f in items {
             let c = match self.records.completion(tenant, &f.completion_id) {
                 Ok(c) => c,
@@ -456,8 +459,55 @@ impl Inner {
             }
             lessons.push(lesson);
             used.push(f.id.clone());
+            chats.push(if c.kind == "chat" { chat_messages(&c.prompt) } else { None });
         }
-        Ok((lessons, used))
+        Ok((lessons, used, chats))
+    }
+
+    /// Lessons that ask each new lesson's question in other words (up to
+    /// `per_question` paraphrases by the base model) and want the same
+    /// answer; split like the lessons (every fifth held out) when `split`.
+    fn reworded_lessons(
+        &self,
+        job_id: &str,
+        lessons: &[Lesson],
+        sources: &[Option<Vec<ChatMessage>>],
+        split: bool,
+        per_question: usize,
+    ) -> Result<(Vec<Lesson>, Vec<Lesson>), RunError> {
+        let mut asked = Vec::new();
+        for (i, (lesson, chat)) in lessons.iter().zip(sources).enumerate() {
+            let (Some(target), Some(chat)) = (lesson.target(), chat) else { continue };
+            if let Some(last) = chat.last() {
+                asked.push((i, target.answer, chat.clone(), last.content.clone()));
+            }
+        }
+        if asked.is_empty() || per_question == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let m = &self.model;
+        let questions: Vec<String> = asked.iter().map(|a| a.3.clone()).collect();
+        let written = self.work(|| super::paraphrase::paraphrases(&m.model, &m.tokenizer, &questions, per_question, 0))?;
+        let (mut train, mut held, mut shown) = (Vec::new(), Vec::new(), Vec::new());
+        for ((i, answer, chat, question), versions) in asked.into_iter().zip(written) {
+            for text in versions {
+                let mut reworded = chat.clone();
+                if let Some(last) = reworded.last_mut() {
+                    last.content = text.clone();
+                }
+                let prompt = m.tokenizer.encode_chat(&m.chat.render(&reworded)?)?;
+                let lesson = Lesson::Imitate(SftExample { prompt, answer: answer.clone() });
+                if split && i % 5 == 4 { held.push(lesson) } else { train.push(lesson) }
+                shown.push(json!({"question": question, "paraphrase": text}));
+            }
+        }
+        self.event(
+            job_id,
+            "info",
+            &format!("Paraphrased {} questions: {} paraphrases kept", questions.len(), shown.len()),
+            json!({"paraphrases": shown}),
+        );
+        Ok((train, held))
     }
 
     /// Lessons of an uploaded file; a file with bad lines fails the run, naming them.
@@ -597,6 +647,8 @@ impl Inner {
             return Err(RunError::Failed("this base model runs in bf16/f16; serve it with model.dtype = \"f32\" to train adapters".into()));
         }
         let s = &self.settings_for(&job.tenant, &job.adapter);
+        // Per new lesson from feedback, the chat it answered (for paraphrases).
+        let mut sources: Vec<Option<Vec<ChatMessage>>> = Vec::new();
         let (new_lessons, validation) = match &job.training_file {
             Some(file) => {
                 let method = super::dataset::Method::parse(&job.method).unwrap_or(super::dataset::Method::Supervised);
@@ -605,11 +657,13 @@ impl Inner {
             }
             None => {
                 let pending = self.pending(&job.tenant, &job.adapter)?;
-                let (mut new_lessons, mut used) = self.lessons(&job.tenant, &pending)?;
+                let (mut new_lessons, mut used, chats) = self.lessons(&job.tenant, &pending)?;
+                sources = chats;
                 // Examples given directly count as new until a run learns them.
                 for e in self.records.examples(&job.tenant, &job.adapter, false)? {
                     new_lessons.push(Lesson::Imitate(SftExample { prompt: e.prompt_ids, answer: e.answer_ids }));
                     used.push(e.id);
+                    sources.push(None);
                 }
                 if new_lessons.is_empty() {
                     return Err(RunError::Failed(format!("no trainable feedback on {} ({} items pending)", job.adapter, pending.len())));
@@ -639,7 +693,7 @@ impl Inner {
         let held_avoided: Vec<SftExample> =
             held_out.iter().filter(|l| matches!(l, Lesson::Avoid(_))).filter_map(Lesson::avoided).collect();
         let learned = self.learned(&job.tenant, &job.adapter)?;
-        let (mut replay, _) = self.lessons(&job.tenant, &learned)?;
+        let (mut replay, _, _) = self.lessons(&job.tenant, &learned)?;
         replay.extend(
             self.records
                 .examples(&job.tenant, &job.adapter, true)?
@@ -675,12 +729,19 @@ impl Inner {
 
         // Every lesson of the run; the first phase trains on `train_set`,
         // the final one (after a passed gate) on the held-out lessons too.
+        // Paraphrases of corrected questions, taught alongside them (those
+        // of held-out lessons only in the final phase, after the gate).
+        let (train_reworded, held_reworded) = self.reworded_lessons(&job.id, &new_lessons, &sources, split, s.paraphrases)?;
         let mut train_set = train_new.clone();
+        let mut aids: Vec<usize> = (train_set.len()..train_set.len() + train_reworded.len()).collect();
+        train_set.extend(train_reworded);
         train_set.extend(replay.iter().cloned());
         let first_phase: Vec<usize> = (0..train_set.len()).collect();
         let mut every = train_set.clone();
         if split {
             every.extend(held_out.iter().cloned());
+            aids.extend(every.len()..every.len() + held_reworded.len());
+            every.extend(held_reworded);
         }
         let hp = &job.hyperparameters;
         let batch = hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64).max(1) as usize;
@@ -717,6 +778,7 @@ impl Inner {
             run_step(&mut || made = Some(sft::Trainer::new(model, &lora, &every, cfg.learning_rate, Some(anchors))));
             made.unwrap_or_else(|| Err(super::LearnError::NoExamples("the trainer was not built".into())))?
         };
+        trainer.set_aids(&aids);
         let mut step_started = std::time::Instant::now();
         let first = sft::train_lessons_on(&mut trainer, &first_phase, &cfg, &run_step, |p| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
@@ -753,23 +815,31 @@ impl Inner {
         if !replay_targets.is_empty() && after_replay > before_replay + s.max_regression {
             reasons.push(format!("replay loss regressed by {:.4} (limit {})", after_replay - before_replay, s.max_regression));
         }
-        if kl > s.max_base_drift {
-            reasons.push(format!("drift from the base {kl:.4} nats exceeds {}", s.max_base_drift));
-        }
-        if agreement < s.min_base_agreement {
-            reasons.push(format!("top-1 agreement with the base {agreement:.3} is below {}", s.min_base_agreement));
-        }
-        let passed = reasons.is_empty();
-        // Passed with a real held-out split: every lesson is taught now,
-        // the held-out ones included (unlearned ones first, until all are
-        // learned or as many steps again as the first phase allowed). The
-        // drift bounds are checked every few steps, and the last snapshot
-        // within them becomes the candidate.
+        let drift_reasons = |kl: f64, agreement: f64| {
+            let mut out = Vec::new();
+            if kl > s.max_base_drift {
+                out.push(format!("drift from the base {kl:.4} nats exceeds {}", s.max_base_drift));
+            }
+            if agreement < s.min_base_agreement {
+                out.push(format!("top-1 agreement with the base {agreement:.3} is below {}", s.min_base_agreement));
+            }
+            out
+        };
+        // What was learned passes (or not) here; drift is judged on what
+        // would be promoted: this candidate, or with a held-out split the
+        // final phase's last checkpoint within the bounds.
+        let learning_passed = reasons.is_empty();
+        let mut within = drift_reasons(kl, agreement).is_empty();
+        // Learning passed with a real held-out split: every lesson is
+        // taught now, the held-out ones included (unlearned ones first,
+        // until all are learned or as many steps again as the first phase
+        // allowed). The drift bounds are checked every few steps, and the
+        // last snapshot within them becomes the candidate.
         let mut candidate = candidate;
         let (mut kl, mut agreement) = (kl, agreement);
         let mut final_steps = 0;
         let mut all_learned = first.all_learned && !split;
-        if passed && split {
+        if learning_passed && split {
             let all: Vec<usize> = (0..every.len()).collect();
             let extra = SftConfig { until_learned: cfg.until_learned.map(|_| 1.0), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
@@ -786,11 +856,13 @@ impl Inner {
                     ),
                     json!({"base_kl": kl2, "base_top1_agreement": agreement2, "steps": steps, "kept": keep}),
                 );
-                if keep {
+                if keep || !within {
+                    // Within the bounds, or the best guess yet: the latest.
                     candidate = Arc::new(lora.to_adapter()?);
                     (kl, agreement) = (kl2, agreement2);
                     final_steps = steps;
                     all_learned = learned_all;
+                    within = keep;
                 }
                 Ok(keep)
             };
@@ -817,6 +889,8 @@ impl Inner {
             }
             check(more.losses.len(), more.all_learned)?;
         }
+        reasons.extend(drift_reasons(kl, agreement));
+        let passed = reasons.is_empty();
         let train_secs_total = started.elapsed().as_secs_f64();
         job.metrics = json!({
             "final_steps_on_all_examples": final_steps,
@@ -895,4 +969,18 @@ impl Inner {
         }
         Ok(passed)
     }
+}
+
+/// The messages of a logged chat request when its last message is a
+/// user's, in plain text (content given as parts is left alone).
+fn chat_messages(prompt: &Value) -> Option<Vec<ChatMessage>> {
+    let list = prompt.as_array()?;
+    let mut out = Vec::with_capacity(list.len());
+    for m in list {
+        let role = m.get("role")?.as_str()?.to_string();
+        let content = m.get("content").and_then(Value::as_str).unwrap_or("").to_string();
+        out.push(ChatMessage { role, content });
+    }
+    let last = out.last()?;
+    (last.role == "user" && !last.content.trim().is_empty()).then_some(out)
 }

@@ -52,6 +52,13 @@ impl KvCache {
         self
     }
 
+    /// A deep copy: a prefix computed once, continued several ways (the
+    /// forward pass writes caches in place, so sharing storage would not do).
+    pub fn fork(&self) -> candle_core::Result<KvCache> {
+        let layers = self.layers.iter().map(|(k, v)| Ok((k.copy()?, v.copy()?))).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(KvCache { layers, device: self.device.clone(), ..*self })
+    }
+
     /// Tokens cached so far (the position of the next token).
     pub fn len(&self) -> usize {
         self.len
