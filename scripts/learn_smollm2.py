@@ -75,7 +75,7 @@ def main():
             last_correction = time.time()
             job = call(base, "POST", "/v1/adapters/main/train", {})
             while job["status"] in ("queued", "running"):
-                time.sleep(2)
+                time.sleep(0.5)
                 job = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}")
             elapsed = time.time() - last_correction
             m = job["metrics"]

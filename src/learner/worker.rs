@@ -719,12 +719,11 @@ impl Inner {
         let loss_on = |set: &[SftExample]| -> Result<f64, RunError> {
             Ok(if set.is_empty() { 0.0 } else { self.work(|| eval::mean_loss(model, &lora, set))? })
         };
-        let match_on = |set: &[SftExample]| -> Result<f64, RunError> {
-            Ok(if set.is_empty() { 0.0 } else { self.work(|| eval::exact_match(model, &lora, set))? })
+        let loss_and_match_on = |set: &[SftExample]| -> Result<(f64, f64), RunError> {
+            Ok(if set.is_empty() { (0.0, 0.0) } else { self.work(|| eval::loss_and_match(model, &lora, set))? })
         };
-        let before_loss = loss_on(&held_targets)?;
+        let (before_loss, before_match) = loss_and_match_on(&held_targets)?;
         let before_avoided = loss_on(&held_avoided)?;
-        let before_match = match_on(&held_targets)?;
         let before_replay = loss_on(&replay_targets)?;
 
         // Every lesson of the run; the first phase trains on `train_set`,
@@ -798,9 +797,8 @@ impl Inner {
         }
         let losses = first.losses;
         let train_secs = started.elapsed().as_secs_f64();
-        let after_loss = loss_on(&held_targets)?;
+        let (after_loss, after_match) = loss_and_match_on(&held_targets)?;
         let after_avoided = loss_on(&held_avoided)?;
-        let after_match = match_on(&held_targets)?;
         let after_replay = loss_on(&replay_targets)?;
         let (kl, agreement) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
         let candidate = Arc::new(lora.to_adapter()?);
@@ -887,7 +885,14 @@ impl Inner {
             if self.is_cancelled(&job.id) {
                 return Err(RunError::Cancelled);
             }
-            check(more.losses.len(), more.all_learned)?;
+            // The last checkpoint may have been taken at this very step.
+            let n = more.losses.len();
+            let checked_here = n > 0 && n % FINAL_CHECK_EVERY == 0 && n < extra.steps;
+            if !checked_here {
+                check(more.losses.len(), more.all_learned)?;
+            } else if within && final_steps == n {
+                all_learned = more.all_learned;
+            }
         }
         reasons.extend(drift_reasons(kl, agreement));
         let passed = reasons.is_empty();

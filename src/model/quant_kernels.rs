@@ -168,10 +168,16 @@ impl QuantMatrix {
 
     /// Dequantized `[rows, cols]` values (tests, reference paths).
     pub fn dequantize(&self) -> Vec<f32> {
-        let bb = self.kind.block_bytes();
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for blk in self.data.chunks_exact(bb) {
-            match self.kind {
+        Self::dequantize_blocks(self.kind, &self.data, &mut out);
+        out
+    }
+
+    /// Appends the values of the quantized blocks in `data` to `out`.
+    fn dequantize_blocks(kind: QuantKind, data: &[u8], out: &mut Vec<f32>) {
+        let bb = kind.block_bytes();
+        for blk in data.chunks_exact(bb) {
+            match kind {
                 QuantKind::Q4_0 => {
                     let d = f16_bits(&blk[0..2]);
                     let q = &blk[2..18];
@@ -190,10 +196,10 @@ impl QuantMatrix {
                 }
             }
         }
-        out
     }
 
-    /// Rows `ids` dequantized, `[ids.len(), cols]` (embedding lookups).
+    /// Rows `ids` dequantized, `[ids.len(), cols]` (embedding lookups,
+    /// tiles of a training backward), straight from each row's blocks.
     pub fn dequantize_rows(&self, ids: &[u32]) -> Option<Vec<f32>> {
         let row_bytes = self.cols / QK * self.kind.block_bytes();
         let mut out = Vec::with_capacity(ids.len() * self.cols);
@@ -202,13 +208,7 @@ impl QuantMatrix {
             if id >= self.rows {
                 return None;
             }
-            let one = QuantMatrix {
-                kind: self.kind,
-                rows: 1,
-                cols: self.cols,
-                data: self.data[id * row_bytes..(id + 1) * row_bytes].to_vec(),
-            };
-            out.extend(one.dequantize());
+            Self::dequantize_blocks(self.kind, &self.data[id * row_bytes..(id + 1) * row_bytes], &mut out);
         }
         Some(out)
     }
