@@ -191,18 +191,13 @@ fn answer_logits(
 
 /// Mean per-token cross-entropy of the examples' answers under `lora`.
 pub fn mean_loss(model: &Llama, lora: &TrainableLora, examples: &[SftExample]) -> candle_core::Result<f64> {
-    let (mut total, mut count) = (0f64, 0usize);
-    answer_logits(model, lora, examples, |e, logits| {
-        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        let targets = Tensor::from_vec(e.answer.clone(), (e.answer.len(), 1), lp.device())?;
-        total -= lp.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
-        count += e.answer.len();
-        Ok(())
-    })?;
-    Ok(if count == 0 { 0.0 } else { total / count as f64 })
+    Ok(loss_and_match(model, lora, examples)?.0)
 }
 
-/// [`mean_loss`] and [`exact_match`] from one pass.
+/// Mean per-token cross-entropy of the examples' answers under `lora`, and
+/// the share whose greedy answer reproduces the expected one exactly
+/// (teacher-forced, the top token at every answer position is the
+/// expected one, which is what greedy decoding needs), from one pass.
 pub fn loss_and_match(model: &Llama, lora: &TrainableLora, examples: &[SftExample]) -> candle_core::Result<(f64, f64)> {
     let (mut total, mut count, mut hits) = (0f64, 0usize, 0usize);
     answer_logits(model, lora, examples, |e, logits| {
@@ -218,23 +213,6 @@ pub fn loss_and_match(model: &Llama, lora: &TrainableLora, examples: &[SftExampl
     let loss = if count == 0 { 0.0 } else { total / count as f64 };
     let matched = if examples.is_empty() { 0.0 } else { hits as f64 / examples.len() as f64 };
     Ok((loss, matched))
-}
-
-/// Share of examples whose greedy answer under `lora` reproduces the
-/// expected one exactly: teacher-forced, the top token at every answer
-/// position is the expected one (which is what greedy decoding needs).
-pub fn exact_match(model: &Llama, lora: &TrainableLora, examples: &[SftExample]) -> candle_core::Result<f64> {
-    if examples.is_empty() {
-        return Ok(0.0);
-    }
-    let mut hits = 0;
-    answer_logits(model, lora, examples, |e, logits| {
-        if argmax_rows(logits)? == e.answer {
-            hits += 1;
-        }
-        Ok(())
-    })?;
-    Ok(hits as f64 / examples.len() as f64)
 }
 
 /// The general prompts the drift measure reads, with the base model's own

@@ -363,8 +363,6 @@ pub struct TrainRun {
     pub losses: Vec<f32>,
     /// Whether it stopped with every lesson learned (see [`SftConfig::until_learned`]).
     pub all_learned: bool,
-    /// Lessons a final check confirmed learned when it stopped for them (0 otherwise).
-    pub learned: usize,
 }
 
 /// Trains on the lessons of `trainer` that `active` names (its usable
@@ -443,7 +441,6 @@ pub fn train_lessons_on(
             let confirmed = known(&learned);
             if needed.is_some_and(|n| confirmed >= n) {
                 run.all_learned = confirmed == wanted;
-                run.learned = confirmed;
                 break;
             }
         }
@@ -452,8 +449,9 @@ pub fn train_lessons_on(
 }
 
 /// How far the wanted token's logit must lead every other, at each
-/// position of an answer, for the answer to count as learned: a margin
-/// that serving's different summation order cannot overturn.
+/// position of an answer, for the answer to count as learned (serving
+/// computes the same logits, so the margin is room to spare, not a
+/// guard against rounding).
 pub const LEARNED_MARGIN: f32 = 0.25;
 
 /// One optimizer step's result.
@@ -472,7 +470,7 @@ pub struct StepOutcome {
 pub struct Trainer<'a> {
     model: &'a Llama,
     lora: &'a TrainableLora,
-    lessons: Vec<&'a Lesson>,
+    lessons: &'a [Lesson],
     /// A preference's `(chosen, rejected)` log-probabilities under the starting adapter.
     reference: Vec<Option<(f32, f32)>>,
     anchors: Option<&'a KlAnchors>,
@@ -484,6 +482,21 @@ pub struct Trainer<'a> {
 
 /// Lessons per packed pass when measuring without gradients.
 const CHECK_CHUNK: usize = 8;
+
+/// Logits of one packed pass: each lesson's pieces with their logits, then `extra`'s logits.
+struct LessonLogits {
+    pieces: Vec<Vec<Piece>>,
+    per_lesson: Vec<Vec<Tensor>>,
+    extra: Vec<Tensor>,
+}
+
+fn lesson_logits(model: &Llama, lora: &TrainableLora, lessons: &[&Lesson], extra: &[Piece]) -> candle_core::Result<LessonLogits> {
+    let pieces: Vec<Vec<Piece>> = lessons.iter().map(|l| lesson_pieces(l)).collect();
+    let all: Vec<&Piece> = pieces.iter().flatten().chain(extra).collect();
+    let mut logits = packed_logits(model, lora, &all)?.into_iter();
+    let per_lesson = pieces.iter().map(|p| logits.by_ref().take(p.len()).collect()).collect();
+    Ok(LessonLogits { pieces, per_lesson, extra: logits.collect() })
+}
 
 impl<'a> Trainer<'a> {
     /// Measures the preferences' reference log-probabilities (the adapter
@@ -499,18 +512,17 @@ impl<'a> Trainer<'a> {
         if !model.trainable() {
             return Err(LearnError::NotTrainable("activations are not f32; serve the model with dtype f32 to train".into()));
         }
-        let lessons: Vec<&Lesson> = lessons.iter().collect();
         if !lessons.iter().any(|l| l.usable()) {
             return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
         }
         let mut reference = vec![None; lessons.len()];
         let prefs: Vec<usize> = (0..lessons.len()).filter(|&i| lessons[i].usable() && matches!(lessons[i], Lesson::Prefer { .. })).collect();
         for chunk in prefs.chunks(CHECK_CHUNK) {
-            let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(lessons[i])).collect();
-            let logits = packed_logits(model, lora, &pieces.iter().flatten().collect::<Vec<_>>())?;
+            let chunk_lessons: Vec<&Lesson> = chunk.iter().map(|&i| &lessons[i]).collect();
+            let out = lesson_logits(model, lora, &chunk_lessons, &[])?;
             for (k, &i) in chunk.iter().enumerate() {
                 let sum = |j: usize| -> candle_core::Result<f32> {
-                    picked_log_probs(&logits[2 * k + j].detach(), &pieces[k][j].targets)?.sum_all()?.to_scalar::<f32>()
+                    picked_log_probs(&out.per_lesson[k][j].detach(), &out.pieces[k][j].targets)?.sum_all()?.to_scalar::<f32>()
                 };
                 reference[i] = Some((sum(0)?, sum(1)?));
             }
@@ -557,7 +569,6 @@ impl<'a> Trainer<'a> {
             return Err(LearnError::NoExamples("empty batch".into()));
         }
         self.check_ids(batch)?;
-        let pieces: Vec<Vec<Piece>> = batch.iter().map(|&i| lesson_pieces(self.lessons[i])).collect();
         let active = self.anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
         let anchor_ids: Vec<usize> = match active {
             Some(a) => (0..a.per_step).map(|k| (self.steps * a.per_step + k) % a.anchors.len()).collect(),
@@ -567,17 +578,14 @@ impl<'a> Trainer<'a> {
             Some(a) => anchor_ids.iter().map(|&i| a.piece(i)).collect(),
             None => Vec::new(),
         };
-        let all: Vec<&Piece> = pieces.iter().flatten().chain(&anchor_pieces).collect();
-        let logits = packed_logits(self.model, self.lora, &all)?;
-        let mut at = 0;
+        let chosen: Vec<&Lesson> = batch.iter().map(|&i| &self.lessons[i]).collect();
+        let out = lesson_logits(self.model, self.lora, &chosen, &anchor_pieces)?;
         let mut total: Option<Tensor> = None;
         let mut learned = Vec::with_capacity(batch.len());
         for (k, &i) in batch.iter().enumerate() {
-            let n_pieces = pieces[k].len();
-            let own = &logits[at..at + n_pieces];
+            let own = &out.per_lesson[k];
             learned.push(self.lessons[i].learned_from(own)?);
-            let l = loss_from_logits(self.lessons[i], &pieces[k], own, self.reference[i])?;
-            at += n_pieces;
+            let l = loss_from_logits(&self.lessons[i], &out.pieces[k], own, self.reference[i])?;
             total = Some(match total {
                 None => l,
                 Some(acc) => (acc + l)?,
@@ -588,7 +596,7 @@ impl<'a> Trainer<'a> {
         let mut objective = loss.clone();
         if let Some(a) = active {
             for (k, &i) in anchor_ids.iter().enumerate() {
-                let kl = a.kl_from_logits(i, &logits[at + k])?;
+                let kl = a.kl_from_logits(i, &out.extra[k])?;
                 objective = (objective + (kl * (a.weight / a.per_step as f64))?)?;
             }
         }
@@ -605,14 +613,11 @@ impl<'a> Trainer<'a> {
         self.check_ids(ids)?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHECK_CHUNK) {
-            let pieces: Vec<Vec<Piece>> = chunk.iter().map(|&i| lesson_pieces(self.lessons[i])).collect();
-            let logits = packed_logits(self.model, self.lora, &pieces.iter().flatten().collect::<Vec<_>>())?;
-            let mut at = 0;
-            for (k, &i) in chunk.iter().enumerate() {
-                let n = pieces[k].len();
-                let own: Vec<Tensor> = logits[at..at + n].iter().map(Tensor::detach).collect();
-                out.push(self.lessons[i].learned_from(&own)?);
-                at += n;
+            let chunk_lessons: Vec<&Lesson> = chunk.iter().map(|&i| &self.lessons[i]).collect();
+            let measured = lesson_logits(self.model, self.lora, &chunk_lessons, &[])?;
+            for (lesson, own) in chunk_lessons.iter().zip(&measured.per_lesson) {
+                let own: Vec<Tensor> = own.iter().map(Tensor::detach).collect();
+                out.push(lesson.learned_from(&own)?);
             }
         }
         Ok(out)

@@ -402,7 +402,7 @@ impl Inner {
     /// a down-rating alone teaches avoiding that answer.
     /// Also returns, per lesson, the chat it answered when that chat ends
     /// with a user's message in plain text (what paraphrases can reword).
-    fn lessons(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<(Vec<Lesson>, Vec<String>, Vec<Option<Vec<ChatMessage>>>), RunError> {
+    fn lessons(&self, tenant: &str, items: &[FeedbackRecord]) -> Result<FeedbackLessons, RunError> {
         let tok = &self.model.tokenizer;
         let (mut lessons, mut used, mut chats) = (Vec::new(), Vec::new(), Vec::new());
         for f in items {
@@ -975,6 +975,10 @@ impl Inner {
         Ok(passed)
     }
 }
+
+/// Lessons from feedback, the feedback ids they came from, and per lesson
+/// the chat it answered (when paraphrases can reword it).
+type FeedbackLessons = (Vec<Lesson>, Vec<String>, Vec<Option<Vec<ChatMessage>>>);
 
 /// The messages of a logged chat request when its last message is a
 /// user's, in plain text (content given as parts is left alone).
