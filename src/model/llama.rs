@@ -13,6 +13,7 @@ use super::parallel::Pool;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
+use super::packed_matrix::PackedMatrix;
 use super::quant_kernels::QuantMatrix;
 use crate::lora::batched::{self, AdapterSegment};
 use crate::lora::{LoraAdapter, SiteSpec};
@@ -76,10 +77,10 @@ impl Block {
         Ok(Block {
             input_norm,
             post_attention_norm,
-            qkv: Projection::concat(&[&q, &k, &v])?,
-            o,
-            gate_up: Projection::concat(&[&gate, &up])?,
-            down,
+            qkv: Projection::concat(&[&q, &k, &v])?.packed_for_cpu()?,
+            o: o.packed_for_cpu()?,
+            gate_up: Projection::concat(&[&gate, &up])?.packed_for_cpu()?,
+            down: down.packed_for_cpu()?,
             q_dim,
             kv_dim,
             intermediate,
@@ -134,6 +135,8 @@ pub enum Embedding {
     Quantized(Arc<QTensor>),
     /// Shared with a tied output head that uses our quantized kernels.
     Native(Arc<QuantMatrix>),
+    /// Shared with a tied f32 output head packed for our kernel.
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Embedding {
@@ -151,6 +154,13 @@ impl Embedding {
                 })?;
                 Tensor::from_vec(rows, (ids_v.len(), q.cols()), ids.device())
             }
+            Embedding::Packed(p) => {
+                let ids_v = ids.to_vec1::<u32>()?;
+                let rows = p.gather_rows(&ids_v).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("token id out of range (vocabulary {})", p.rows()))
+                })?;
+                Tensor::from_vec(rows, (ids_v.len(), p.cols()), ids.device())
+            }
         }
     }
 
@@ -160,6 +170,11 @@ impl Embedding {
             Embedding::Dense(t) => Ok(t.clone()),
             Embedding::Quantized(q) => q.dequantize(&q.device()),
             Embedding::Native(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
+            Embedding::Packed(p) => Tensor::from_vec(
+                p.unpack_rows(0, p.rows()).unwrap_or_default(),
+                (p.rows(), p.cols()),
+                &Device::Cpu,
+            ),
         }
     }
 
@@ -169,6 +184,7 @@ impl Embedding {
             Embedding::Dense(t) => Ok(Projection::new(t.clone(), None)),
             Embedding::Quantized(q) => Projection::quantized(q.clone(), None),
             Embedding::Native(q) => Ok(Projection::native(q.clone(), None)),
+            Embedding::Packed(p) => Ok(Projection::from_packed(p.clone())),
         }
     }
 }
@@ -195,7 +211,7 @@ impl Llama {
     /// Assembles a model from its parts (the loader and the built-in model use this).
     pub fn from_parts(
         config: ModelConfig,
-        embed: Embedding,
+        mut embed: Embedding,
         blocks: Vec<Block>,
         final_norm: Tensor,
         lm_head: Option<Projection>,
@@ -205,12 +221,19 @@ impl Llama {
         let dtype = final_norm.dtype();
         let device = final_norm.device().clone();
         let lm_head = match lm_head {
-            Some(p) => p,
-            None => embed.as_projection()?,
+            Some(p) => p.packed_for_cpu()?,
+            None => {
+                let head = embed.as_projection()?.packed_for_cpu()?;
+                // A tied table is held once: the lookup reads the packed head.
+                if let Some(packed) = head.packed_matrix() {
+                    embed = Embedding::Packed(packed.clone());
+                }
+                head
+            }
         };
         let rope = RopeTable::new(&config, dtype, &device)?;
-        let quantized = blocks.iter().any(|b| b.qkv.is_quantized() || b.gate_up.is_quantized());
-        let pool = if quantized { Pool::Barrier } else { Pool::Rayon };
+        let own_kernels = blocks.iter().any(|b| b.qkv.uses_own_kernels() || b.gate_up.uses_own_kernels());
+        let pool = if own_kernels { Pool::Barrier } else { Pool::Rayon };
         Ok(Llama {
             config,
             embed,
@@ -277,6 +300,7 @@ impl Llama {
             Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Embedding::Quantized(q) => q.storage_size_in_bytes(),
             Embedding::Native(q) => q.bytes(),
+            Embedding::Packed(_) => 0, // counted once, as the output head
         };
         blocks + embed + self.lm_head.weight_bytes()
     }

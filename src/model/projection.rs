@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Module, Tensor};
 
+use super::packed_matrix::PackedMatrix;
 use super::quant_kernels::QuantMatrix;
 
 /// The seven projections of a Llama block, in PEFT's module names.
@@ -55,6 +56,8 @@ enum Weight {
     Quantized(Arc<QTensor>),
     /// GGUF blocks with our own CPU kernels (llama.cpp numerics).
     Native(Arc<QuantMatrix>),
+    /// An f32 weight packed once for our CPU kernel (no repacking per call).
+    Packed(Arc<PackedMatrix>),
     /// Parts that read the same input but could not be fused (mixed quant
     /// types); their outputs are concatenated.
     Stacked(Vec<Projection>),
@@ -110,11 +113,59 @@ impl Projection {
         }
     }
 
+    /// The same projection with an f32 CPU weight packed for our kernel
+    /// (any other weight is returned as it is). Done once at load, after
+    /// fusing, since a packed weight no longer concatenates.
+    pub fn packed_for_cpu(self) -> candle_core::Result<Self> {
+        let Weight::Dense(w) = &self.weight else {
+            return Ok(self);
+        };
+        if !w.device().is_cpu() || w.dtype() != candle_core::DType::F32 {
+            return Ok(self);
+        }
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let packed = PackedMatrix::pack(&values, self.out_features, self.in_features)
+            .ok_or_else(|| candle_core::Error::Msg("weight shape does not match its features".into()))?;
+        Ok(Projection {
+            weight: Weight::Packed(Arc::new(packed)),
+            ..self
+        })
+    }
+
+    /// Wraps an already packed weight (a tied output head).
+    pub fn from_packed(weight: Arc<PackedMatrix>) -> Self {
+        let (out_features, in_features) = (weight.rows(), weight.cols());
+        Projection {
+            weight: Weight::Packed(weight),
+            bias: None,
+            in_features,
+            out_features,
+        }
+    }
+
+    /// The packed weight, when the projection has one.
+    pub fn packed_matrix(&self) -> Option<&Arc<PackedMatrix>> {
+        match &self.weight {
+            Weight::Packed(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Whether the matmul runs on our CPU kernels (candle's barrier
+    /// pool) rather than candle's dense gemm (rayon's pool).
+    pub fn uses_own_kernels(&self) -> bool {
+        match &self.weight {
+            Weight::Quantized(_) | Weight::Native(_) | Weight::Packed(_) => true,
+            Weight::Dense(_) => false,
+            Weight::Stacked(parts) => parts.iter().any(Projection::uses_own_kernels),
+        }
+    }
+
     /// Whether the weight stays quantized.
     pub fn is_quantized(&self) -> bool {
         match &self.weight {
             Weight::Quantized(_) | Weight::Native(_) => true,
-            Weight::Dense(_) => false,
+            Weight::Dense(_) | Weight::Packed(_) => false,
             Weight::Stacked(parts) => parts.iter().any(Projection::is_quantized),
         }
     }
@@ -247,6 +298,11 @@ impl Projection {
                 (q.rows(), q.cols()),
                 &candle_core::Device::Cpu,
             ),
+            Weight::Packed(p) => Tensor::from_vec(
+                p.unpack_rows(0, p.rows()).unwrap_or_default(),
+                (p.rows(), p.cols()),
+                &candle_core::Device::Cpu,
+            ),
             Weight::Stacked(parts) => {
                 let ws = parts
                     .iter()
@@ -263,6 +319,7 @@ impl Projection {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quantized(q) => q.storage_size_in_bytes(),
             Weight::Native(q) => q.bytes(),
+            Weight::Packed(p) => p.bytes(),
             Weight::Stacked(parts) => parts.iter().map(Projection::weight_bytes).sum(),
         }
     }
@@ -289,23 +346,11 @@ impl Projection {
         match &self.weight {
             Weight::Dense(w) => grad.matmul(&w.to_dtype(candle_core::DType::F32)?),
             Weight::Quantized(q) => grad.matmul(&q.dequantize(&q.device())?),
-            Weight::Native(q) => {
-                let mut acc: Option<Tensor> = None;
-                let mut start = 0;
-                while start < q.rows() {
-                    let len = super::frozen_linear::TILE_ROWS.min(q.rows() - start);
-                    let ids: Vec<u32> = (start as u32..(start + len) as u32).collect();
-                    let rows = q.dequantize_rows(&ids).ok_or_else(|| candle_core::Error::Msg("tile out of range".into()))?;
-                    let tile = Tensor::from_vec(rows, (len, q.cols()), grad.device())?;
-                    let part = grad.narrow(1, start, len)?.matmul(&tile)?;
-                    acc = Some(match acc {
-                        None => part,
-                        Some(a) => (a + part)?,
-                    });
-                    start += len;
-                }
-                acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
-            }
+            Weight::Native(q) => tiled_input_grad(&grad, q.rows(), q.cols(), |start, len| {
+                let ids: Vec<u32> = (start as u32..(start + len) as u32).collect();
+                q.dequantize_rows(&ids)
+            }),
+            Weight::Packed(p) => tiled_input_grad(&grad, p.rows(), p.cols(), |start, len| p.unpack_rows(start, len)),
             Weight::Stacked(parts) => {
                 let mut acc: Option<Tensor> = None;
                 let mut col = 0;
@@ -336,6 +381,20 @@ impl Projection {
                 Tensor::from_vec(q.matmul(&xs, m), (m, q.rows()), x.device())?
                     .to_dtype(x.dtype())
             }
+            Weight::Packed(p) => {
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+                let y = x
+                    .to_dtype(candle_core::DType::F32)?
+                    .reshape((rows, self.in_features))?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&PackedMatmul(p.clone()))?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_features;
+                }
+                y.reshape(out_dims)?.to_dtype(x.dtype())
+            }
             Weight::Stacked(parts) => {
                 let ys = parts
                     .iter()
@@ -344,6 +403,53 @@ impl Projection {
                 Tensor::cat(&ys, 1)
             }
         }
+    }
+}
+
+/// `dL/dx = dL/dy · W` with `W` produced a tile of rows at a time by `rows(start, len)`.
+fn tiled_input_grad(
+    grad: &Tensor,
+    out_features: usize,
+    in_features: usize,
+    rows: impl Fn(usize, usize) -> Option<Vec<f32>>,
+) -> candle_core::Result<Tensor> {
+    let mut acc: Option<Tensor> = None;
+    let mut start = 0;
+    while start < out_features {
+        let len = super::frozen_linear::TILE_ROWS.min(out_features - start);
+        let tile = rows(start, len).ok_or_else(|| candle_core::Error::Msg("tile out of range".into()))?;
+        let tile = Tensor::from_vec(tile, (len, in_features), grad.device())?;
+        let part = grad.narrow(1, start, len)?.matmul(&tile)?;
+        acc = Some(match acc {
+            None => part,
+            Some(a) => (a + part)?,
+        });
+        start += len;
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
+}
+
+/// `x Wᵀ` with a packed weight, reading candle's storage in place.
+struct PackedMatmul(Arc<PackedMatrix>);
+
+impl candle_core::CustomOp1 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed-matmul needs a contiguous input");
+        };
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("packed-matmul runs in f32");
+        };
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.0.cols() {
+            candle_core::bail!("packed-matmul: input has {k} features, the weight {}", self.0.cols());
+        }
+        let y = self.0.matmul(&v[start..end], m);
+        Ok((candle_core::CpuStorage::F32(y), (m, self.0.rows()).into()))
     }
 }
 
