@@ -1,7 +1,8 @@
 //! One engine step of the 110M-shape Llama (hidden 768, intermediate 2048,
-//! 12 layers, 12 heads, vocab 32000), f32 on CPU: decode at batch 1, 8, 32
-//! (64 tokens of context each) and prefill of 128 and 512 tokens.
-//! Throughput is reported in tokens per second.
+//! 12 layers, 12 heads, vocab 32000) on CPU: decode at batch 1, 8, 32 (64
+//! tokens of context each) and prefill of 128 and 512 tokens, with f32
+//! weights and with bf16 weights (`--dtype bf16`: the bf16 dot-product
+//! kernel where the CPU has one). Throughput is in tokens per second.
 
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -11,8 +12,13 @@ use lifelora::model::llama::{LogitsWanted, SequenceInput};
 const CONTEXT: usize = 64;
 
 fn bench_step(c: &mut Criterion) {
-    let model = random_llama(&llama_110m_config(), 1, DType::F32, &Device::Cpu).expect("model");
-    let mut group = c.benchmark_group("engine_step_110m_f32");
+    bench_dtype(c, DType::F32, "engine_step_110m_f32");
+    bench_dtype(c, DType::BF16, "engine_step_110m_bf16");
+}
+
+fn bench_dtype(c: &mut Criterion, dtype: DType, name: &str) {
+    let model = random_llama(&llama_110m_config(), 1, dtype, &Device::Cpu).expect("model");
+    let mut group = c.benchmark_group(name);
     group.sample_size(10);
     group.warm_up_time(std::time::Duration::from_secs(2));
     group.measurement_time(std::time::Duration::from_secs(8));

@@ -1,7 +1,8 @@
-//! Decode at batch 32 on the 110M-shape Llama (f32, CPU, 64 tokens of
-//! context per row) with: no adapter; one adapter shared by every row;
-//! 32 distinct adapters, one per row (r=16 on q, k, v, o). The target is
-//! 32 distinct adapters within 20% of the no-adapter throughput.
+//! Decode at batch 32 on the 110M-shape Llama (CPU, 64 tokens of context
+//! per row; f32 weights and bf16 weights) with: no adapter; one adapter
+//! shared by every row; 32 distinct adapters, one per row (r=16 on q, k,
+//! v, o). The target is 32 distinct adapters within 20% of the no-adapter
+//! throughput.
 
 use std::sync::Arc;
 
@@ -17,11 +18,22 @@ const CONTEXT: usize = 64;
 const BATCH: usize = 32;
 
 fn bench_lora(c: &mut Criterion) {
-    let model = random_llama(&llama_110m_config(), 1, DType::F32, &Device::Cpu).expect("model");
+    bench_dtype(c, DType::F32, "lora_decode_110m_f32_b32", true);
+    bench_dtype(c, DType::BF16, "lora_decode_110m_bf16_b32", true);
+}
+
+fn bench_dtype(c: &mut Criterion, dtype: DType, name: &str, with_delta_alone: bool) {
+    let model = random_llama(&llama_110m_config(), 1, dtype, &Device::Cpu).expect("model");
     let sites = model.lora_sites();
     let adapter = |seed| {
-        let spec = FreshSpec { targets: &["q_proj", "k_proj", "v_proj", "o_proj"], rank: 16, alpha: 32.0, seed, init_b: InitB::Random };
-        Arc::new(fresh_adapter(&sites, &spec, DType::F32, &Device::Cpu).expect("adapter"))
+        let spec = FreshSpec {
+            targets: &["q_proj", "k_proj", "v_proj", "o_proj"],
+            rank: 16,
+            alpha: 32.0,
+            seed,
+            init_b: InitB::Random,
+        };
+        Arc::new(fresh_adapter(&sites, &spec, model.adapter_dtype(), &Device::Cpu).expect("adapter"))
     };
     let shared = adapter(0);
     let distinct: Vec<Arc<LoraAdapter>> = (0..BATCH as u64).map(|i| adapter(100 + i)).collect();
@@ -32,23 +44,32 @@ fn bench_lora(c: &mut Criterion) {
     ];
 
     // The delta alone, for the fused q/k/v projection of one layer.
-    let mut delta_group = c.benchmark_group("lora_delta_qkv_b32");
-    delta_group.sample_size(20);
-    let x = candle_core::Tensor::randn(0f32, 1.0, (BATCH, 768), &Device::Cpu).expect("x");
-    let parts = [("q_proj", 768), ("k_proj", 768), ("v_proj", 768)];
-    for (name, adapters) in &cases[1..] {
-        let segments: Vec<AdapterSegment> =
-            adapters.iter().enumerate().map(|(i, a)| AdapterSegment { start: i, len: 1, adapter: a.clone() }).collect();
-        delta_group.bench_function(BenchmarkId::new("grouped", name), |b| {
-            b.iter(|| batched::delta(&x, 3, &parts, &segments, Pool::Rayon).expect("delta"))
-        });
-        delta_group.bench_function(BenchmarkId::new("per_segment", name), |b| {
-            b.iter(|| batched::per_segment_delta(&x, 3, &parts, &segments).expect("delta"))
-        });
+    if with_delta_alone {
+        let mut delta_group = c.benchmark_group(format!("lora_delta_qkv_b32_{dtype:?}"));
+        delta_group.sample_size(20);
+        let x = candle_core::Tensor::randn(0f32, 1.0, (BATCH, 768), &Device::Cpu).expect("x");
+        let parts = [("q_proj", 768), ("k_proj", 768), ("v_proj", 768)];
+        for (name, adapters) in &cases[1..] {
+            let segments: Vec<AdapterSegment> = adapters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| AdapterSegment {
+                    start: i,
+                    len: 1,
+                    adapter: a.clone(),
+                })
+                .collect();
+            delta_group.bench_function(BenchmarkId::new("grouped", name), |b| {
+                b.iter(|| batched::delta(&x, 3, &parts, &segments, Pool::Rayon).expect("delta"))
+            });
+            delta_group.bench_function(BenchmarkId::new("per_segment", name), |b| {
+                b.iter(|| batched::per_segment_delta(&x, 3, &parts, &segments).expect("delta"))
+            });
+        }
+        delta_group.finish();
     }
-    delta_group.finish();
 
-    let mut group = c.benchmark_group("lora_decode_110m_f32_b32");
+    let mut group = c.benchmark_group(name);
     group.sample_size(10);
     group.warm_up_time(std::time::Duration::from_secs(2));
     group.measurement_time(std::time::Duration::from_secs(8));
@@ -58,8 +79,14 @@ fn bench_lora(c: &mut Criterion) {
     for (name, adapters) in cases {
         let mut caches: Vec<_> = (0..BATCH).map(|_| model.new_cache()).collect();
         for (cache, a) in caches.iter_mut().zip(&adapters) {
-            let mut input = [SequenceInput { tokens: &prompt, cache, logits: LogitsWanted::Last }];
-            model.forward_with_adapters(&mut input, std::slice::from_ref(a)).expect("prefill");
+            let mut input = [SequenceInput {
+                tokens: &prompt,
+                cache,
+                logits: LogitsWanted::Last,
+            }];
+            model
+                .forward_with_adapters(&mut input, std::slice::from_ref(a))
+                .expect("prefill");
         }
         group.bench_function(BenchmarkId::new("decode", name), |b| {
             b.iter(|| {
@@ -67,10 +94,16 @@ fn bench_lora(c: &mut Criterion) {
                     .iter_mut()
                     .map(|cache| {
                         cache.truncate(CONTEXT);
-                        SequenceInput { tokens: &token, cache, logits: LogitsWanted::Last }
+                        SequenceInput {
+                            tokens: &token,
+                            cache,
+                            logits: LogitsWanted::Last,
+                        }
                     })
                     .collect();
-                model.forward_with_adapters(&mut inputs, &adapters).expect("decode")
+                model
+                    .forward_with_adapters(&mut inputs, &adapters)
+                    .expect("decode")
             })
         });
     }

@@ -104,7 +104,7 @@ pub fn serve(
         store,
         model.model.lora_sites(),
         LoraLimits { max_rank: settings.lora.max_rank },
-        model.model.dtype(),
+        model.model.adapter_dtype(),
         model.model.device().clone(),
         settings.lora.max_resident,
     )?;

@@ -186,7 +186,7 @@ fn bf16_weights_load_and_track_f32_logits() {
         build_llama(cfg.clone(), &get).unwrap()
     };
     let (f32m, bf16m) = (build(DType::F32), build(DType::BF16));
-    assert_eq!(bf16m.dtype(), DType::BF16);
+    assert_eq!(bf16m.weight_dtype(), DType::BF16);
     let tokens: Vec<u32> = (0..10).collect();
     let run = |m: &Llama| {
         let mut c = m.new_cache();
@@ -211,4 +211,41 @@ fn bf16_weights_load_and_track_f32_logits() {
         "bf16 drifted: {}",
         max_diff(&a, &b)
     );
+}
+
+#[test]
+fn bf16_weights_serve_adapters_in_bf16_and_track_f32_with_them() {
+    use lifelora::lora::init::{fresh_adapter, FreshSpec, InitB};
+    use std::sync::Arc;
+    let cfg = ModelConfig::from_hf_json(CONFIG).unwrap();
+    let weights = random_weights(&cfg, 7, &Device::Cpu).unwrap();
+    let build = |dtype: DType| {
+        let get = |n: &str| weights.get(n).map(|t| t.to_dtype(dtype)).transpose().map_err(Into::into);
+        build_llama(cfg.clone(), &get).unwrap()
+    };
+    let (f32m, bf16m) = (build(DType::F32), build(DType::BF16));
+    assert_eq!(bf16m.adapter_dtype(), DType::BF16, "adapters are held in the base's precision");
+    assert_eq!(bf16m.dtype(), DType::F32, "activations stay f32 on the CPU");
+    let spec = FreshSpec { targets: &["q_proj", "v_proj", "down_proj"], rank: 8, alpha: 16.0, seed: 5, init_b: InitB::Random };
+    let adapter = |m: &Llama| Some(Arc::new(fresh_adapter(&m.lora_sites(), &spec, m.adapter_dtype(), &Device::Cpu).unwrap()));
+    // Eight 5-token prompts: the adapted ones take the four-row kernel in prefill.
+    let prompts: Vec<Vec<u32>> = (0..8u32).map(|i| (0..5).map(|j| (i * 7 + j * 3) % 50).collect()).collect();
+    let run = |m: &Llama, adapters: &[Option<Arc<lifelora::lora::LoraAdapter>>]| {
+        let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
+        let mut batch: Vec<SequenceInput> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(p, cache)| SequenceInput { tokens: p, cache, logits: LogitsWanted::All })
+            .collect();
+        m.forward_with_adapters(&mut batch, adapters).unwrap()
+    };
+    let with = |m: &Llama| {
+        let a = adapter(m);
+        run(m, &[a.clone(), a.clone(), a.clone(), a, None, None, None, None])
+    };
+    let (a, b) = (with(&f32m), with(&bf16m));
+    let base = run(&f32m, &[]);
+    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    assert!(max_diff(&a, &b) < 0.05 * scale, "bf16 with an adapter drifted: {}", max_diff(&a, &b));
+    assert!(max_diff(&a, &base) > 0.2 * scale, "the adapter must change the logits for this to test anything");
 }

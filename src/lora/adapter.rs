@@ -28,9 +28,13 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
-    /// `s · (x Aᵀ) Bᵀ` for rows `x` `[n, in]`.
+    /// `s · (x Aᵀ) Bᵀ` for rows `x` `[n, in]`, computed in the adapter's
+    /// dtype and returned in `x`'s.
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.a_t)?.matmul(&self.b_t_scaled)
+        x.to_dtype(self.a_t.dtype())?
+            .matmul(&self.a_t)?
+            .matmul(&self.b_t_scaled)?
+            .to_dtype(x.dtype())
     }
 }
 

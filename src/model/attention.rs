@@ -72,7 +72,7 @@ pub fn decode_batch(shape: AttentionShape, queries: &[DecodeQuery<'_>]) -> Optio
         let mut scores: Vec<f32> = (0..len)
             .map(|j| {
                 let kj = &k[base + j * head_dim..base + (j + 1) * head_dim];
-                qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                dot(qh, kj) * scale
             })
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -133,6 +133,21 @@ pub fn prefill(
         .permute((2, 0, 1, 3))?
         .contiguous()?
         .reshape((len, heads * head_dim))
+}
+
+/// `a · b` in eight running lanes (vectorized; a plain sequential sum is
+/// not, and was a sixth of a decode step at batch 32).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let quads = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
 }
 
 /// The portable path: an explicit mask, then softmax.

@@ -13,7 +13,6 @@ use super::parallel::Pool;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::projection::{Projection, Site};
-use super::packed_matrix::PackedMatrix;
 use super::quant_kernels::QuantMatrix;
 use crate::lora::batched::{self, AdapterSegment};
 use crate::lora::{LoraAdapter, SiteSpec};
@@ -74,10 +73,17 @@ impl Block {
     ) -> candle_core::Result<Self> {
         let (q_dim, kv_dim, intermediate) =
             (q.out_features(), k.out_features(), gate.out_features());
+        let qkv = Projection::concat(&[&q, &k, &v])?.packed_for_cpu()?;
+        // Packed kernels take f32 activations, so the norms feeding them run in f32.
+        let (input_norm, post_attention_norm) = if qkv.is_packed() {
+            (input_norm.to_dtype(DType::F32)?, post_attention_norm.to_dtype(DType::F32)?)
+        } else {
+            (input_norm, post_attention_norm)
+        };
         Ok(Block {
             input_norm,
             post_attention_norm,
-            qkv: Projection::concat(&[&q, &k, &v])?.packed_for_cpu()?,
+            qkv,
             o: o.packed_for_cpu()?,
             gate_up: Projection::concat(&[&gate, &up])?.packed_for_cpu()?,
             down: down.packed_for_cpu()?,
@@ -135,8 +141,8 @@ pub enum Embedding {
     Quantized(Arc<QTensor>),
     /// Shared with a tied output head that uses our quantized kernels.
     Native(Arc<QuantMatrix>),
-    /// Shared with a tied f32 output head packed for our kernel.
-    Packed(Arc<PackedMatrix>),
+    /// Shared with a tied output head packed for our CPU kernels.
+    Packed(Projection),
 }
 
 impl Embedding {
@@ -156,10 +162,10 @@ impl Embedding {
             }
             Embedding::Packed(p) => {
                 let ids_v = ids.to_vec1::<u32>()?;
-                let rows = p.gather_rows(&ids_v).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("token id out of range (vocabulary {})", p.rows()))
+                let rows = p.packed_rows(&ids_v).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("token id out of range (vocabulary {})", p.out_features()))
                 })?;
-                Tensor::from_vec(rows, (ids_v.len(), p.cols()), ids.device())
+                Tensor::from_vec(rows, (ids_v.len(), p.in_features()), ids.device())
             }
         }
     }
@@ -170,11 +176,7 @@ impl Embedding {
             Embedding::Dense(t) => Ok(t.clone()),
             Embedding::Quantized(q) => q.dequantize(&q.device()),
             Embedding::Native(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
-            Embedding::Packed(p) => Tensor::from_vec(
-                p.unpack_rows(0, p.rows()).unwrap_or_default(),
-                (p.rows(), p.cols()),
-                &Device::Cpu,
-            ),
+            Embedding::Packed(p) => p.dense_weight(),
         }
     }
 
@@ -184,7 +186,7 @@ impl Embedding {
             Embedding::Dense(t) => Ok(Projection::new(t.clone(), None)),
             Embedding::Quantized(q) => Projection::quantized(q.clone(), None),
             Embedding::Native(q) => Ok(Projection::native(q.clone(), None)),
-            Embedding::Packed(p) => Ok(Projection::from_packed(p.clone())),
+            Embedding::Packed(p) => Ok(p.clone()),
         }
     }
 }
@@ -198,7 +200,10 @@ pub struct Llama {
     final_norm: Tensor,
     lm_head: Projection,
     rope: RopeTable,
+    /// The activations' dtype.
     dtype: DType,
+    /// The checkpoint's dtype, as the weights are held.
+    weight_dtype: DType,
     device: Device,
     /// Where our kernels between matmuls run: with the quantized matmuls on
     /// the barrier pool, or with dense gemm on rayon's.
@@ -217,7 +222,10 @@ impl Llama {
         lm_head: Option<Projection>,
     ) -> Result<Self, ModelError> {
         // Activations run in the norms' dtype (f32 for GGUF, whose quantized
-        // matmuls take f32 input).
+        // matmuls take f32 input, and for weights packed for our CPU kernels).
+        let weight_dtype = final_norm.dtype();
+        let packed = blocks.first().is_some_and(|b| b.qkv.is_packed());
+        let final_norm = if packed { final_norm.to_dtype(DType::F32)? } else { final_norm };
         let dtype = final_norm.dtype();
         let device = final_norm.device().clone();
         let lm_head = match lm_head {
@@ -225,8 +233,8 @@ impl Llama {
             None => {
                 let head = embed.as_projection()?.packed_for_cpu()?;
                 // A tied table is held once: the lookup reads the packed head.
-                if let Some(packed) = head.packed_matrix() {
-                    embed = Embedding::Packed(packed.clone());
+                if head.is_packed() {
+                    embed = Embedding::Packed(head.clone());
                 }
                 head
             }
@@ -242,6 +250,7 @@ impl Llama {
             lm_head,
             rope,
             dtype,
+            weight_dtype,
             device,
             pool,
             numerics: Numerics::Reference,
@@ -283,9 +292,28 @@ impl Llama {
         }
     }
 
-    /// The weights' dtype (activations run in it too).
+    /// The activations' dtype: the weights' dtype, except on the CPU,
+    /// where f32 and bf16 weights are packed for kernels that take f32.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype the weights were loaded in (bf16 weights stay bf16 on a
+    /// CPU with bf16 dot products).
+    pub fn weight_dtype(&self) -> DType {
+        self.weight_dtype
+    }
+
+    /// The dtype served adapters are held in: the base's precision. Over a
+    /// bf16 base on the CPU that is bf16 (the LoRA kernel widens as it
+    /// reads, and 32 distinct adapters stream half the bytes); otherwise
+    /// the activations' dtype.
+    pub fn adapter_dtype(&self) -> DType {
+        if self.device.is_cpu() && self.dtype == DType::F32 && self.weight_dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            self.dtype
+        }
     }
 
     /// The device the weights live on.

@@ -13,6 +13,7 @@ pub mod gguf_tokenizer;
 pub mod kv_cache;
 pub mod llama;
 pub mod loader;
+pub mod packed_bf16;
 pub mod packed_matrix;
 pub mod parallel;
 pub mod projection;

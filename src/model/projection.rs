@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Module, Tensor};
 
+use super::packed_bf16::{self, PackedBf16Matrix};
 use super::packed_matrix::PackedMatrix;
 use super::quant_kernels::QuantMatrix;
 
@@ -58,6 +59,8 @@ enum Weight {
     Native(Arc<QuantMatrix>),
     /// An f32 weight packed once for our CPU kernel (no repacking per call).
     Packed(Arc<PackedMatrix>),
+    /// A bf16 weight packed for the CPU's bf16 dot products.
+    PackedBf16(Arc<PackedBf16Matrix>),
     /// Parts that read the same input but could not be fused (mixed quant
     /// types); their outputs are concatenated.
     Stacked(Vec<Projection>),
@@ -113,40 +116,46 @@ impl Projection {
         }
     }
 
-    /// The same projection with an f32 CPU weight packed for our kernel
-    /// (any other weight is returned as it is). Done once at load, after
-    /// fusing, since a packed weight no longer concatenates.
+    /// The same projection with a CPU weight packed for our kernels: bf16
+    /// stays bf16 where the CPU has bf16 dot products, f32 stays f32, and
+    /// other float weights widen to f32 (exactly). Any other weight is
+    /// returned as it is. Done once at load, after fusing, since a packed
+    /// weight no longer concatenates.
     pub fn packed_for_cpu(self) -> candle_core::Result<Self> {
+        use candle_core::DType;
         let Weight::Dense(w) = &self.weight else {
             return Ok(self);
         };
-        if !w.device().is_cpu() || w.dtype() != candle_core::DType::F32 {
+        if !w.device().is_cpu() {
             return Ok(self);
         }
-        let values = w.flatten_all()?.to_vec1::<f32>()?;
-        let packed = PackedMatrix::pack(&values, self.out_features, self.in_features)
-            .ok_or_else(|| candle_core::Error::Msg("weight shape does not match its features".into()))?;
-        Ok(Projection {
-            weight: Weight::Packed(Arc::new(packed)),
-            ..self
-        })
+        let (rows, cols) = (self.out_features, self.in_features);
+        let shape_error = || candle_core::Error::Msg("weight shape does not match its features".into());
+        let weight = match w.dtype() {
+            DType::BF16 if packed_bf16::available() => {
+                let values = w.flatten_all()?.to_vec1::<half::bf16>()?;
+                Weight::PackedBf16(Arc::new(PackedBf16Matrix::pack(&values, rows, cols).ok_or_else(shape_error)?))
+            }
+            DType::F32 | DType::BF16 | DType::F16 => {
+                let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Weight::Packed(Arc::new(PackedMatrix::pack(&values, rows, cols).ok_or_else(shape_error)?))
+            }
+            _ => return Ok(self),
+        };
+        Ok(Projection { weight, ..self })
     }
 
-    /// Wraps an already packed weight (a tied output head).
-    pub fn from_packed(weight: Arc<PackedMatrix>) -> Self {
-        let (out_features, in_features) = (weight.rows(), weight.cols());
-        Projection {
-            weight: Weight::Packed(weight),
-            bias: None,
-            in_features,
-            out_features,
-        }
+    /// Whether the weight is packed for our CPU kernels (whose activations are f32).
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, Weight::Packed(_) | Weight::PackedBf16(_))
     }
 
-    /// The packed weight, when the projection has one.
-    pub fn packed_matrix(&self) -> Option<&Arc<PackedMatrix>> {
+    /// Rows of a packed weight picked by id, as f32 (the lookup of a tied
+    /// embedding table held once, as the output head).
+    pub fn packed_rows(&self, ids: &[u32]) -> Option<Vec<f32>> {
         match &self.weight {
-            Weight::Packed(p) => Some(p),
+            Weight::Packed(p) => p.gather_rows(ids),
+            Weight::PackedBf16(p) => p.gather_rows(ids),
             _ => None,
         }
     }
@@ -155,7 +164,7 @@ impl Projection {
     /// pool) rather than candle's dense gemm (rayon's pool).
     pub fn uses_own_kernels(&self) -> bool {
         match &self.weight {
-            Weight::Quantized(_) | Weight::Native(_) | Weight::Packed(_) => true,
+            Weight::Quantized(_) | Weight::Native(_) | Weight::Packed(_) | Weight::PackedBf16(_) => true,
             Weight::Dense(_) => false,
             Weight::Stacked(parts) => parts.iter().any(Projection::uses_own_kernels),
         }
@@ -165,7 +174,7 @@ impl Projection {
     pub fn is_quantized(&self) -> bool {
         match &self.weight {
             Weight::Quantized(_) | Weight::Native(_) => true,
-            Weight::Dense(_) | Weight::Packed(_) => false,
+            Weight::Dense(_) | Weight::Packed(_) | Weight::PackedBf16(_) => false,
             Weight::Stacked(parts) => parts.iter().any(Projection::is_quantized),
         }
     }
@@ -303,6 +312,11 @@ impl Projection {
                 (p.rows(), p.cols()),
                 &candle_core::Device::Cpu,
             ),
+            Weight::PackedBf16(p) => Tensor::from_vec(
+                p.unpack_rows(0, p.rows()).unwrap_or_default(),
+                (p.rows(), p.cols()),
+                &candle_core::Device::Cpu,
+            ),
             Weight::Stacked(parts) => {
                 let ws = parts
                     .iter()
@@ -320,6 +334,7 @@ impl Projection {
             Weight::Quantized(q) => q.storage_size_in_bytes(),
             Weight::Native(q) => q.bytes(),
             Weight::Packed(p) => p.bytes(),
+            Weight::PackedBf16(p) => p.bytes(),
             Weight::Stacked(parts) => parts.iter().map(Projection::weight_bytes).sum(),
         }
     }
@@ -351,6 +366,7 @@ impl Projection {
                 q.dequantize_rows(&ids)
             }),
             Weight::Packed(p) => tiled_input_grad(&grad, p.rows(), p.cols(), |start, len| p.unpack_rows(start, len)),
+            Weight::PackedBf16(p) => tiled_input_grad(&grad, p.rows(), p.cols(), |start, len| p.unpack_rows(start, len)),
             Weight::Stacked(parts) => {
                 let mut acc: Option<Tensor> = None;
                 let mut col = 0;
@@ -381,20 +397,8 @@ impl Projection {
                 Tensor::from_vec(q.matmul(&xs, m), (m, q.rows()), x.device())?
                     .to_dtype(x.dtype())
             }
-            Weight::Packed(p) => {
-                let dims = x.dims().to_vec();
-                let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-                let y = x
-                    .to_dtype(candle_core::DType::F32)?
-                    .reshape((rows, self.in_features))?
-                    .contiguous()?
-                    .apply_op1_no_bwd(&PackedMatmul(p.clone()))?;
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_features;
-                }
-                y.reshape(out_dims)?.to_dtype(x.dtype())
-            }
+            Weight::Packed(p) => self.packed_matmul(x, PackedMatmul::F32(p.clone())),
+            Weight::PackedBf16(p) => self.packed_matmul(x, PackedMatmul::Bf16(p.clone())),
             Weight::Stacked(parts) => {
                 let ys = parts
                     .iter()
@@ -403,6 +407,24 @@ impl Projection {
                 Tensor::cat(&ys, 1)
             }
         }
+    }
+}
+
+impl Projection {
+    /// Runs a packed kernel over `x` of any leading shape, in f32.
+    fn packed_matmul(&self, x: &Tensor, op: PackedMatmul) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let y = x
+            .to_dtype(candle_core::DType::F32)?
+            .reshape((rows, self.in_features))?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features;
+        }
+        y.reshape(out_dims)?.to_dtype(x.dtype())
     }
 }
 
@@ -430,7 +452,10 @@ fn tiled_input_grad(
 }
 
 /// `x Wᵀ` with a packed weight, reading candle's storage in place.
-struct PackedMatmul(Arc<PackedMatrix>);
+enum PackedMatmul {
+    F32(Arc<PackedMatrix>),
+    Bf16(Arc<PackedBf16Matrix>),
+}
 
 impl candle_core::CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
@@ -445,11 +470,19 @@ impl candle_core::CustomOp1 for PackedMatmul {
             candle_core::bail!("packed-matmul runs in f32");
         };
         let (m, k) = layout.shape().dims2()?;
-        if k != self.0.cols() {
-            candle_core::bail!("packed-matmul: input has {k} features, the weight {}", self.0.cols());
+        let (rows, cols) = match self {
+            PackedMatmul::F32(p) => (p.rows(), p.cols()),
+            PackedMatmul::Bf16(p) => (p.rows(), p.cols()),
+        };
+        if k != cols {
+            candle_core::bail!("packed-matmul: input has {k} features, the weight {cols}");
         }
-        let y = self.0.matmul(&v[start..end], m);
-        Ok((candle_core::CpuStorage::F32(y), (m, self.0.rows()).into()))
+        let x = &v[start..end];
+        let y = match self {
+            PackedMatmul::F32(p) => p.matmul(x, m),
+            PackedMatmul::Bf16(p) => p.matmul(x, m),
+        };
+        Ok((candle_core::CpuStorage::F32(y), (m, rows).into()))
     }
 }
 
