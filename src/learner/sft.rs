@@ -452,7 +452,7 @@ pub fn train_lessons_on(
 /// position of an answer, for the answer to count as learned (serving
 /// computes the same logits, so the margin is room to spare, not a
 /// guard against rounding).
-pub const LEARNED_MARGIN: f32 = 0.25;
+pub const LEARNED_MARGIN: f32 = 0.1;
 
 /// One optimizer step's result.
 #[derive(Debug, Clone)]

@@ -75,6 +75,56 @@ impl PackedBf16Matrix {
         Some(PackedBf16Matrix { rows, cols, pairs, data, offset })
     }
 
+    /// Packs the transpose of a row-major f32 `[len, cols]` tile, rounded
+    /// to bf16: a `(cols, len)` matrix whose product with `g` `[T, len]` is
+    /// `g · tile`. The learner's backward pass through a frozen projection
+    /// (`dL/dx = dL/dy · W`) runs on the bf16 kernel this way, a tile of
+    /// dequantized rows at a time, with no lasting copy of the weight.
+    pub fn pack_transposed(tile: &[f32], len: usize, cols: usize) -> Option<Self> {
+        if tile.len() != len.checked_mul(cols)? {
+            return None;
+        }
+        Self::pack_transposed_with(len, cols, |start, end| Some(tile[start * cols..end * cols].to_vec()))
+    }
+
+    /// [`Self::pack_transposed`] of a tile whose rows `start..end` come
+    /// from `rows(start, end)` (dequantized on the fly), in parallel: each
+    /// task takes whole input pairs, so no two write the same cache line.
+    pub fn pack_transposed_with(
+        len: usize,
+        cols: usize,
+        rows: impl Fn(usize, usize) -> Option<Vec<f32>> + Sync,
+    ) -> Option<Self> {
+        let (n, k) = (cols, len);
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u16; panels * pairs * NR * 2 + 32];
+        let offset = (32 - (data.as_ptr() as usize / 2) % 32) % 32;
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        {
+            let base = SharedU16(data[offset..].as_mut_ptr());
+            for_ranges(pairs, k * n, |range| {
+                let (start, end) = (2 * range.start, (2 * range.end).min(k));
+                let Some(src) = rows(start, end).filter(|v| v.len() == (end - start) * n) else {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                };
+                for (i, row) in src.chunks_exact(n).enumerate() {
+                    let kk = start + i;
+                    for (r, v) in row.iter().enumerate() {
+                        let (p, j) = (r / NR, r % NR);
+                        // SAFETY: index within the panels; pair kk/2 belongs to this task alone.
+                        unsafe { base.write(((p * pairs + kk / 2) * NR + j) * 2 + kk % 2, bf16::from_f32(*v).to_bits()) };
+                    }
+                }
+            });
+        }
+        if failed.into_inner() {
+            return None;
+        }
+        Some(PackedBf16Matrix { rows: n, cols: k, pairs, data, offset })
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         self.rows
@@ -164,6 +214,20 @@ impl PackedBf16Matrix {
             }
             m0 = m1;
         }
+    }
+}
+
+/// A u16 buffer tasks write at disjoint indices.
+struct SharedU16(*mut u16);
+
+// SAFETY: writers touch disjoint indices (see `pack_transposed_with`).
+unsafe impl Sync for SharedU16 {}
+
+impl SharedU16 {
+    /// # Safety
+    /// `i` is in bounds and no other task writes it.
+    unsafe fn write(&self, i: usize, v: u16) {
+        *self.0.add(i) = v;
     }
 }
 
@@ -349,6 +413,22 @@ mod tests {
         let batch = packed.matmul(&x, 25);
         for i in 0..25 {
             assert_eq!(packed.matmul(&x[i * k..(i + 1) * k], 1), batch[i * n..(i + 1) * n]);
+        }
+    }
+
+    #[test]
+    fn a_transposed_tile_multiplies_from_the_left() {
+        let (len, cols, t) = (45, 70, 9);
+        let w: Vec<f32> = weights(len, cols).iter().map(|v| v.to_f32()).collect();
+        let packed = PackedBf16Matrix::pack_transposed(&w, len, cols).expect("pack");
+        assert_eq!((packed.rows(), packed.cols()), (cols, len));
+        let g: Vec<f32> = (0..t * len).map(|i| (i as f32 * 0.3).sin()).collect();
+        let y = packed.matmul(&g, t);
+        for i in 0..t {
+            for c in 0..cols {
+                let want: f64 = (0..len).map(|k| bf16::from_f32(g[i * len + k]).to_f64() * w[k * cols + c] as f64).sum();
+                assert!((y[i * cols + c] as f64 - want).abs() < 1e-4 * want.abs().max(1.0), "{i},{c}");
+            }
         }
     }
 

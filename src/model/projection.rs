@@ -361,6 +361,12 @@ impl Projection {
         match &self.weight {
             Weight::Dense(w) => grad.matmul(&w.to_dtype(candle_core::DType::F32)?),
             Weight::Quantized(q) => grad.matmul(&q.dequantize(&q.device())?),
+            Weight::Native(q) if packed_bf16::available() && grad.device().is_cpu() => {
+                bf16_input_grad(&grad, q.rows(), q.cols(), |start, len| {
+                    let ids: Vec<u32> = (start as u32..(start + len) as u32).collect();
+                    q.dequantize_rows(&ids)
+                })
+            }
             Weight::Native(q) => tiled_input_grad(&grad, q.rows(), q.cols(), |start, len| {
                 let ids: Vec<u32> = (start as u32..(start + len) as u32).collect();
                 q.dequantize_rows(&ids)
@@ -451,6 +457,36 @@ fn tiled_input_grad(
     acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
 }
 
+/// [`tiled_input_grad`] on the bf16 kernel: each tile of rows is packed
+/// transposed (bf16) and multiplied from the left by its columns of the
+/// gradient, rounded to bf16; sums in f32. About four times the f32
+/// gemm's rate, for gradients accurate to bf16's 3 significant digits.
+fn bf16_input_grad(
+    grad: &Tensor,
+    out_features: usize,
+    in_features: usize,
+    rows: impl Fn(usize, usize) -> Option<Vec<f32>> + Sync,
+) -> candle_core::Result<Tensor> {
+    let (t, out) = grad.dims2()?;
+    if out != out_features {
+        candle_core::bail!("gradient has {out} columns, the weight {out_features} rows");
+    }
+    let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut acc = vec![0f32; t * in_features];
+    let mut start = 0;
+    while start < out_features {
+        let len = super::frozen_linear::TILE_ROWS.min(out_features - start);
+        let packed = PackedBf16Matrix::pack_transposed_with(len, in_features, |a, b| rows(start + a, b - a))
+            .ok_or_else(|| candle_core::Error::Msg("tile out of range".into()))?;
+        let g_tile: Vec<f32> = g.chunks_exact(out).flat_map(|row| &row[start..start + len]).copied().collect();
+        for (a, v) in acc.iter_mut().zip(packed.matmul(&g_tile, t)) {
+            *a += v;
+        }
+        start += len;
+    }
+    Tensor::from_vec(acc, (t, in_features), grad.device())
+}
+
 /// `x Wᵀ` with a packed weight, reading candle's storage in place.
 enum PackedMatmul {
     F32(Arc<PackedMatrix>),
@@ -493,5 +529,29 @@ impl Module for Projection {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn the_input_gradient_through_a_quantized_weight_is_grad_times_the_dequantized_weight() {
+        let dev = Device::Cpu;
+        let (out, inp, t) = (2100, 64, 5); // more rows than one backward tile
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let proj = Projection::quantized(q, None).unwrap();
+        let grad = Tensor::randn(0f32, 1.0, (t, out), &dev).unwrap();
+        let want = grad.matmul(&proj.dense_weight().unwrap()).unwrap();
+        let got = proj.input_grad(&grad).unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (want - &got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // bf16 gradients (where the CPU has bf16 dot products) keep ~3 significant digits.
+        assert!(diff <= 1e-2 * scale, "diff {diff} of scale {scale}");
+        assert_eq!(got.dtype(), DType::F32);
     }
 }
