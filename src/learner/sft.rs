@@ -395,6 +395,9 @@ pub fn train_lessons_on(
     // Whether each active lesson was learned when a step last read it.
     let mut learned = vec![false; count];
     let mut run = TrainRun::default();
+    // A check that fails (a lesson the step saw learned was undone by a
+    // later update) costs a pass over every lesson; the next waits a few steps.
+    let mut next_check = 0;
     for step in 0..cfg.steps {
         let n = cfg.batch_size.clamp(1, count);
         let mut picks: Vec<usize> = Vec::with_capacity(n);
@@ -429,7 +432,7 @@ pub fn train_lessons_on(
             break;
         }
         let needed = cfg.until_learned.map(|share| ((share.clamp(0.0, 1.0) * wanted as f64).ceil() as usize).max(1));
-        if wanted > 0 && needed.is_some_and(|n| progress.learned >= n) {
+        if wanted > 0 && step >= next_check && needed.is_some_and(|n| progress.learned >= n) {
             // The flags come from before each lesson's last update: confirm with the adapter as it is now.
             let ids: Vec<usize> = required.iter().map(|&k| active[k]).collect();
             let mut check: Option<Result<Vec<bool>, LearnError>> = None;
@@ -443,10 +446,14 @@ pub fn train_lessons_on(
                 run.all_learned = confirmed == wanted;
                 break;
             }
+            next_check = step + 1 + CHECK_BACKOFF_STEPS;
         }
     }
     Ok(run)
 }
+
+/// Steps a failed learned-check waits before the next one.
+const CHECK_BACKOFF_STEPS: usize = 2;
 
 /// How far the wanted token's logit must lead every other, at each
 /// position of an answer, for the answer to count as learned (serving
@@ -481,7 +488,7 @@ pub struct Trainer<'a> {
 }
 
 /// Lessons per packed pass when measuring without gradients.
-const CHECK_CHUNK: usize = 8;
+const CHECK_CHUNK: usize = 16;
 
 /// Logits of one packed pass: each lesson's pieces with their logits, then `extra`'s logits.
 struct LessonLogits {
@@ -612,8 +619,15 @@ impl<'a> Trainer<'a> {
     pub fn learned(&self, ids: &[usize]) -> Result<Vec<bool>, LearnError> {
         self.check_ids(ids)?;
         let mut out = Vec::with_capacity(ids.len());
+        // Whether a preference is learned reads its chosen answer alone:
+        // the check measures that, not the rejected one too.
+        let check_form = |l: &Lesson| match l {
+            Lesson::Prefer { prompt, chosen, .. } => Lesson::Imitate(SftExample { prompt: prompt.clone(), answer: chosen.clone() }),
+            other => other.clone(),
+        };
         for chunk in ids.chunks(CHECK_CHUNK) {
-            let chunk_lessons: Vec<&Lesson> = chunk.iter().map(|&i| &self.lessons[i]).collect();
+            let forms: Vec<Lesson> = chunk.iter().map(|&i| check_form(&self.lessons[i])).collect();
+            let chunk_lessons: Vec<&Lesson> = forms.iter().collect();
             let measured = lesson_logits(self.model, self.lora, &chunk_lessons, &[])?;
             for (lesson, own) in chunk_lessons.iter().zip(&measured.per_lesson) {
                 let own: Vec<Tensor> = own.iter().map(Tensor::detach).collect();
