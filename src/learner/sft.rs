@@ -548,10 +548,12 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Marks lessons `ids` as aids: trained on, but a run that stops once
-    /// its lessons are learned does not wait for them (paraphrases of a
-    /// question help it generalize; the question itself must be learned).
+    /// Makes lessons `ids` the aids (earlier marks cleared): trained on,
+    /// but a run that stops once its lessons are learned does not wait for
+    /// them (paraphrases of a question help it generalize; the question
+    /// itself must be learned).
     pub fn set_aids(&mut self, ids: &[usize]) {
+        self.aids.iter_mut().for_each(|a| *a = false);
         for &i in ids {
             if let Some(a) = self.aids.get_mut(i) {
                 *a = true;

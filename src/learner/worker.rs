@@ -777,7 +777,11 @@ impl Inner {
             run_step(&mut || made = Some(sft::Trainer::new(model, &lora, &every, cfg.learning_rate, Some(anchors))));
             made.unwrap_or_else(|| Err(super::LearnError::NoExamples("the trainer was not built".into())))?
         };
-        trainer.set_aids(&aids);
+        // The first phase stops on the new lessons alone: replayed ones are
+        // learned already, and counting them would end it before the gate
+        // has anything new to judge. The final phase waits for them too.
+        let replayed: Vec<usize> = (train_set.len() - replay.len()..train_set.len()).collect();
+        trainer.set_aids(&[aids.as_slice(), replayed.as_slice()].concat());
         let mut step_started = std::time::Instant::now();
         let first = sft::train_lessons_on(&mut trainer, &first_phase, &cfg, &run_step, |p| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
@@ -864,6 +868,7 @@ impl Inner {
                 }
                 Ok(keep)
             };
+            trainer.set_aids(&aids);
             let more = sft::train_lessons_on(&mut trainer, &all, &extra, &run_step, |p| {
                 self.yield_to_serving(step_started.elapsed(), &job.id);
                 if p.step % 5 == 4 {
