@@ -803,7 +803,7 @@ impl Inner {
         let train_secs = started.elapsed().as_secs_f64();
         let (after_loss, after_match) = loss_and_match_on(&held_targets)?;
         let after_avoided = loss_on(&held_avoided)?;
-        let after_replay = loss_on(&replay_targets)?;
+        let mut after_replay = loss_on(&replay_targets)?;
         let (kl, agreement) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
         let candidate = Arc::new(lora.to_adapter()?);
 
@@ -814,8 +814,16 @@ impl Inner {
         if !held_avoided.is_empty() && after_avoided <= before_avoided {
             reasons.push(format!("answers rated down did not become less likely (loss {before_avoided:.4} -> {after_avoided:.4})"));
         }
-        if !replay_targets.is_empty() && after_replay > before_replay + s.max_regression {
-            reasons.push(format!("replay loss regressed by {:.4} (limit {})", after_replay - before_replay, s.max_regression));
+        // Replay, like drift, is judged on what would be promoted: with a
+        // held-out split that is the final phase's candidate, which trains
+        // on the replayed lessons until they are learned again (mid-run,
+        // new lessons disturb old ones before the replay restores them).
+        let replay_reason = |after: f64| {
+            (!replay_targets.is_empty() && after > before_replay + s.max_regression)
+                .then(|| format!("replay loss regressed by {:.4} (limit {})", after - before_replay, s.max_regression))
+        };
+        if !split {
+            reasons.extend(replay_reason(after_replay));
         }
         let drift_reasons = |kl: f64, agreement: f64| {
             let mut out = Vec::new();
@@ -860,6 +868,7 @@ impl Inner {
                 );
                 if keep || !within {
                     // Within the bounds, or the best guess yet: the latest.
+                    after_replay = loss_on(&replay_targets)?;
                     candidate = Arc::new(lora.to_adapter()?);
                     (kl, agreement) = (kl2, agreement2);
                     final_steps = steps;
@@ -898,6 +907,9 @@ impl Inner {
             } else if within && final_steps == n {
                 all_learned = more.all_learned;
             }
+        }
+        if split {
+            reasons.extend(replay_reason(after_replay));
         }
         reasons.extend(drift_reasons(kl, agreement));
         let passed = reasons.is_empty();
