@@ -7,7 +7,7 @@ for each, waits for the learner's run on the tenant's default adapter, then
 asks again (plain and reworded) and reports recall, the job's eval figures
 (drift from the base on held-out general prompts), whether the base model's
 answers stayed byte-identical, and the time from the last correction to the
-promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W] [--rating R] [--second-lesson]
+promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W] [--rating R] [--second-lesson [--second-policy JSON]]
 """
 import argparse, json, os, subprocess, sys, tempfile, time, urllib.request
 
@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--kl-weight", default="5.0")
     ap.add_argument("--rating", type=int, default=-1, help="rating sent with each correction (-1: a preference pair)")
     ap.add_argument("--second-lesson", action="store_true", help="then teach 20 new facts and recall both sets")
+    ap.add_argument("--second-policy", default=None, help="JSON policy for adapter main, PUT before the second lesson")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tempfile.mkdtemp()
@@ -103,6 +104,8 @@ def main():
         base_after = [ask(base, model, q)[1] for q in questions + reworded]
         print(f"base answers identical: {base_after == base_before}")
         if args.second_lesson:
+            if args.second_policy:
+                print("policy for the second lesson:", call(base, "PUT", "/v1/adapters/main/policy", json.loads(args.second_policy)))
             target = teach("main", NAMES2, WORDS2)
             recall(target, NAMES, WORDS, "first lesson")
             recall(target, NAMES2, WORDS2, "second lesson")
