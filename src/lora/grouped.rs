@@ -228,9 +228,9 @@ pub fn row_delta_bf16(x_row: &[f32], a_t: &[u16], b_t: &[u16], rank: usize, u: &
     if simd::available() && rank % 8 == 0 && rank <= 8 * simd::MAX_LANES {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); shapes checked by the caller.
         unsafe {
-            simd::shrink_bf16(x_row, a_t, u);
+            simd::shrink(x_row, a_t, u);
             for (k, &uk) in u.iter().enumerate() {
-                simd::axpy_bf16(uk, &b_t[k * out..(k + 1) * out], y);
+                simd::axpy(uk, &b_t[k * out..(k + 1) * out], y);
             }
         }
         return;
@@ -307,7 +307,7 @@ mod simd {
     /// `u = xᵀ Aᵀ` with `u` held in registers; the same per-output order
     /// (sequential FMA over `x`) as the portable loop, so results agree.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn shrink(x: &[f32], a_t: &[f32], u: &mut [f32]) {
+    pub unsafe fn shrink<E: Lanes>(x: &[f32], a_t: &[E], u: &mut [f32]) {
         let r = u.len();
         let lanes = r / 8;
         debug_assert!(r % 8 == 0 && lanes <= MAX_LANES && a_t.len() >= x.len() * r);
@@ -317,7 +317,7 @@ mod simd {
             let vx = _mm256_set1_ps(xi);
             let row = pa.add(i * r);
             for (j, a) in acc.iter_mut().enumerate().take(lanes) {
-                *a = _mm256_fmadd_ps(vx, _mm256_loadu_ps(row.add(8 * j)), *a);
+                *a = _mm256_fmadd_ps(vx, E::load8(row.add(8 * j)), *a);
             }
         }
         for (j, a) in acc.iter().enumerate().take(lanes) {
@@ -330,6 +330,9 @@ mod simd {
         /// # Safety
         /// Eight values must be readable at `p`, and the CPU must have AVX2.
         unsafe fn load8(p: *const Self) -> __m256;
+
+        /// `y + alpha · x` for one value past the last full vector.
+        fn tail(alpha: f32, x: Self, y: f32) -> f32;
     }
 
     impl Lanes for f32 {
@@ -337,12 +340,20 @@ mod simd {
         unsafe fn load8(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
         }
+
+        fn tail(alpha: f32, x: f32, y: f32) -> f32 {
+            y + alpha * x
+        }
     }
 
     impl Lanes for u16 {
         #[inline(always)]
         unsafe fn load8(p: *const u16) -> __m256 {
             load_bf16(p)
+        }
+
+        fn tail(alpha: f32, x: u16, y: f32) -> f32 {
+            alpha.mul_add(half::bf16::from_bits(x).to_f32(), y)
         }
     }
 
@@ -397,57 +408,20 @@ mod simd {
         _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
     }
 
-    /// [`shrink`] over bf16 `Aᵀ`.
+    /// `y += alpha · x`, eight lanes at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn shrink_bf16(x: &[f32], a_t: &[u16], u: &mut [f32]) {
-        let r = u.len();
-        let lanes = r / 8;
-        debug_assert!(r % 8 == 0 && lanes <= MAX_LANES && a_t.len() >= x.len() * r);
-        let mut acc = [_mm256_setzero_ps(); MAX_LANES];
-        let pa = a_t.as_ptr();
-        for (i, &xi) in x.iter().enumerate() {
-            let vx = _mm256_set1_ps(xi);
-            let row = pa.add(i * r);
-            for (j, a) in acc.iter_mut().enumerate().take(lanes) {
-                *a = _mm256_fmadd_ps(vx, load_bf16(row.add(8 * j)), *a);
-            }
-        }
-        for (j, a) in acc.iter().enumerate().take(lanes) {
-            _mm256_storeu_ps(u.as_mut_ptr().add(8 * j), *a);
-        }
-    }
-
-    /// [`axpy`] over bf16 `x`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_bf16(alpha: f32, x: &[u16], y: &mut [f32]) {
+    pub unsafe fn axpy<E: Lanes>(alpha: f32, x: &[E], y: &mut [f32]) {
         let n = x.len().min(y.len());
         let (px, py) = (x.as_ptr(), y.as_mut_ptr());
         let va = _mm256_set1_ps(alpha);
         let mut i = 0;
         while i + 8 <= n {
-            let v = _mm256_fmadd_ps(va, load_bf16(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            let v = _mm256_fmadd_ps(va, E::load8(px.add(i)), _mm256_loadu_ps(py.add(i)));
             _mm256_storeu_ps(py.add(i), v);
             i += 8;
         }
         while i < n {
-            *py.add(i) = alpha.mul_add(half::bf16::from_bits(*px.add(i)).to_f32(), *py.add(i));
-            i += 1;
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let va = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), v);
-            i += 8;
-        }
-        while i < n {
-            *py.add(i) += alpha * *px.add(i);
+            *py.add(i) = E::tail(alpha, *px.add(i), *py.add(i));
             i += 1;
         }
     }

@@ -15,14 +15,13 @@
 
 use half::bf16;
 
-use super::parallel::{for_ranges, DisjointOut};
+use super::packed_matrix::panel_matmul;
+use super::parallel::for_ranges;
 
 /// Output rows per panel (two 16-lane vectors).
 pub const NR: usize = 32;
 /// Activation rows per register tile.
 const MR: usize = 12;
-/// Bytes of activations kept cache-resident per pass over the panels.
-const X_BLOCK_BYTES: usize = 512 * 1024;
 
 /// Whether this CPU runs the bf16 kernel (AVX-512 F, BW and BF16).
 pub fn available() -> bool {
@@ -174,46 +173,15 @@ impl PackedBf16Matrix {
     /// `y = bf16(x) · Wᵀ` summed in f32, for `x` of `m` rows (`[m, cols]`).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
-        let n = self.rows;
-        let mut y = vec![0f32; m * n];
-        if m == 0 || n == 0 {
-            return y;
+        if m == 0 || self.rows == 0 {
+            return vec![0f32; m * self.rows];
         }
-        let xb = to_bf16_pairs(x, m, self.cols, self.pairs);
-        let panels = n.div_ceil(NR);
-        {
-            let out = DisjointOut::new(&mut y);
-            for_ranges(panels, m * n * self.cols / 4, |range| self.matmul_panels(&xb, m, range, &out));
-        }
-        y
-    }
-
-    /// Panels `range` against every activation row (pairs packed as u32).
-    fn matmul_panels(&self, xb: &[u32], m: usize, range: std::ops::Range<usize>, y: &DisjointOut<'_>) {
-        let (q, n) = (self.pairs, self.rows);
-        let block_rows = (X_BLOCK_BYTES / (4 * q.max(1))).max(MR) / MR * MR;
+        let q = self.pairs;
+        let xb = to_bf16_pairs(x, m, self.cols, q);
         let panels = self.panels();
-        let mut m0 = 0;
-        while m0 < m {
-            let m1 = (m0 + block_rows).min(m);
-            for p in range.clone() {
-                let panel = &panels[p * q * NR * 2..(p + 1) * q * NR * 2];
-                let cols = NR.min(n - p * NR);
-                let mut i = m0;
-                while i < m1 {
-                    let rows = MR.min(m1 - i);
-                    let mut tile = [[0f32; NR]; MR];
-                    tile_product(&xb[i * q..(i + rows) * q], q, rows, panel, &mut tile);
-                    for (r, t) in tile.iter().take(rows).enumerate() {
-                        // SAFETY: columns p·NR.. of every row belong to this task alone.
-                        let dst = unsafe { y.piece((i + r) * n + p * NR, cols) };
-                        dst.copy_from_slice(&t[..cols]);
-                    }
-                    i += rows;
-                }
-            }
-            m0 = m1;
-        }
+        panel_matmul::<NR, MR>(m, self.rows, 4 * q, m * self.rows * self.cols / 4, |i, rows, p, tile| {
+            tile_product(&xb[i * q..(i + rows) * q], q, rows, &panels[p * q * NR * 2..(p + 1) * q * NR * 2], tile)
+        })
     }
 }
 

@@ -101,47 +101,57 @@ impl PackedMatrix {
     /// `y = x Wᵀ` for `x` of `m` rows (`[m, cols]` row-major): `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
-        let n = self.rows;
-        let mut y = vec![0f32; m * n];
-        if m == 0 || n == 0 {
-            return y;
-        }
-        let panels = n.div_ceil(NR);
-        {
-            let out = DisjointOut::new(&mut y);
-            for_ranges(panels, m * n * self.cols, |range| self.matmul_panels(x, m, range, &out));
-        }
-        y
-    }
-
-    /// Panels `range` against every activation row; each task owns the
-    /// output columns of its panels.
-    fn matmul_panels(&self, x: &[f32], m: usize, range: std::ops::Range<usize>, y: &DisjointOut<'_>) {
-        let (k, n) = (self.cols, self.rows);
-        let block_rows = (X_BLOCK_BYTES / (4 * k.max(1))).max(MR) / MR * MR;
+        let k = self.cols;
         let panels = self.panels();
-        let mut m0 = 0;
-        while m0 < m {
-            let m1 = (m0 + block_rows).min(m);
-            for p in range.clone() {
-                let panel = &panels[p * k * NR..(p + 1) * k * NR];
-                let cols = NR.min(n - p * NR);
-                let mut i = m0;
-                while i < m1 {
-                    let rows = MR.min(m1 - i);
-                    let mut tile = [[0f32; NR]; MR];
-                    tile_product(&x[i * k..(i + rows) * k], k, rows, panel, &mut tile);
-                    for (r, t) in tile.iter().take(rows).enumerate() {
-                        // SAFETY: columns p·NR.. of every row belong to this task alone.
-                        let dst = unsafe { y.piece((i + r) * n + p * NR, cols) };
-                        dst.copy_from_slice(&t[..cols]);
-                    }
-                    i += rows;
-                }
-            }
-            m0 = m1;
-        }
+        panel_matmul::<NR, MR>(m, self.rows, 4 * k, m * self.rows * k, |i, rows, p, tile| {
+            tile_product(&x[i * k..(i + rows) * k], k, rows, &panels[p * k * NR..(p + 1) * k * NR], tile)
+        })
     }
+}
+
+/// The loop both packed kernels share: `[m, n]` outputs computed as
+/// register tiles of up to `TMR` rows × one `TNR`-row panel by
+/// `tile(first row, rows, panel, out)`. Panels are split across threads
+/// (each task owns its panels' output columns); activation rows go in
+/// blocks of `x_row_bytes` each that stay cache-resident across panels.
+pub(super) fn panel_matmul<const TNR: usize, const TMR: usize>(
+    m: usize,
+    n: usize,
+    x_row_bytes: usize,
+    work: usize,
+    tile: impl Fn(usize, usize, usize, &mut [[f32; TNR]; TMR]) + Sync,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let block_rows = (X_BLOCK_BYTES / x_row_bytes.max(1)).max(TMR) / TMR * TMR;
+    {
+        let out = DisjointOut::new(&mut y);
+        for_ranges(n.div_ceil(TNR), work, |range| {
+            let mut m0 = 0;
+            while m0 < m {
+                let m1 = (m0 + block_rows).min(m);
+                for p in range.clone() {
+                    let cols = TNR.min(n - p * TNR);
+                    let mut i = m0;
+                    while i < m1 {
+                        let rows = TMR.min(m1 - i);
+                        let mut t = [[0f32; TNR]; TMR];
+                        tile(i, rows, p, &mut t);
+                        for (r, t) in t.iter().take(rows).enumerate() {
+                            // SAFETY: columns p·TNR.. of every row belong to this task alone.
+                            let dst = unsafe { out.piece((i + r) * n + p * TNR, cols) };
+                            dst.copy_from_slice(&t[..cols]);
+                        }
+                        i += rows;
+                    }
+                }
+                m0 = m1;
+            }
+        });
+    }
+    y
 }
 
 /// `tile[r][j] = Σ_k x[r][k] · panel[k][j]` for `rows ≤ MR` activation rows.
