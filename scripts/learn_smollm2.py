@@ -7,9 +7,9 @@ for each, waits for the learner's run on the tenant's default adapter, then
 asks again (plain and reworded) and reports recall, the job's eval figures
 (drift from the base on held-out general prompts), whether the base model's
 answers stayed byte-identical, and the time from the last correction to the
-promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W] [--rating R] [--second-lesson [--second-policy JSON]]
+promoted version. Usage: scripts/learn_smollm2.py [--steps N] [--lr X] [--kl-weight W] [--rating R] [--second-lesson [--second-policy JSON]] [--save-first DIR | --from-first DIR]
 """
-import argparse, json, os, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, shutil, subprocess, sys, tempfile, time, urllib.request
 
 NAMES = ["Zorp", "Blix", "Quan", "Fendra", "Mollo", "Triv", "Yarek", "Solvi", "Pemba", "Kurat",
          "Dallix", "Orvo", "Histe", "Lumo", "Varga", "Nesk", "Tobble", "Ixa", "Rumb", "Welo"]
@@ -43,9 +43,14 @@ def main():
     ap.add_argument("--rating", type=int, default=-1, help="rating sent with each correction (-1: a preference pair)")
     ap.add_argument("--second-lesson", action="store_true", help="then teach 20 new facts and recall both sets")
     ap.add_argument("--second-policy", default=None, help="JSON policy for adapter main, PUT before the second lesson")
+    ap.add_argument("--save-first", metavar="DIR", help="after the first lesson, copy the server's store to DIR (for --from-first)")
+    ap.add_argument("--from-first", metavar="DIR", help="start from a store --save-first wrote: skip the first lesson, teach the second")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tempfile.mkdtemp()
+    if args.from_first:
+        shutil.copytree(args.from_first, work, dirs_exist_ok=True)
+        args.second_lesson = True
     env = dict(os.environ, LIFELORA_STORAGE__ADAPTERS_DIR=f"{work}/adapters", LIFELORA_STORAGE__TENANTS_FILE=f"{work}/t.json",
                LIFELORA_STORAGE__DATABASE=f"{work}/db.sqlite", LIFELORA_LEARNING__MIN_NEW_FEEDBACK="0",
                LIFELORA_LEARNING__STEPS=args.steps, LIFELORA_LEARNING__LEARNING_RATE=args.lr, LIFELORA_LEARNING__KL_WEIGHT=args.kl_weight,
@@ -82,7 +87,7 @@ def main():
             m = job["metrics"]
             events = call(base, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100")["data"]
             for e in reversed(events):
-                print(f"  +{e['created_at'] - last_correction:6.1f}s {e['message'][:90]}")
+                print(f"  +{e['created_at'] - last_correction:6.1f}s {e['message'][:140]}")
                 for p in (e.get("data") or {}).get("paraphrases", []) if isinstance(e.get("data"), dict) else []:
                     print(f"      {p['question']!r} -> {p['paraphrase']!r}")
             shown = {k: v for k, v in m.items() if k not in ("feedback_ids", "job_id")}
@@ -99,10 +104,14 @@ def main():
                     print(f"  missed {w!r}: {a!r}")
             print(f"recall of the {label} with {target}: {plain}/20 plain, {other}/20 reworded")
 
-        target = teach(model, NAMES, WORDS)
-        recall(target, NAMES, WORDS, "first lesson")
-        base_after = [ask(base, model, q)[1] for q in questions + reworded]
-        print(f"base answers identical: {base_after == base_before}")
+        if not args.from_first:
+            target = teach(model, NAMES, WORDS)
+            recall(target, NAMES, WORDS, "first lesson")
+            base_after = [ask(base, model, q)[1] for q in questions + reworded]
+            print(f"base answers identical: {base_after == base_before}")
+            if args.save_first:
+                # The store as the first lesson left it (the server is idle: the database and its WAL agree).
+                shutil.copytree(work, args.save_first, dirs_exist_ok=True)
         if args.second_lesson:
             if args.second_policy:
                 print("policy for the second lesson:", call(base, "PUT", "/v1/adapters/main/policy", json.loads(args.second_policy)))

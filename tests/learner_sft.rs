@@ -242,3 +242,59 @@ fn kl_anchors_keep_the_base_top_tokens_and_bound_the_full_kl_from_below() {
     let full = (base.exp().unwrap() * (&base - &adapted).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() / n as f32;
     assert!(coarse > 0.0 && coarse <= full + 1e-5 && coarse >= 0.5 * full, "coarse KL {coarse}, full KL {full}");
 }
+
+/// Mean log-probability of `answer` after `prompt` under a trainable adapter as it is now.
+fn mean_log_prob_now(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer: &[u32]) -> f32 {
+    -sft::example_loss(model, lora, &SftExample { prompt: prompt.to_vec(), answer: answer.to_vec() }).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn a_held_lesson_is_kept_where_it_was_and_not_taught_further() {
+    use lifelora::learner::sft::{Trainer, HOLD_SLACK};
+    let Some(model) = model() else { return };
+    let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 4, init_b: InitB::Zero };
+    let fresh = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
+    // An earlier version taught `old`; the new lesson asks something close to it.
+    let (old_prompt, old_answer) = (vec![1, 482, 82, 508], vec![300, 301, 302]);
+    let (new_prompt, new_answer) = (vec![1, 482, 499, 496], vec![310, 311, 312]);
+    let old = Lesson::Imitate(SftExample { prompt: old_prompt.clone(), answer: old_answer.clone() });
+    let new = Lesson::Imitate(SftExample { prompt: new_prompt.clone(), answer: new_answer.clone() });
+    let lora = TrainableLora::from_adapter(&fresh).unwrap();
+    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 1, seed: 0, until_learned: None };
+    sft::train_lessons(&model, &lora, &[old.clone()], &cfg, None, |_, _| true).unwrap();
+    let parent = Arc::new(lora.to_adapter().unwrap());
+    let held_at = mean_log_prob(&model, &parent, &old_prompt, &old_answer);
+
+    // Held where it is, the old lesson alone teaches nothing: not one weight moves.
+    let lora = TrainableLora::from_adapter(&parent).unwrap();
+    let lessons = [old.clone(), new.clone()];
+    let mut trainer = Trainer::new(&model, &lora, &lessons, 1e-2, None).unwrap();
+    trainer.hold(&[0]).unwrap();
+    for _ in 0..3 {
+        trainer.step(&[0]).unwrap();
+    }
+    assert_eq!(mean_log_prob_now(&model, &lora, &old_prompt, &old_answer), held_at);
+
+    // Teaching the new lesson alone wipes the old answer out; held beside
+    // it, the old answer is pulled back whenever it falls below its hold,
+    // and both answers are said.
+    let run = |hold: bool| {
+        let lora = TrainableLora::from_adapter(&parent).unwrap();
+        let mut trainer = Trainer::new(&model, &lora, &lessons, 1e-2, None).unwrap();
+        if hold {
+            trainer.hold(&[0]).unwrap();
+        }
+        for _ in 0..60 {
+            trainer.step(if hold { &[0, 1] } else { &[1] }).unwrap();
+        }
+        let adapter = Arc::new(lora.to_adapter().unwrap());
+        let said = (greedy(&model, &old_prompt, &adapter, 3), greedy(&model, &new_prompt, &adapter, 3));
+        (mean_log_prob(&model, &adapter, &old_prompt, &old_answer), said)
+    };
+    let (unheld, (_, taught_alone)) = run(false);
+    let (held, (kept, taught_beside)) = run(true);
+    assert_eq!(taught_alone, new_answer);
+    assert!(unheld < held_at - 5.0, "teaching the new lesson alone: {held_at} -> {unheld} nats a token");
+    assert_eq!((kept, taught_beside), (old_answer, new_answer));
+    assert!(held > held_at - 5.0 * HOLD_SLACK as f32, "held: {held_at} -> {held} nats a token");
+}

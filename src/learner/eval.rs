@@ -241,8 +241,19 @@ pub fn build_anchors(
     chat: &ChatTemplate,
     answer_tokens: usize,
 ) -> Result<DriftAnchors, crate::model::ModelError> {
-    let mut prompts = Vec::with_capacity(GENERAL_PROMPTS.len());
-    for p in GENERAL_PROMPTS {
+    build_anchors_for(model, tokenizer, chat, &GENERAL_PROMPTS, answer_tokens)
+}
+
+/// [`build_anchors`] on prompts of the caller's choosing.
+pub fn build_anchors_for(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    chat: &ChatTemplate,
+    general_prompts: &[&str],
+    answer_tokens: usize,
+) -> Result<DriftAnchors, crate::model::ModelError> {
+    let mut prompts = Vec::with_capacity(general_prompts.len());
+    for &p in general_prompts {
         prompts.push(if chat.has_model_template() {
             let rendered = chat.render(&[ChatMessage { role: "user".into(), content: p.into() }])?;
             tokenizer.encode_chat(&rendered)?

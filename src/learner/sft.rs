@@ -83,6 +83,18 @@ pub struct KlAnchors {
     pub per_step: usize,
 }
 
+/// How much harder a run pulls toward the base when its starting adapter
+/// already drifts `parent_kl` nats from it, of a budget of `max_drift`:
+/// drift is judged against the base, so every lesson after the first
+/// spends what its parent left, and the pull grows as that shrinks, by
+/// `1 / (1 - used share)` (at most 10×, for a parent at or beyond the budget).
+pub fn drift_budget_factor(parent_kl: f64, max_drift: f64) -> f64 {
+    if max_drift <= 0.0 || !parent_kl.is_finite() {
+        return 1.0;
+    }
+    1.0 / (1.0 - (parent_kl / max_drift).clamp(0.0, 0.9))
+}
+
 /// Base tokens kept per position of an anchor: the KL is taken between
 /// the two distributions coarsened to these tokens plus one bucket for the
 /// rest (a lower bound of the full KL, and close to it when the base puts
@@ -168,6 +180,7 @@ impl KlAnchors {
         let rest = (&p_rest * (p_rest.log()? - q_rest.log()?)?)?.sum_all()?;
         (top + rest)? / n as f64
     }
+
 }
 
 /// How to train.
@@ -485,6 +498,9 @@ pub struct Trainer<'a> {
     steps: usize,
     /// Lessons trained on but not waited for (see [`Trainer::set_aids`]).
     aids: Vec<bool>,
+    /// Per lesson held rather than taught (see [`Trainer::hold`]): the
+    /// log-probabilities its answer's tokens are held at.
+    floors: Vec<Option<Tensor>>,
 }
 
 /// Lessons per packed pass when measuring without gradients.
@@ -538,7 +554,8 @@ impl<'a> Trainer<'a> {
         let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
         let opt = AdamW::new(lora.vars(), params)?;
         let aids = vec![false; lessons.len()];
-        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0, aids })
+        let floors = vec![None; lessons.len()];
+        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0, aids, floors })
     }
 
     fn check_ids(&self, ids: &[usize]) -> Result<(), LearnError> {
@@ -559,6 +576,31 @@ impl<'a> Trainer<'a> {
                 *a = true;
             }
         }
+    }
+
+    /// Holds lessons `ids` where the adapter has them now instead of
+    /// teaching them further: from here on, each of their wanted tokens is
+    /// pulled back only once its log-probability falls more than
+    /// [`HOLD_SLACK`] below what it is now (a preference keeps its chosen
+    /// answer this way; its DPO term is dropped), and an avoided answer's
+    /// tokens only once theirs rise more than that above it. Replayed lessons, learned
+    /// by an earlier version, are held: teaching them again would sharpen
+    /// answers already given, which moves the model on everything else for
+    /// nothing (drift from the base), while holding them still catches
+    /// what the new lessons disturb.
+    pub fn hold(&mut self, ids: &[usize]) -> Result<(), LearnError> {
+        self.check_ids(ids)?;
+        for chunk in ids.chunks(CHECK_CHUNK) {
+            let forms: Vec<Lesson> = chunk.iter().map(|&i| held_form(&self.lessons[i])).collect();
+            let refs: Vec<&Lesson> = forms.iter().collect();
+            let measured = lesson_logits(self.model, self.lora, &refs, &[])?;
+            for ((&i, pieces), logits) in chunk.iter().zip(&measured.pieces).zip(&measured.per_lesson) {
+                let now = picked_log_probs(&logits[0].detach(), &pieces[0].targets)?;
+                self.floors[i] = Some(now);
+            }
+            super::eval::pace();
+        }
+        Ok(())
     }
 
     /// Whether lesson `i` is an aid.
@@ -587,14 +629,24 @@ impl<'a> Trainer<'a> {
             Some(a) => anchor_ids.iter().map(|&i| a.piece(i)).collect(),
             None => Vec::new(),
         };
-        let chosen: Vec<&Lesson> = batch.iter().map(|&i| &self.lessons[i]).collect();
+        let forms: Vec<std::borrow::Cow<'_, Lesson>> = batch
+            .iter()
+            .map(|&i| match self.floors[i] {
+                Some(_) => std::borrow::Cow::Owned(held_form(&self.lessons[i])),
+                None => std::borrow::Cow::Borrowed(&self.lessons[i]),
+            })
+            .collect();
+        let chosen: Vec<&Lesson> = forms.iter().map(|f| f.as_ref()).collect();
         let out = lesson_logits(self.model, self.lora, &chosen, &anchor_pieces)?;
         let mut total: Option<Tensor> = None;
         let mut learned = Vec::with_capacity(batch.len());
         for (k, &i) in batch.iter().enumerate() {
             let own = &out.per_lesson[k];
-            learned.push(self.lessons[i].learned_from(own)?);
-            let l = loss_from_logits(&self.lessons[i], &out.pieces[k], own, self.reference[i])?;
+            learned.push(chosen[k].learned_from(own)?);
+            let l = match &self.floors[i] {
+                Some(held) => hold_loss(chosen[k], &own[0], &out.pieces[k][0].targets, held)?,
+                None => loss_from_logits(&self.lessons[i], &out.pieces[k], own, self.reference[i])?,
+            };
             total = Some(match total {
                 None => l,
                 Some(acc) => (acc + l)?,
@@ -623,12 +675,8 @@ impl<'a> Trainer<'a> {
         let mut out = Vec::with_capacity(ids.len());
         // Whether a preference is learned reads its chosen answer alone:
         // the check measures that, not the rejected one too.
-        let check_form = |l: &Lesson| match l {
-            Lesson::Prefer { prompt, chosen, .. } => Lesson::Imitate(SftExample { prompt: prompt.clone(), answer: chosen.clone() }),
-            other => other.clone(),
-        };
         for chunk in ids.chunks(CHECK_CHUNK) {
-            let forms: Vec<Lesson> = chunk.iter().map(|&i| check_form(&self.lessons[i])).collect();
+            let forms: Vec<Lesson> = chunk.iter().map(|&i| held_form(&self.lessons[i])).collect();
             let chunk_lessons: Vec<&Lesson> = forms.iter().collect();
             let measured = lesson_logits(self.model, self.lora, &chunk_lessons, &[])?;
             for (lesson, own) in chunk_lessons.iter().zip(&measured.per_lesson) {
@@ -638,6 +686,31 @@ impl<'a> Trainer<'a> {
         }
         Ok(out)
     }
+}
+
+/// How far (nats) a held lesson's wanted token may fall below its
+/// log-probability when the hold began before it is pulled back. Small
+/// enough that replay loss stays well within `learning.max_regression`.
+pub const HOLD_SLACK: f64 = 0.05;
+
+/// A lesson as it is held or checked: a preference by its chosen answer alone.
+fn held_form(lesson: &Lesson) -> Lesson {
+    match lesson {
+        Lesson::Prefer { prompt, chosen, .. } => Lesson::Imitate(SftExample { prompt: prompt.clone(), answer: chosen.clone() }),
+        other => other.clone(),
+    }
+}
+
+/// A held lesson's loss: the mean distance of its answer's tokens'
+/// log-probabilities beyond [`HOLD_SLACK`] of where they were held, below
+/// for a wanted answer, above for an avoided one (zero while none strays).
+fn hold_loss(lesson: &Lesson, logits: &Tensor, targets: &[u32], held: &Tensor) -> candle_core::Result<Tensor> {
+    let lp = picked_log_probs(logits, targets)?;
+    let strayed = match lesson {
+        Lesson::Avoid(_) => ((lp - held)? - HOLD_SLACK)?,
+        _ => ((held - lp)? - HOLD_SLACK)?,
+    };
+    strayed.relu()?.mean_all()
 }
 
 /// Per position, the target's logit minus the largest other logit.
@@ -664,5 +737,20 @@ impl Lesson {
             Lesson::Imitate(_) | Lesson::Prefer { .. } => target_leads(&logits[0], &pieces[0].targets)?.iter().all(|&d| d >= LEARNED_MARGIN),
             Lesson::Avoid(_) => target_leads(&logits[0], &pieces[0].targets)?.iter().any(|&d| d < 0.0),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drift_budget_factor;
+
+    #[test]
+    fn the_pull_grows_as_the_parent_spends_the_drift_budget() {
+        assert_eq!(drift_budget_factor(0.0, 0.1), 1.0, "a parent at the base pulls as a first lesson does");
+        assert!((drift_budget_factor(0.05, 0.1) - 2.0).abs() < 1e-12, "half the budget spent: twice the pull");
+        assert!((drift_budget_factor(0.1, 0.1) - 10.0).abs() < 1e-9, "at the budget: the most");
+        assert!((drift_budget_factor(0.5, 0.1) - 10.0).abs() < 1e-9, "beyond it: no more than the most");
+        assert_eq!(drift_budget_factor(f64::NAN, 0.1), 1.0);
+        assert_eq!(drift_budget_factor(0.05, 0.0), 1.0, "no budget set: nothing to size the pull by");
     }
 }
