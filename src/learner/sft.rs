@@ -180,7 +180,6 @@ impl KlAnchors {
         let rest = (&p_rest * (p_rest.log()? - q_rest.log()?)?)?.sum_all()?;
         (top + rest)? / n as f64
     }
-
 }
 
 /// How to train.
@@ -500,7 +499,7 @@ pub struct Trainer<'a> {
     aids: Vec<bool>,
     /// Per lesson held rather than taught (see [`Trainer::hold`]): the
     /// log-probabilities its answer's tokens are held at.
-    floors: Vec<Option<Tensor>>,
+    held_at: Vec<Option<Tensor>>,
 }
 
 /// Lessons per packed pass when measuring without gradients.
@@ -554,8 +553,8 @@ impl<'a> Trainer<'a> {
         let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
         let opt = AdamW::new(lora.vars(), params)?;
         let aids = vec![false; lessons.len()];
-        let floors = vec![None; lessons.len()];
-        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0, aids, floors })
+        let held_at = vec![None; lessons.len()];
+        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0, aids, held_at })
     }
 
     fn check_ids(&self, ids: &[usize]) -> Result<(), LearnError> {
@@ -583,11 +582,12 @@ impl<'a> Trainer<'a> {
     /// pulled back only once its log-probability falls more than
     /// [`HOLD_SLACK`] below what it is now (a preference keeps its chosen
     /// answer this way; its DPO term is dropped), and an avoided answer's
-    /// tokens only once theirs rise more than that above it. Replayed lessons, learned
-    /// by an earlier version, are held: teaching them again would sharpen
-    /// answers already given, which moves the model on everything else for
-    /// nothing (drift from the base), while holding them still catches
-    /// what the new lessons disturb.
+    /// tokens only once theirs rise more than that above it.
+    ///
+    /// Replayed lessons, learned by an earlier version, are held: teaching
+    /// them again would sharpen answers already given, which moves the
+    /// model on everything else for nothing (drift from the base), while
+    /// holding them still catches what the new lessons disturb.
     pub fn hold(&mut self, ids: &[usize]) -> Result<(), LearnError> {
         self.check_ids(ids)?;
         for chunk in ids.chunks(CHECK_CHUNK) {
@@ -596,7 +596,7 @@ impl<'a> Trainer<'a> {
             let measured = lesson_logits(self.model, self.lora, &refs, &[])?;
             for ((&i, pieces), logits) in chunk.iter().zip(&measured.pieces).zip(&measured.per_lesson) {
                 let now = picked_log_probs(&logits[0].detach(), &pieces[0].targets)?;
-                self.floors[i] = Some(now);
+                self.held_at[i] = Some(now);
             }
             super::eval::pace();
         }
@@ -631,7 +631,7 @@ impl<'a> Trainer<'a> {
         };
         let forms: Vec<std::borrow::Cow<'_, Lesson>> = batch
             .iter()
-            .map(|&i| match self.floors[i] {
+            .map(|&i| match self.held_at[i] {
                 Some(_) => std::borrow::Cow::Owned(held_form(&self.lessons[i])),
                 None => std::borrow::Cow::Borrowed(&self.lessons[i]),
             })
@@ -643,7 +643,7 @@ impl<'a> Trainer<'a> {
         for (k, &i) in batch.iter().enumerate() {
             let own = &out.per_lesson[k];
             learned.push(chosen[k].learned_from(own)?);
-            let l = match &self.floors[i] {
+            let l = match &self.held_at[i] {
                 Some(held) => hold_loss(chosen[k], &own[0], &out.pieces[k][0].targets, held)?,
                 None => loss_from_logits(&self.lessons[i], &out.pieces[k], own, self.reference[i])?,
             };
