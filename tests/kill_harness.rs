@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{response_json, TestServer};
+use common::TestServer;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
