@@ -124,6 +124,10 @@ fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them
     let before = job["metrics"]["valid_loss_before"].as_f64().unwrap();
     assert!(m["valid_loss"].as_f64().unwrap() < before / 4.0, "{ckpts}");
     assert!(m["base_kl"].as_f64().is_some() && m["base_top1_agreement"].as_f64().is_some(), "{ckpts}");
+    // Where the run's time went: its training steps took some, every phase is booked.
+    let phases = &job["metrics"]["phase_seconds"];
+    assert!(phases["first_phase_steps"].as_f64().is_some_and(|s| s > 0.0), "{phases}");
+    assert!(phases.as_object().is_some_and(|p| p.values().all(|s| s.as_f64().is_some_and(|s| s >= 0.0))), "{phases}");
     assert_eq!(s.metric("lifelora_learner_jobs_total{outcome=\"succeeded\"}"), 1.0);
     assert!(s.metric("lifelora_adapter_eval{adapter=\"main\",figure=\"base_kl\",tenant=\"default\"}") >= 0.0);
     let (_, list) = s.get("/v1/fine_tuning/jobs?adapter=main");

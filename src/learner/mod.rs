@@ -5,6 +5,7 @@
 pub mod dataset;
 pub mod eval;
 pub mod paraphrase;
+pub mod phase_clock;
 pub mod policy;
 pub mod sft;
 pub mod watch;

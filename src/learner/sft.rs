@@ -490,8 +490,9 @@ pub struct Trainer<'a> {
     model: &'a Llama,
     lora: &'a TrainableLora,
     lessons: &'a [Lesson],
-    /// A preference's `(chosen, rejected)` log-probabilities under the starting adapter.
-    reference: Vec<Option<(f32, f32)>>,
+    /// A taught preference's `(chosen, rejected)` log-probabilities under
+    /// the starting adapter; measured at the first step (`None` before).
+    reference: Option<Vec<Option<(f32, f32)>>>,
     anchors: Option<&'a KlAnchors>,
     opt: AdamW,
     steps: usize,
@@ -521,9 +522,11 @@ fn lesson_logits(model: &Llama, lora: &TrainableLora, lessons: &[&Lesson], extra
 }
 
 impl<'a> Trainer<'a> {
-    /// Measures the preferences' reference log-probabilities (the adapter
-    /// as it is now), a few lessons per packed pass; batches index
-    /// `lessons`, of which those without a prompt or an answer are never trained on.
+    /// A trainer over `lessons` (batches index them; those without a
+    /// prompt or an answer are never trained on). The preferences'
+    /// reference log-probabilities are measured at the first step, under
+    /// the adapter as it is then (the run's start), and only for lessons
+    /// that are taught rather than held (see [`Trainer::hold`]).
     pub fn new(
         model: &'a Llama,
         lora: &'a TrainableLora,
@@ -537,11 +540,24 @@ impl<'a> Trainer<'a> {
         if !lessons.iter().any(|l| l.usable()) {
             return Err(LearnError::NoExamples("every example needs a prompt and an answer".into()));
         }
+        let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
+        let opt = AdamW::new(lora.vars(), params)?;
+        let aids = vec![false; lessons.len()];
+        let held_at = vec![None; lessons.len()];
+        Ok(Trainer { model, lora, lessons, reference: None, anchors, opt, steps: 0, aids, held_at })
+    }
+
+    /// The taught preferences' `(chosen, rejected)` log-probabilities under
+    /// the adapter as it is now, a few lessons per packed pass.
+    fn measure_references(&self) -> candle_core::Result<Vec<Option<(f32, f32)>>> {
+        let lessons = self.lessons;
         let mut reference = vec![None; lessons.len()];
-        let prefs: Vec<usize> = (0..lessons.len()).filter(|&i| lessons[i].usable() && matches!(lessons[i], Lesson::Prefer { .. })).collect();
+        let prefs: Vec<usize> = (0..lessons.len())
+            .filter(|&i| lessons[i].usable() && self.held_at[i].is_none() && matches!(lessons[i], Lesson::Prefer { .. }))
+            .collect();
         for chunk in prefs.chunks(CHECK_CHUNK) {
             let chunk_lessons: Vec<&Lesson> = chunk.iter().map(|&i| &lessons[i]).collect();
-            let out = lesson_logits(model, lora, &chunk_lessons, &[])?;
+            let out = lesson_logits(self.model, self.lora, &chunk_lessons, &[])?;
             for (k, &i) in chunk.iter().enumerate() {
                 let sum = |j: usize| -> candle_core::Result<f32> {
                     picked_log_probs(&out.per_lesson[k][j].detach(), &out.pieces[k][j].targets)?.sum_all()?.to_scalar::<f32>()
@@ -550,11 +566,7 @@ impl<'a> Trainer<'a> {
             }
             super::eval::pace();
         }
-        let params = ParamsAdamW { lr: learning_rate, weight_decay: 0.0, ..Default::default() };
-        let opt = AdamW::new(lora.vars(), params)?;
-        let aids = vec![false; lessons.len()];
-        let held_at = vec![None; lessons.len()];
-        Ok(Trainer { model, lora, lessons, reference, anchors, opt, steps: 0, aids, held_at })
+        Ok(reference)
     }
 
     fn check_ids(&self, ids: &[usize]) -> Result<(), LearnError> {
@@ -581,7 +593,8 @@ impl<'a> Trainer<'a> {
     /// teaching them further: from here on, each of their wanted tokens is
     /// pulled back only once its log-probability falls more than
     /// [`HOLD_SLACK`] below what it is now (a preference keeps its chosen
-    /// answer this way; its DPO term is dropped), and an avoided answer's
+    /// answer this way; its DPO term is dropped, and held before the first
+    /// step its DPO reference is never measured), and an avoided answer's
     /// tokens only once theirs rise more than that above it.
     ///
     /// Replayed lessons, learned by an earlier version, are held: teaching
@@ -620,6 +633,9 @@ impl<'a> Trainer<'a> {
             return Err(LearnError::NoExamples("empty batch".into()));
         }
         self.check_ids(batch)?;
+        if self.reference.is_none() {
+            self.reference = Some(self.measure_references()?);
+        }
         let active = self.anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
         let anchor_ids: Vec<usize> = match active {
             Some(a) => (0..a.per_step).map(|k| (self.steps * a.per_step + k) % a.anchors.len()).collect(),
@@ -645,7 +661,7 @@ impl<'a> Trainer<'a> {
             learned.push(chosen[k].learned_from(own)?);
             let l = match &self.held_at[i] {
                 Some(held) => hold_loss(chosen[k], &own[0], &out.pieces[k][0].targets, held)?,
-                None => loss_from_logits(&self.lessons[i], &out.pieces[k], own, self.reference[i])?,
+                None => loss_from_logits(&self.lessons[i], &out.pieces[k], own, self.reference.as_ref().and_then(|r| r[i]))?,
             };
             total = Some(match total {
                 None => l,

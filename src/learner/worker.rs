@@ -14,6 +14,7 @@ use candle_core::DType;
 use serde_json::{json, Value};
 
 use super::eval::{self, DriftAnchors};
+use super::phase_clock::PhaseClock;
 use crate::model::chat::ChatMessage;
 use super::sft::{self, KlAnchors, Lesson, SftConfig, SftExample};
 use crate::adapter_store::Source;
@@ -647,6 +648,7 @@ impl Inner {
             return Err(RunError::Failed("this base model runs in bf16/f16; serve it with model.dtype = \"f32\" to train adapters".into()));
         }
         let s = &self.settings_for(&job.tenant, &job.adapter);
+        let mut clock = PhaseClock::start();
         // Per new lesson from feedback, the chat it answered (for paraphrases).
         let mut sources: Vec<Option<Vec<ChatMessage>>> = Vec::new();
         let (new_lessons, validation) = match &job.training_file {
@@ -722,6 +724,7 @@ impl Inner {
         let loss_and_match_on = |set: &[SftExample]| -> Result<(f64, f64), RunError> {
             Ok(if set.is_empty() { (0.0, 0.0) } else { self.work(|| eval::loss_and_match(model, &lora, set))? })
         };
+        clock.lap("prepare");
         // A parent's own drift from the base is spent budget: the pull toward the base grows with it.
         let parent_kl = match &parent {
             Some(_) if s.kl_weight > 0.0 => Some(self.work(|| eval::drift(model, &lora, self.anchors()))?.0),
@@ -743,6 +746,7 @@ impl Inner {
                 json!({"parent_base_kl": kl, "kl_weight": kl_weight, "kl_anchors_per_step": anchors_per_step}),
             );
         }
+        clock.lap("parent_drift");
         let (before_loss, before_match) = loss_and_match_on(&held_targets)?;
         let before_avoided = loss_on(&held_avoided)?;
         let before_replay = loss_on(&replay_targets)?;
@@ -751,6 +755,7 @@ impl Inner {
         // the final one (after a passed gate) on the held-out lessons too.
         // Paraphrases of corrected questions, taught alongside them (those
         // of held-out lessons only in the final phase, after the gate).
+        clock.lap("evaluate_before");
         let (train_reworded, held_reworded) = self.reworded_lessons(&job.id, &new_lessons, &sources, split, s.paraphrases)?;
         let mut train_set = train_new.clone();
         let mut aids: Vec<usize> = (train_set.len()..train_set.len() + train_reworded.len()).collect();
@@ -783,6 +788,7 @@ impl Inner {
                 None => Some(1.0),
             },
         };
+        clock.lap("paraphrase");
         let started = std::time::Instant::now();
         let cancelled = AtomicBool::new(false);
         let tokens_per_step: usize = train_set.iter().map(Lesson::tokens).sum::<usize>() * cfg.batch_size.max(1) / train_set.len().max(1);
@@ -807,6 +813,7 @@ impl Inner {
         let mut held: Option<Result<(), super::LearnError>> = None;
         run_step(&mut || held = Some(trainer.hold(&replayed)));
         held.unwrap_or(Ok(()))?;
+        clock.lap("trainer_setup");
         let mut step_started = std::time::Instant::now();
         let first = sft::train_lessons_on(&mut trainer, &first_phase, &cfg, &run_step, |p| {
             self.yield_to_serving(step_started.elapsed(), &job.id);
@@ -826,11 +833,13 @@ impl Inner {
         }
         let losses = first.losses;
         let train_secs = started.elapsed().as_secs_f64();
+        clock.lap("first_phase_steps");
         let (after_loss, after_match) = loss_and_match_on(&held_targets)?;
         let after_avoided = loss_on(&held_avoided)?;
         let mut after_replay = loss_on(&replay_targets)?;
         let (kl, agreement) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
         let candidate = Arc::new(lora.to_adapter()?);
+        clock.lap("gate_evaluation");
 
         let mut reasons = Vec::new();
         if !held_targets.is_empty() && after_loss >= before_loss {
@@ -910,7 +919,10 @@ impl Inner {
                     self.event(&job.id, "info", &message, json!({"train_loss": p.loss, "learned": p.learned}));
                 }
                 if p.step % FINAL_CHECK_EVERY == FINAL_CHECK_EVERY - 1 && p.step + 1 < extra.steps {
-                    if let Err(e) = check(p.step + 1, false) {
+                    clock.lap("final_phase_steps");
+                    let checked = check(p.step + 1, false);
+                    clock.lap("checkpoints");
+                    if let Err(e) = checked {
                         checkpoint_error = Some(e);
                         return false;
                     }
@@ -924,6 +936,7 @@ impl Inner {
             if self.is_cancelled(&job.id) {
                 return Err(RunError::Cancelled);
             }
+            clock.lap("final_phase_steps");
             // The last checkpoint may have been taken at this very step.
             let n = more.losses.len();
             let checked_here = n > 0 && n % FINAL_CHECK_EVERY == 0 && n < extra.steps;
@@ -932,6 +945,7 @@ impl Inner {
             } else if within && final_steps == n {
                 all_learned = more.all_learned;
             }
+            clock.lap("checkpoints");
         }
         if split {
             reasons.extend(replay_reason(after_replay));
@@ -971,6 +985,7 @@ impl Inner {
             "job_id": job.id,
             "status": if passed { "promoted" } else { "rejected" },
             "reasons": reasons,
+            "phase_seconds": clock.to_json(),
         });
         self.event(&job.id, "info", "Evaluated the candidate", job.metrics.clone());
         let (config, weights) = crate::lora::peft_writer::to_peft_files(&candidate, &self.model.id)?;
