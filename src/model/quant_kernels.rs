@@ -252,7 +252,14 @@ impl QuantMatrix {
     /// columns `start..end` of the `[m, rows]` output.
     fn matmul_rows(&self, act: &QuantizedActivations, m: usize, start: usize, end: usize, y: &DisjointOut<'_>) {
         let n = self.rows;
-        for r in start..end {
+        let mut first = start;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if m >= 4 && vnni_available() {
+                first = self.matmul_tiles(act, m, start, end, y);
+            }
+        }
+        for r in first..end {
             let mut i = 0;
             // Four activation rows share each weight block's unpacking.
             while i + 4 <= m {
@@ -267,6 +274,42 @@ impl QuantMatrix {
                 unsafe { y.write(k * n + r, self.dot_row(r, act, k)) };
             }
         }
+    }
+
+    /// Weight rows from `start` in tiles of 4 × 4 activation rows (the
+    /// leftover activation rows one at a time), each result exactly
+    /// [`Self::dot_row`]'s; returns the first weight row left undone.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_tiles(&self, act: &QuantizedActivations, m: usize, start: usize, end: usize, y: &DisjointOut<'_>) -> usize {
+        let (n, bb, nb) = (self.rows, self.kind.block_bytes(), act.blocks_per_row);
+        let row_bytes = nb * bb;
+        let mut r = start;
+        while r + 4 <= end {
+            let rows = &self.data[r * row_bytes..(r + 4) * row_bytes];
+            let mut i = 0;
+            while i + 4 <= m {
+                let xs = if act.s.is_empty() { &[][..] } else { &act.s[i * nb..(i + 4) * nb] };
+                // SAFETY: features detected; slices hold 4 weight rows and 4 activation rows of nb blocks.
+                let tile = unsafe {
+                    vnni::dot4x4(self.kind, rows, bb, &act.qs[i * self.cols..(i + 4) * self.cols], &act.d[i * nb..(i + 4) * nb], xs, self.cols)
+                };
+                for (j, col) in tile.iter().enumerate() {
+                    for (k, &v) in col.iter().enumerate() {
+                        // SAFETY: columns r..r+4 belong to this task alone.
+                        unsafe { y.write((i + k) * n + r + j, v) };
+                    }
+                }
+                i += 4;
+            }
+            for k in i..m {
+                for j in 0..4 {
+                    // SAFETY: as above.
+                    unsafe { y.write(k * n + r + j, self.dot_row(r + j, act, k)) };
+                }
+            }
+            r += 4;
+        }
+        r
     }
 
     /// The row's quantized integers in element order (nibbles unsigned for
@@ -379,6 +422,21 @@ fn simd_available() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// AVX-512 VNNI on 256-bit vectors (with AVX2, FMA, F16C), detected once:
+/// one `vpdpbusd` gives the four-byte lane sums `vpmaddubsw` + `vpmaddwd`
+/// give (no pair sum here comes near `i16` saturation), so results are
+/// bit-identical and the 32 vector registers hold a 4 × 4 tile.
+#[cfg(target_arch = "x86_64")]
+fn vnni_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        simd_available()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
     })
 }
 
@@ -547,13 +605,131 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{QuantKind, QK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
+        let tmp = _mm_loadu_si128(p as *const __m128i);
+        let bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+        _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
+    }
+
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn half(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(acc: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let mut r = _mm_add_ps(hi, _mm256_castps256_ps128(acc));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// Expands `$body` four times with `$i` a constant 0, 1, 2, 3: the
+    /// tile's loops unrolled, so its 16 accumulators stay in registers.
+    macro_rules! unroll4 {
+        ($i:ident, $body:block) => {{
+            { const $i: usize = 0; $body }
+            { const $i: usize = 1; $body }
+            { const $i: usize = 2; $body }
+            { const $i: usize = 3; $body }
+        }};
+    }
+
+    /// Four weight rows (contiguous in `rows`, `bb` bytes a block) against
+    /// four activation rows (`cols` apart): `out[j][k]` is weight row `j` ·
+    /// activation row `k`, the same arithmetic in the same order as the
+    /// AVX2 `dot` (per block: exact integer lane sums, scaled and
+    /// accumulated by FMA; Q4_1's offset term summed apart, then added).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn dot4x4(
+        kind: QuantKind,
+        rows: &[u8],
+        bb: usize,
+        xq: &[i8],
+        xd: &[f32],
+        xs: &[f32],
+        cols: usize,
+    ) -> [[f32; 4]; 4] {
+        match kind {
+            QuantKind::Q4_1 => tile::<1>(rows, bb, xq, xd, xs, cols),
+            QuantKind::Q4_0 => tile::<0>(rows, bb, xq, xd, xs, cols),
+            QuantKind::Q8_0 => tile::<8>(rows, bb, xq, xd, xs, cols),
+        }
+    }
+
+    /// [`dot4x4`] for one kind: `K` 1 is Q4_1, 0 Q4_0, 8 Q8_0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn tile<const K: u8>(rows: &[u8], bb: usize, xq: &[i8], xd: &[f32], xs: &[f32], cols: usize) -> [[f32; 4]; 4] {
+        let nb = rows.len() / (4 * bb);
+        let row_bytes = nb * bb;
+        let base = rows.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+        let mut summs = [[0f32; 4]; 4];
+        for b in 0..nb {
+            let mut qy = [_mm256_setzero_si256(); 4];
+            let mut dx = [0f32; 4];
+            let mut sx = [0f32; 4];
+            unroll4!(KK, {
+                qy[KK] = _mm256_loadu_si256(xq.as_ptr().add(KK * cols + b * QK) as *const __m256i);
+                dx[KK] = *xd.get_unchecked(KK * nb + b);
+                if K == 1 {
+                    sx[KK] = *xs.get_unchecked(KK * nb + b);
+                }
+            });
+            unroll4!(J, {
+                let blk = base.add(J * row_bytes + b * bb);
+                let dw = half(blk);
+                if K == 1 {
+                    let qx = bytes_from_nibbles_32(blk.add(4));
+                    let m = half(blk.add(2));
+                    unroll4!(KK, {
+                        summs[J][KK] += m * sx[KK];
+                        let sums = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy[KK]));
+                        acc[J][KK] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[KK]), sums, acc[J][KK]);
+                    });
+                } else {
+                    let qx = if K == 0 {
+                        _mm256_sub_epi8(bytes_from_nibbles_32(blk.add(2)), _mm256_set1_epi8(8))
+                    } else {
+                        _mm256_loadu_si256(blk.add(2) as *const __m256i)
+                    };
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    unroll4!(KK, {
+                        let sums = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, _mm256_sign_epi8(qy[KK], qx)));
+                        acc[J][KK] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[KK]), sums, acc[J][KK]);
+                    });
+                }
+            });
+        }
+        let mut out = [[0f32; 4]; 4];
+        unroll4!(J, {
+            unroll4!(KK, {
+                out[J][KK] = hsum(acc[J][KK]) + summs[J][KK];
+            });
+        });
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
     fn matrix(dtype: GgmlDType) -> (QuantMatrix, Vec<f32>) {
-        let (rows, cols) = (48, 128);
+        let (rows, cols) = (50, 128);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
             .collect();
@@ -608,6 +784,18 @@ mod tests {
                 let row = &m.data[r * nb * bb..(r + 1) * nb * bb];
                 let s = scalar_dot(m.kind, row, bb, &w, &act.qs, &act.d, &act.s);
                 assert_eq!(s, m.dot_row(r, &act, 0), "{dtype:?} row {r}");
+            }
+            // Whole matmuls (tiles of 4 × 4 where the CPU has VNNI, odd
+            // rows and columns left over) give every single-row result exactly.
+            for rows in [4, 7] {
+                let x: Vec<f32> = (0..rows * m.cols()).map(|i| (i as f32 * 0.23).sin() * 2.0).collect();
+                let act = quantize_activations(&x, rows, m.cols(), m.kind == QuantKind::Q4_1);
+                let y = m.matmul(&x, rows);
+                for r in 0..m.rows() {
+                    for k in 0..rows {
+                        assert_eq!(y[k * m.rows() + r], m.dot_row(r, &act, k), "{dtype:?} weight row {r}, activation row {k}");
+                    }
+                }
             }
             // Four rows at once give each row's single-row result exactly.
             let x4: Vec<f32> = (0..4 * m.cols()).map(|i| (i as f32 * 0.11).cos()).collect();
