@@ -269,12 +269,17 @@ fn a_learned_version_rated_worse_than_its_parent_is_rolled_back_by_itself_once()
     ]));
     teach_facts(&s, &FACTS[..2]);
     let (_, job) = s.post("/v1/adapters/main/train", &json!({}));
-    assert_eq!(wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120))["status"], "succeeded");
+    let job1 = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(job1["status"], "succeeded");
     teach_facts(&s, &FACTS[2..]);
     let (_, job2) = s.post("/v1/adapters/main/train", &json!({}));
     let job2 = wait_for_job(&s, job2["id"].as_str().unwrap(), Duration::from_secs(120));
     assert_eq!(job2["status"], "succeeded", "{job2}");
     assert_eq!(current_version(&s), 2);
+    // The second run starts from v1's drift as v1's run recorded it (on the same anchors).
+    assert!(job1["metrics"]["drift_anchors"].as_str().is_some_and(|f| f.len() == 16), "{job1}");
+    assert_eq!(job2["metrics"]["drift_anchors"], job1["metrics"]["drift_anchors"]);
+    assert_eq!(job2["metrics"]["parent_base_kl"], job1["metrics"]["base_kl"], "{job2}");
     // v1's users liked it.
     for (prompt, _) in &FACTS {
         rate(&s, "main@v1", prompt, 1);

@@ -7,6 +7,7 @@
 
 
 use candle_core::{Tensor, D};
+use sha2::{Digest, Sha256};
 
 use super::sft::SftExample;
 use crate::model::chat::{ChatMessage, ChatTemplate};
@@ -223,9 +224,19 @@ pub struct DriftAnchors {
     pub anchors: Vec<Anchor>,
     /// Per anchor, `[answer len, vocab]` log-probabilities of the base.
     base_log_probs: Vec<Tensor>,
+    /// Names these anchors and their base figures (see [`DriftAnchors::fingerprint`]).
+    fingerprint: String,
 }
 
 impl DriftAnchors {
+    /// A digest of the anchors' tokens and of the base's log-probability of
+    /// each answer token: a drift figure recorded with the same fingerprint
+    /// was measured on these very anchors against this very base, so a
+    /// version's recorded drift can stand in for measuring it again.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
     fn examples(&self) -> Vec<SftExample> {
         self.anchors
             .iter()
@@ -268,13 +279,24 @@ pub fn build_anchors_for(
         .filter(|(p, a)| !p.is_empty() && !a.is_empty())
         .map(|(prompt, answer)| Anchor { answer_start: prompt.len(), tokens: prompt.into_iter().chain(answer).collect() })
         .collect();
-    let mut built = DriftAnchors { anchors, base_log_probs: Vec::new() };
+    let mut built = DriftAnchors { anchors, base_log_probs: Vec::new(), fingerprint: String::new() };
     let mut base = Vec::with_capacity(built.anchors.len());
-    answer_logits(model, &TrainableLora::empty(), &built.examples(), |_, logits| {
-        base.push(candle_nn::ops::log_softmax(logits, D::Minus1)?);
+    let mut digest = Sha256::new();
+    answer_logits(model, &TrainableLora::empty(), &built.examples(), |e, logits| {
+        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let targets = Tensor::from_vec(e.answer.clone(), (e.answer.len(), 1), lp.device())?;
+        for token in e.prompt.iter().chain(&e.answer) {
+            digest.update(token.to_le_bytes());
+        }
+        for value in lp.gather(&targets, 1)?.flatten_all()?.to_vec1::<f32>()? {
+            digest.update(value.to_le_bytes());
+        }
+        digest.update((e.prompt.len() as u64).to_le_bytes());
+        base.push(lp);
         Ok(())
     })?;
     built.base_log_probs = base;
+    built.fingerprint = digest.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
     Ok(built)
 }
 

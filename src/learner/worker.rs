@@ -525,6 +525,16 @@ impl Inner {
         Ok(lessons)
     }
 
+    /// The drift from the base that version `version` recorded when the
+    /// learner made it, if measured on the anchors this server has (same
+    /// fingerprint): the same figure measuring would give, without the pass.
+    fn recorded_drift(&self, tenant: &str, adapter: &str, version: u32) -> Option<f64> {
+        let info = self.registry.info(tenant, adapter).ok()?;
+        let manifest = info.versions.iter().find(|m| m.version == version)?;
+        let metrics = &manifest.metrics;
+        (metrics["drift_anchors"].as_str() == Some(self.anchors().fingerprint())).then(|| metrics["base_kl"].as_f64()).flatten()
+    }
+
     fn anchors(&self) -> &DriftAnchors {
         self.anchors.get_or_init(|| {
             self.work(|| eval::build_anchors(&self.model.model, &self.model.tokenizer, &self.model.chat, ANCHOR_ANSWER_TOKENS)).unwrap_or_else(|e| {
@@ -725,9 +735,14 @@ impl Inner {
             Ok(if set.is_empty() { (0.0, 0.0) } else { self.work(|| eval::loss_and_match(model, &lora, set))? })
         };
         clock.lap("prepare");
-        // A parent's own drift from the base is spent budget: the pull toward the base grows with it.
-        let parent_kl = match &parent {
-            Some(_) if s.kl_weight > 0.0 => Some(self.work(|| eval::drift(model, &lora, self.anchors()))?.0),
+        // A parent's own drift from the base is spent budget: the pull
+        // toward the base grows with it. A parent this learner made on the
+        // same anchors recorded it; others are measured.
+        let parent_kl = match job.parent_version {
+            Some(v) if s.kl_weight > 0.0 => match self.recorded_drift(&job.tenant, &job.adapter, v) {
+                Some(kl) => Some(kl),
+                None => Some(self.work(|| eval::drift(model, &lora, self.anchors()))?.0),
+            },
             _ => None,
         };
         // Both a heavier KL weight and more anchors a step (a finer
@@ -902,7 +917,6 @@ impl Inner {
                 );
                 if keep || !within {
                     // Within the bounds, or the best guess yet: the latest.
-                    after_replay = loss_on(&replay_targets)?;
                     candidate = Arc::new(lora.to_adapter()?);
                     (kl, agreement) = (kl2, agreement2);
                     final_steps = steps;
@@ -948,6 +962,12 @@ impl Inner {
             clock.lap("checkpoints");
         }
         if split {
+            // Measured once, on the checkpoint that became the candidate.
+            if learning_passed && !replay_targets.is_empty() {
+                let chosen = TrainableLora::from_adapter(&candidate)?;
+                after_replay = self.work(|| eval::mean_loss(model, &chosen, &replay_targets))?;
+                clock.lap("replay_evaluation");
+            }
             reasons.extend(replay_reason(after_replay));
         }
         reasons.extend(drift_reasons(kl, agreement));
@@ -975,6 +995,7 @@ impl Inner {
             "parent_base_kl": parent_kl,
             "base_kl": kl,
             "base_top1_agreement": agreement,
+            "drift_anchors": self.anchors().fingerprint(),
             "train_examples": train_new.len(),
             "held_out_examples": held_out.len(),
             "steps": losses.len(),
