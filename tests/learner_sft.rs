@@ -298,3 +298,48 @@ fn a_held_lesson_is_kept_where_it_was_and_not_taught_further() {
     assert_eq!((kept, taught_beside), (old_answer, new_answer));
     assert!(held > held_at - 5.0 * HOLD_SLACK as f32, "held: {held_at} -> {held} nats a token");
 }
+
+#[test]
+fn settling_with_every_lesson_held_walks_back_toward_the_base_and_keeps_the_lessons() {
+    use lifelora::learner::sft::{KlAnchors, Trainer};
+    let Some(model) = model() else { return };
+    let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 5, init_b: InitB::Zero };
+    let fresh = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
+    let facts = [(vec![1, 482, 82, 508], vec![300, 301, 302]), (vec![1, 482, 499, 496], vec![310, 311, 312])];
+    let lessons: Vec<Lesson> = facts.iter().map(|(p, a)| Lesson::Imitate(SftExample { prompt: p.clone(), answer: a.clone() })).collect();
+    // General text: the base's own greedy continuations (the fresh adapter changes nothing yet).
+    let anchor_seqs: Vec<(Vec<u32>, usize)> = [vec![1, 400, 401], vec![1, 350, 412, 63], vec![1, 250, 251]]
+        .into_iter()
+        .map(|p| {
+            let answer = greedy(&model, &p, &fresh, 8);
+            (p.iter().chain(&answer).copied().collect(), p.len())
+        })
+        .collect();
+    let anchors = KlAnchors::new(&model, &anchor_seqs, 20.0, 3).unwrap();
+    let drift = |lora: &TrainableLora| (0..3).map(|i| anchors.kl(&model, lora, i).unwrap()).sum::<f32>() / 3.0;
+
+    // Taught hard with no pull toward the base: the facts are said, general text drifts.
+    let lora = TrainableLora::from_adapter(&fresh).unwrap();
+    let cfg = SftConfig { steps: 40, learning_rate: 1e-2, batch_size: 2, seed: 0, until_learned: None };
+    sft::train_lessons(&model, &lora, &lessons, &cfg, None, |_, _| true).unwrap();
+    let taught = Arc::new(lora.to_adapter().unwrap());
+    for (p, a) in &facts {
+        assert_eq!(&greedy(&model, p, &taught, 3), a);
+    }
+    let drifted = drift(&lora);
+    assert!(drifted > 0.05, "the hard lesson drifted only {drifted} nats");
+
+    // Settling: both lessons held where they are, steps of the KL pull alone.
+    let mut trainer = Trainer::new(&model, &lora, &lessons, 1e-2, Some(&anchors)).unwrap();
+    trainer.hold(&[0, 1]).unwrap();
+    for _ in 0..20 {
+        trainer.step(&[0, 1]).unwrap();
+    }
+    let settled = drift(&lora);
+    let adapter = Arc::new(lora.to_adapter().unwrap());
+    assert!(settled < 0.5 * drifted, "settling: drift {drifted} -> {settled} nats");
+    assert_eq!(trainer.learned(&[0, 1]).unwrap(), vec![true, true]);
+    for (p, a) in &facts {
+        assert_eq!(&greedy(&model, p, &adapter, 3), a, "a fact settling lost");
+    }
+}

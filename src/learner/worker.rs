@@ -38,6 +38,14 @@ const FIRST_PHASE_LEARNED: f64 = 0.25;
 /// Final-phase steps between drift checkpoints.
 const FINAL_CHECK_EVERY: usize = 10;
 
+/// Steps a run may take to settle when its final phase learned every
+/// lesson but ended beyond the drift bounds, and how many between
+/// checkpoints: each lesson is held where it is and only the KL pull
+/// teaches, so the adapter walks back toward the base keeping what it
+/// learned (instead of the gate falling back to an early, half-learned checkpoint).
+const SETTLE_STEPS: usize = 15;
+const SETTLE_CHECK_EVERY: usize = 5;
+
 /// The handle the API uses to queue and cancel runs.
 #[derive(Clone)]
 pub struct Learner {
@@ -888,22 +896,21 @@ impl Inner {
         // would be promoted: this candidate, or with a held-out split the
         // final phase's last checkpoint within the bounds.
         let learning_passed = reasons.is_empty();
-        let mut within = drift_reasons(kl, agreement).is_empty();
+        let within = drift_reasons(kl, agreement).is_empty();
         // Learning passed with a real held-out split: every lesson is
         // taught now, the held-out ones included (unlearned ones first,
         // until all are learned or as many steps again as the first phase
         // allowed). The drift bounds are checked every few steps, and the
         // last snapshot within them becomes the candidate.
-        let mut candidate = candidate;
-        let (mut kl, mut agreement) = (kl, agreement);
-        let mut final_steps = 0;
-        let mut all_learned = first.all_learned && !split;
+        let mut chosen = Chosen { candidate, kl, agreement, final_steps: 0, all_learned: first.all_learned && !split, within };
+        let mut settle_steps = 0;
         if learning_passed && split {
             let all: Vec<usize> = (0..every.len()).collect();
             let extra = SftConfig { until_learned: cfg.until_learned.map(|_| 1.0), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
             let mut checkpoint_error = None;
-            let mut check = |steps: usize, learned_all: bool| -> Result<bool, RunError> {
+            let mut last_kept = false;
+            let check = |steps: usize, learned_all: bool, chosen: &mut Chosen| -> Result<bool, RunError> {
                 let (kl2, agreement2) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
                 let keep = kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement;
                 self.event(
@@ -915,13 +922,9 @@ impl Inner {
                     ),
                     json!({"base_kl": kl2, "base_top1_agreement": agreement2, "steps": steps, "kept": keep}),
                 );
-                if keep || !within {
+                if keep || !chosen.within {
                     // Within the bounds, or the best guess yet: the latest.
-                    candidate = Arc::new(lora.to_adapter()?);
-                    (kl, agreement) = (kl2, agreement2);
-                    final_steps = steps;
-                    all_learned = learned_all;
-                    within = keep;
+                    *chosen = Chosen { candidate: Arc::new(lora.to_adapter()?), kl: kl2, agreement: agreement2, final_steps: steps, all_learned: learned_all, within: keep };
                 }
                 Ok(keep)
             };
@@ -934,11 +937,14 @@ impl Inner {
                 }
                 if p.step % FINAL_CHECK_EVERY == FINAL_CHECK_EVERY - 1 && p.step + 1 < extra.steps {
                     clock.lap("final_phase_steps");
-                    let checked = check(p.step + 1, false);
+                    let checked = check(p.step + 1, false, &mut chosen);
                     clock.lap("checkpoints");
-                    if let Err(e) = checked {
-                        checkpoint_error = Some(e);
-                        return false;
+                    match checked {
+                        Ok(kept) => last_kept = kept,
+                        Err(e) => {
+                            checkpoint_error = Some(e);
+                            return false;
+                        }
                     }
                 }
                 step_started = std::time::Instant::now();
@@ -955,12 +961,50 @@ impl Inner {
             let n = more.losses.len();
             let checked_here = n > 0 && n % FINAL_CHECK_EVERY == 0 && n < extra.steps;
             if !checked_here {
-                check(more.losses.len(), more.all_learned)?;
-            } else if within && final_steps == n {
-                all_learned = more.all_learned;
+                last_kept = check(more.losses.len(), more.all_learned, &mut chosen)?;
+            } else if chosen.within && chosen.final_steps == n {
+                chosen.all_learned = more.all_learned;
             }
             clock.lap("checkpoints");
+            if more.all_learned && !last_kept {
+                // Everything learned, too far from the base: settle.
+                self.event(
+                    &job.id,
+                    "info",
+                    &format!("Every example learned, beyond the drift bounds: settling for up to {SETTLE_STEPS} steps (each example held, the KL pull alone)"),
+                    json!({"settle_steps": SETTLE_STEPS}),
+                );
+                let unheld: Vec<usize> = all.iter().copied().filter(|i| !replayed.contains(i)).collect();
+                let mut held: Option<Result<(), super::LearnError>> = None;
+                run_step(&mut || held = Some(trainer.hold(&unheld)));
+                held.unwrap_or(Ok(()))?;
+                let required: Vec<usize> = all.iter().copied().filter(|&i| !trainer.is_aid(i)).collect();
+                for round in 0..SETTLE_STEPS.div_ceil(SETTLE_CHECK_EVERY) {
+                    let rest = SETTLE_CHECK_EVERY.min(SETTLE_STEPS - settle_steps);
+                    let settle = SftConfig { steps: rest, until_learned: None, seed: cfg.seed + 1 + round as u64, ..cfg.clone() };
+                    let mut step_started = std::time::Instant::now();
+                    let ran = sft::train_lessons_on(&mut trainer, &all, &settle, &run_step, |_| {
+                        self.yield_to_serving(step_started.elapsed(), &job.id);
+                        step_started = std::time::Instant::now();
+                        !self.is_cancelled(&job.id)
+                    })?;
+                    if self.is_cancelled(&job.id) {
+                        return Err(RunError::Cancelled);
+                    }
+                    settle_steps += ran.losses.len();
+                    clock.lap("settle_steps");
+                    let mut learned: Option<Result<Vec<bool>, super::LearnError>> = None;
+                    run_step(&mut || learned = Some(trainer.learned(&required)));
+                    let learned_all = learned.unwrap_or(Ok(Vec::new()))?.iter().all(|&l| l);
+                    let kept = check(n + settle_steps, learned_all, &mut chosen)?;
+                    clock.lap("checkpoints");
+                    if kept {
+                        break;
+                    }
+                }
+            }
         }
+        let Chosen { candidate, kl, agreement, final_steps, all_learned, .. } = chosen;
         if split {
             // Measured once, on the checkpoint that became the candidate.
             if learning_passed && !replay_targets.is_empty() {
@@ -975,6 +1019,7 @@ impl Inner {
         let train_secs_total = started.elapsed().as_secs_f64();
         job.metrics = json!({
             "final_steps_on_all_examples": final_steps,
+            "settle_steps": settle_steps,
             "all_examples_learned": all_learned,
             "train_seconds_with_final_steps": train_secs_total,
             "train_loss": losses.last(),
@@ -1055,6 +1100,18 @@ impl Inner {
         }
         Ok(passed)
     }
+}
+
+/// What a run would promote: the latest checkpoint within the drift
+/// bounds (or, while none is, the latest), with its figures.
+struct Chosen {
+    candidate: Arc<crate::lora::LoraAdapter>,
+    kl: f64,
+    agreement: f64,
+    /// Final-phase steps (settling included) it had taken.
+    final_steps: usize,
+    all_learned: bool,
+    within: bool,
 }
 
 /// Lessons from feedback, the feedback ids they came from, and per lesson
