@@ -485,7 +485,7 @@ mod avx2 {
     /// 32 nibbles as bytes: low nibbles are elements 0..16, high 16..32.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
+    pub(super) unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
         let tmp = _mm_loadu_si128(p as *const __m128i);
         let bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
         _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
@@ -493,14 +493,14 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "f16c")]
-    unsafe fn half(p: *const u8) -> f32 {
+    pub(super) unsafe fn half(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(acc: __m256) -> f32 {
+    pub(super) unsafe fn hsum(acc: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(acc, 1);
         let mut r = _mm_add_ps(hi, _mm256_castps256_ps128(acc));
         r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -607,33 +607,9 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
+    use super::avx2::{bytes_from_nibbles_32, half, hsum};
     use super::{QuantKind, QK};
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
-        let tmp = _mm_loadu_si128(p as *const __m128i);
-        let bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-        _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
-    }
-
-    #[inline]
-    #[target_feature(enable = "f16c")]
-    unsafe fn half(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let mut r = _mm_add_ps(hi, _mm256_castps256_ps128(acc));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
 
     /// Expands `$body` four times with `$i` a constant 0, 1, 2, 3: the
     /// tile's loops unrolled, so its 16 accumulators stay in registers.
