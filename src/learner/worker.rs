@@ -776,12 +776,12 @@ impl Inner {
         let (before_loss, before_match) = loss_and_match_on(&held_targets)?;
         let before_avoided = loss_on(&held_avoided)?;
         let before_replay = loss_on(&replay_targets)?;
+        clock.lap("evaluate_before");
 
         // Every lesson of the run; the first phase trains on `train_set`,
         // the final one (after a passed gate) on the held-out lessons too.
         // Paraphrases of corrected questions, taught alongside them (those
         // of held-out lessons only in the final phase, after the gate).
-        clock.lap("evaluate_before");
         let (train_reworded, held_reworded) = self.reworded_lessons(&job.id, &new_lessons, &sources, split, s.paraphrases)?;
         let mut train_set = train_new.clone();
         let mut aids: Vec<usize> = (train_set.len()..train_set.len() + train_reworded.len()).collect();
@@ -998,7 +998,8 @@ impl Inner {
                     clock.lap("settle_steps");
                     let mut learned: Option<Result<Vec<bool>, super::LearnError>> = None;
                     run_step(&mut || learned = Some(trainer.learned(&required)));
-                    let learned_all = learned.unwrap_or(Ok(Vec::new()))?.iter().all(|&l| l);
+                    let learned = learned.unwrap_or_else(|| Err(super::LearnError::NoExamples("the check did not run".into())))?;
+                    let learned_all = learned.iter().all(|&l| l);
                     let kept = check(n + settle_steps, learned_all, &mut chosen)?;
                     clock.lap("checkpoints");
                     if kept {
