@@ -280,6 +280,9 @@ fn a_learned_version_rated_worse_than_its_parent_is_rolled_back_by_itself_once()
     assert!(job1["metrics"]["drift_anchors"].as_str().is_some_and(|f| f.len() == 16), "{job1}");
     assert_eq!(job2["metrics"]["drift_anchors"], job1["metrics"]["drift_anchors"]);
     assert_eq!(job2["metrics"]["parent_base_kl"], job1["metrics"]["base_kl"], "{job2}");
+    // v1's facts are replayed, their loss before read off the hold's pass.
+    assert_eq!(job2["metrics"]["replay_examples"], 2, "{job2}");
+    assert!(job2["metrics"]["replay_loss_before"].as_f64().is_some_and(|l| l > 0.0 && l.is_finite()), "{job2}");
     // v1's users liked it.
     for (prompt, _) in &FACTS {
         rate(&s, "main@v1", prompt, 1);

@@ -270,6 +270,11 @@ fn a_held_lesson_is_kept_where_it_was_and_not_taught_further() {
     let lessons = [old.clone(), new.clone()];
     let mut trainer = Trainer::new(&model, &lora, &lessons, 1e-2, None).unwrap();
     trainer.hold(&[0]).unwrap();
+    // What it is held at is what the evaluation measures on the same answer.
+    let held = trainer.held_log_probs(0).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let measured = lifelora::learner::eval::mean_loss(&model, &lora, &[SftExample { prompt: old_prompt.clone(), answer: old_answer.clone() }]).unwrap();
+    assert!((-held as f64 - measured).abs() < 1e-6, "held at {held}, measured loss {measured}");
+    assert!(trainer.held_log_probs(1).is_none());
     for _ in 0..3 {
         trainer.step(&[0]).unwrap();
     }

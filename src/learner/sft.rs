@@ -616,6 +616,13 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// The wanted answer's per-token log-probabilities lesson `i` is held
+    /// at (a preference's chosen answer), if it is held (an avoided
+    /// answer's are those it must not rise above).
+    pub fn held_log_probs(&self, i: usize) -> Option<&Tensor> {
+        self.held_at.get(i).and_then(Option::as_ref)
+    }
+
     /// Whether lesson `i` is an aid.
     pub fn is_aid(&self, i: usize) -> bool {
         self.aids.get(i).copied().unwrap_or(false)

@@ -775,7 +775,6 @@ impl Inner {
         clock.lap("parent_drift");
         let (before_loss, before_match) = loss_and_match_on(&held_targets)?;
         let before_avoided = loss_on(&held_avoided)?;
-        let before_replay = loss_on(&replay_targets)?;
         clock.lap("evaluate_before");
 
         // Every lesson of the run; the first phase trains on `train_set`,
@@ -839,6 +838,9 @@ impl Inner {
         let mut held: Option<Result<(), super::LearnError>> = None;
         run_step(&mut || held = Some(trainer.hold(&replayed)));
         held.unwrap_or(Ok(()))?;
+        // The replay loss before: read off the hold's own pass (the same
+        // forward under the same adapter), the answers wanted only.
+        let before_replay = held_answer_loss(&trainer, replayed.iter().copied().filter(|&i| every[i].target().is_some()))?;
         clock.lap("trainer_setup");
         let mut step_started = std::time::Instant::now();
         let first = sft::train_lessons_on(&mut trainer, &first_phase, &cfg, &run_step, |p| {
@@ -1104,6 +1106,19 @@ impl Inner {
         }
         Ok(passed)
     }
+}
+
+/// Mean per-token loss of the wanted answers of held lessons `ids`, from
+/// the log-probabilities they are held at (what `eval::mean_loss` gives
+/// on the same answers under the adapter the hold began with); 0 for none.
+fn held_answer_loss(trainer: &sft::Trainer<'_>, ids: impl Iterator<Item = usize>) -> Result<f64, RunError> {
+    let (mut total, mut count) = (0f64, 0usize);
+    for i in ids {
+        let Some(lp) = trainer.held_log_probs(i) else { continue };
+        total -= lp.sum_all()?.to_scalar::<f32>()? as f64;
+        count += lp.dim(0)?;
+    }
+    Ok(if count == 0 { 0.0 } else { total / count as f64 })
 }
 
 /// What a run would promote: the latest checkpoint within the drift
