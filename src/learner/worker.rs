@@ -864,7 +864,8 @@ impl Inner {
         clock.lap("first_phase_steps");
         let (after_loss, after_match) = loss_and_match_on(&held_targets)?;
         let after_avoided = loss_on(&held_avoided)?;
-        let mut after_replay = loss_on(&replay_targets)?;
+        // With a held-out split, replay is judged on what would be promoted, measured below.
+        let mut after_replay = if split { 0.0 } else { loss_on(&replay_targets)? };
         let (kl, agreement) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
         let candidate = Arc::new(lora.to_adapter()?);
         clock.lap("gate_evaluation");
@@ -1013,7 +1014,7 @@ impl Inner {
         let Chosen { candidate, kl, agreement, final_steps, all_learned, .. } = chosen;
         if split {
             // Measured once, on the checkpoint that became the candidate.
-            if learning_passed && !replay_targets.is_empty() {
+            if !replay_targets.is_empty() {
                 let chosen = TrainableLora::from_adapter(&candidate)?;
                 after_replay = self.work(|| eval::mean_loss(model, &chosen, &replay_targets))?;
                 clock.lap("replay_evaluation");
