@@ -38,7 +38,7 @@ fn main() {
     let sixty = eval::build_anchors_for(&m.model, &m.tokenizer, &m.chat, &all, 24).expect("all anchors");
     let only_more = eval::build_anchors_for(&m.model, &m.tokenizer, &m.chat, &MORE, 24).expect("other anchors");
     for dir in args {
-        let a = load_dir(std::path::Path::new(&dir), &m.model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu)
+        let a = load_dir(std::path::Path::new(&dir), &m.model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu)
             .expect("a PEFT adapter directory");
         let l = TrainableLora::from_adapter(&a).expect("a trainable copy");
         let drift = |anchors| eval::drift(&m.model, &l, anchors).expect("drift");

@@ -15,7 +15,7 @@ import argparse, json, os, random, statistics, subprocess, sys, tempfile, thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-ADMIN = "soak-admin-key"
+ADMIN = "soak-admin-key-0123456789abcdef0123456789"
 
 
 def request(base, method, path, key, body=None, raw=None, ctype="application/json", timeout=120):

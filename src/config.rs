@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 /// The defaults, compiled in so a binary without the repo still starts.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const ENV_PREFIX: &str = "LIFELORA_";
+/// Shortest admin key or metrics token accepted.
+pub const MIN_SECRET_CHARS: usize = 32;
 
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,29 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub learning: LearningSettings,
     pub limits: LimitSettings,
+    pub metrics: MetricsSettings,
     pub log: LogSettings,
+}
+
+/// Who may read `/metrics`, and what it may say about tenants.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// When set, `/metrics` needs `Authorization: Bearer <token>` (what
+    /// Prometheus's `authorization` scrape setting sends).
+    pub bearer_token: String,
+    /// Whether per-tenant series carry tenant and adapter names; off, those
+    /// series are summed over every tenant and adapter.
+    pub tenant_labels: bool,
+}
+
+impl std::fmt::Debug for MetricsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsSettings")
+            .field("bearer_token", &if self.bearer_token.is_empty() { "" } else { "<set>" })
+            .field("tenant_labels", &self.tenant_labels)
+            .finish()
+    }
 }
 
 /// What one request may ask for, and what one tenant may use.
@@ -58,6 +82,20 @@ pub struct LimitSettings {
     pub client_timeout_secs: u64,
     /// Seconds running requests get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Parts in one multipart upload, and bytes of one part's headers
+    /// (its name, file name and content type together).
+    pub max_multipart_parts: usize,
+    pub max_multipart_header_bytes: usize,
+    /// Bytes one tenant may keep stored: fine-tuning files, examples and
+    /// adapter versions together (0: no limit).
+    pub tenant_storage_bytes: u64,
+    /// Versions one adapter may hold (0: no limit).
+    pub max_versions_per_adapter: usize,
+    /// Feedback items one completion may receive (0: no limit).
+    pub max_feedback_per_completion: usize,
+    /// Log-probability entries one request may ask for: positions (echoed
+    /// prompt plus `max_tokens`) × (alternatives + 1) × `n`, over its prompts.
+    pub max_logprob_entries: usize,
 }
 
 /// The HTTP listener.
@@ -117,6 +155,8 @@ pub struct LoraSettings {
     pub max_resident: usize,
     pub max_resident_bytes: usize,
     pub max_upload_bytes: usize,
+    /// Entries in `rank_pattern` and `alpha_pattern` together.
+    pub max_patterns: usize,
 }
 
 /// A float setting that may be written as an integer (`alpha = 16`, `LIFELORA_LEARNING__KL_WEIGHT=20`).
@@ -189,6 +229,12 @@ pub struct LearningSettings {
     pub rollback_margin: f64,
     /// Largest file `POST /v1/files` takes, in bytes.
     pub max_file_bytes: usize,
+    /// Jobs one tenant may have queued (not yet running); beyond it 429.
+    pub max_queued_jobs_per_tenant: usize,
+    /// Most epochs a fine-tuning job may ask for, and most optimizer steps
+    /// any run may take (per phase).
+    pub max_epochs: usize,
+    pub max_steps: usize,
 }
 
 /// Where runtime data lives.
@@ -268,6 +314,22 @@ impl Settings {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", "must be text or json");
+        }
+        // A short secret falls to guessing; 32 characters is what
+        // `openssl rand -hex 16` prints.
+        for (key, secret) in [("auth.admin_key", &self.auth.admin_key), ("metrics.bearer_token", &self.metrics.bearer_token)] {
+            if !secret.is_empty() && secret.chars().count() < MIN_SECRET_CHARS {
+                return bad(key, &format!("is {} characters; use at least {MIN_SECRET_CHARS} (e.g. `openssl rand -hex 32`)", secret.chars().count()));
+            }
+        }
+        if self.limits.max_multipart_parts == 0 {
+            return bad("limits.max_multipart_parts", "must be at least 1");
+        }
+        if self.limits.max_multipart_header_bytes < 64 {
+            return bad("limits.max_multipart_header_bytes", "must be at least 64");
+        }
+        if self.learning.max_epochs == 0 || self.learning.max_steps == 0 {
+            return bad("learning.max_epochs", "max_epochs and max_steps must be at least 1");
         }
         Ok(())
     }

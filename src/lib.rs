@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod registry;
 pub mod model;
 pub mod serve;
+pub mod storage_quota;
 pub mod store;
 pub mod tenants;

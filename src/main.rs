@@ -323,7 +323,7 @@ fn train_offline(job: &TrainJob) -> Result<(), Box<dyn std::error::Error>> {
     }
     let sites = loaded.model.lora_sites();
     let start = match &job.adapter_dir {
-        Some(dir) => lifelora::lora::peft::load_dir(dir, &sites, &lifelora::lora::peft::LoraLimits { max_rank: usize::MAX }, candle_core::DType::F32, loaded.model.device())?,
+        Some(dir) => lifelora::lora::peft::load_dir(dir, &sites, &lifelora::lora::peft::LoraLimits { max_rank: usize::MAX, ..Default::default() }, candle_core::DType::F32, loaded.model.device())?,
         None => {
             let targets: Vec<&str> = job.targets.iter().map(String::as_str).collect();
             let spec = FreshSpec { targets: &targets, rank: job.rank, alpha: job.alpha, seed: job.seed, init_b: InitB::Zero };

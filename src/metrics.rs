@@ -39,9 +39,30 @@ pub struct Metrics {
     /// Promotions by source (upload, learner, manual) and rollbacks.
     pub adapter_promotions: IntCounterVec,
     pub adapter_rollbacks: IntCounter,
+    /// Whether per-tenant series carry tenant and adapter names
+    /// (`metrics.tenant_labels`); off, they read "" and sum over all.
+    tenant_labels: bool,
+    /// Sequences preempted (their KV freed, recomputed later) to give
+    /// another tenant its fair share of the running batch.
+    pub preemptions: IntCounter,
 }
 
 impl Metrics {
+    /// Metrics whose per-tenant series are labelled with tenant and adapter
+    /// names only when `tenant_labels` (otherwise summed over all of them).
+    pub fn with_tenant_labels(tenant_labels: bool) -> Self {
+        Metrics { tenant_labels, ..Self::new() }
+    }
+
+    /// The labels a tenant's series get: its names, or "" when hidden.
+    pub fn tenant_label<'a>(&self, name: &'a str) -> &'a str {
+        if self.tenant_labels {
+            name
+        } else {
+            ""
+        }
+    }
+
     /// Creates and registers all metrics; names are prefixed `lifelora_`.
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("lifelora".into()), None)
@@ -121,7 +142,14 @@ impl Metrics {
         let adapter_promotions =
             IntCounterVec::new(Opts::new("adapter_promotions_total", "Versions made current, by source"), &["source"]).expect("valid metric");
         let adapter_rollbacks = IntCounter::new("adapter_rollbacks_total", "Rollbacks to an earlier version").expect("valid metric");
+        let preemptions = IntCounter::new(
+            "preemptions_total",
+            "Running sequences preempted (KV freed, recomputed later) so a waiting tenant gets its fair share",
+        )
+        .expect("valid metric");
         let m = Metrics {
+            tenant_labels: true,
+            preemptions,
             learner_jobs,
             learner_train_tokens_per_second,
             adapter_eval,
@@ -175,6 +203,7 @@ impl Metrics {
             Box::new(m.adapter_eval.clone()),
             Box::new(m.adapter_promotions.clone()),
             Box::new(m.adapter_rollbacks.clone()),
+            Box::new(m.preemptions.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -184,7 +213,7 @@ impl Metrics {
 
     /// Counts one request's tokens for its tenant and adapter.
     pub fn record_usage(&self, tenant: &str, adapter: &str, prompt_tokens: usize, generated_tokens: usize) {
-        let labels = [tenant, adapter];
+        let labels = [self.tenant_label(tenant), self.tenant_label(adapter)];
         self.adapter_requests.with_label_values(&labels).inc();
         self.adapter_prompt_tokens.with_label_values(&labels).inc_by(prompt_tokens as u64);
         self.adapter_generated_tokens.with_label_values(&labels).inc_by(generated_tokens as u64);

@@ -32,6 +32,8 @@ pub enum ServeError {
     Records(#[from] crate::store::StoreError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("finishing a tenant's deletion: {0}")]
+    Purge(#[from] crate::api::tenants::PurgeError),
 }
 
 /// Loads the configured model, or the built-in one when none is set.
@@ -103,31 +105,53 @@ pub fn serve(
     let registry = Registry::open(
         store,
         model.model.lora_sites(),
-        LoraLimits { max_rank: settings.lora.max_rank },
+        LoraLimits { max_rank: settings.lora.max_rank, max_patterns: settings.lora.max_patterns },
         model.model.adapter_dtype(),
         model.model.device().clone(),
         settings.lora.max_resident,
     )?;
-    let metrics = Metrics::new();
-    let registry = registry.with_metrics(metrics.clone()).with_byte_budget(settings.lora.max_resident_bytes);
+    let metrics = Metrics::with_tenant_labels(settings.metrics.tenant_labels);
+    let registry = registry
+        .with_metrics(metrics.clone())
+        .with_byte_budget(settings.lora.max_resident_bytes)
+        .with_version_limit(settings.limits.max_versions_per_adapter);
     if settings.auth.admin_key.is_empty() {
         tracing::warn!("no auth.admin_key configured: serving OPEN, as the single tenant `default`; set LIFELORA_AUTH__ADMIN_KEY for tenants and keys");
     }
-    let tenants = crate::tenants::Tenants::open(&settings.storage.tenants_file)?;
+    if settings.metrics.tenant_labels && settings.metrics.bearer_token.is_empty() {
+        tracing::warn!("/metrics is open and names tenants and adapters: set metrics.bearer_token (LIFELORA_METRICS__BEARER_TOKEN) or metrics.tenant_labels = false");
+    }
+    let tenants = Arc::new(crate::tenants::Tenants::open(&settings.storage.tenants_file)?);
     let records: Arc<dyn crate::store::RecordStore> =
         Arc::new(crate::store::SqliteStore::open(Path::new(&settings.storage.database))?);
-    spawn_retention_sweep(records.clone(), settings.learning.retention_days);
     let registry = Arc::new(registry);
+    // A deletion a crash interrupted is finished before anything is served.
+    for name in tenants.pending_deletions() {
+        let purged = crate::api::tenants::remove_tenant_data(records.as_ref(), &registry, &tenants, &name)?;
+        tracing::warn!(tenant = %name, ?purged, "finished deleting a tenant whose deletion was interrupted");
+    }
+    spawn_retention_sweep(records.clone(), settings.learning.retention_days);
+    let storage = Arc::new(crate::storage_quota::TenantStorage::new(records.clone(), registry.clone(), settings.limits.tenant_storage_bytes));
     let busy_metrics = metrics.clone();
     let serving_busy = Box::new(move || busy_metrics.running_sequences.get() + busy_metrics.waiting_sequences.get() > 0);
-    let learner = crate::learner::Learner::start(model.clone(), registry.clone(), records.clone(), settings.learning.clone(), serving_busy, metrics.clone())?;
+    let learner = crate::learner::Learner::start(
+        model.clone(),
+        registry.clone(),
+        records.clone(),
+        tenants.clone(),
+        storage.clone(),
+        settings.learning.clone(),
+        serving_busy,
+        metrics.clone(),
+    )?;
     let engine = EngineHandle::start(model.clone(), &settings.engine, metrics.clone())?;
     let settings_limits = settings.limits.clone();
     let state = AppState {
         model,
         learner,
         registry,
-        tenants: Arc::new(tenants),
+        tenants,
+        storage,
         engine: engine.clone(),
         metrics,
         settings: Arc::new(settings),

@@ -9,7 +9,7 @@ mod common;
 use common::{assert_openai_error, response_json, TestServer};
 use serde_json::{json, Value};
 
-const ADMIN: &str = "admin-secret-for-feedback-tests";
+const ADMIN: &str = "admin-secret-for-feedback-tests-0123456789";
 
 fn call(s: &TestServer, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
     let mut r = ureq::request(method, &format!("{}{path}", s.base));

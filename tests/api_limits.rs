@@ -62,7 +62,7 @@ fn request_limits_are_settings_refused_by_name() {
     assert_eq!(status, 200, "{v}");
 }
 
-const ADMIN: &str = "quota-admin";
+const ADMIN: &str = "quota-admin-key-for-tests-0123456789abcdef";
 
 fn tenant(s: &TestServer, name: &str) -> String {
     let (status, v) = response_json(

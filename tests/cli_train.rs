@@ -45,7 +45,7 @@ fn train_writes_a_loadable_peft_adapter_and_reports_bad_lines() {
     }
     assert!(stdout.contains("trained on 2 examples (3 lines skipped)"), "{stdout}");
     let model = load_hf_dir(&model_dir, None, DType::F32, &Device::Cpu).unwrap().model;
-    let adapter = load_dir(&out, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap();
+    let adapter = load_dir(&out, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(adapter.len(), 5 * 7, "every module of every layer");
     assert_eq!(adapter.max_rank, 4);
 

@@ -190,7 +190,7 @@ fn a_kill_during_training_loses_no_feedback_and_writes_no_version() {
     let root = tempfile::tempdir().unwrap();
     let s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[]));
     teach(&s);
-    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 10000}}));
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 1000}}));
     let id = job["id"].as_str().unwrap().to_string();
     let started = Instant::now();
     loop {
@@ -525,7 +525,7 @@ fn sigterm_stops_a_training_job_cleanly_and_its_feedback_stays_pending() {
     let root = tempfile::tempdir().unwrap();
     let mut s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[("LIFELORA_LIMITS__SHUTDOWN_GRACE_SECS", "20")]));
     teach(&s);
-    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 10000}}));
+    let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 1000}}));
     let id = job["id"].as_str().unwrap().to_string();
     let started = Instant::now();
     while !s.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=100")).1.contains("Step 5/") {

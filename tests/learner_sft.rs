@@ -55,7 +55,7 @@ fn the_training_forward_equals_the_serving_forward() {
     let Some(model) = model() else { return };
     let tokens: Vec<u32> = vec![1, 482, 82, 508, 499, 496, 300, 12, 77];
     let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
-    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
     let train = model.forward_train(&tokens, &lora).unwrap();
     let serve = serving_logits(&model, &tokens, Some(adapter));
@@ -194,7 +194,7 @@ fn sequences_packed_in_one_pass_share_their_beginnings_and_get_the_logits_and_gr
     use lifelora::model::llama::PackedSeq;
     let Some(model) = model() else { return };
     let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
-    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
     // Two share five tokens, one repeats another whole, one shares only the first.
     let seqs: [&[u32]; 4] =
@@ -224,7 +224,7 @@ fn kl_anchors_keep_the_base_top_tokens_and_bound_the_full_kl_from_below() {
     use lifelora::learner::sft::KlAnchors;
     let Some(model) = model() else { return };
     let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
-    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
     let tokens: Vec<u32> = vec![1, 482, 82, 508, 499, 496, 300, 12, 77, 260, 390];
     let start = 4;

@@ -50,7 +50,7 @@ fn adapters_over_a_quantized_base_match_the_merged_dense_reference() {
     candle_core::safetensors::save(&tensors, dir.path().join("w.safetensors")).unwrap();
     let weights = std::fs::read(dir.path().join("w.safetensors")).unwrap();
     let config = format!(r#"{{"peft_type":"LORA","r":{r},"lora_alpha":{alpha},"target_modules":["q_proj","v_proj","down_proj"]}}"#);
-    let adapter = std::sync::Arc::new(parse(config.as_bytes(), &weights, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap());
+    let adapter = std::sync::Arc::new(parse(config.as_bytes(), &weights, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
 
     // Dense references: the dequantized base, and the same plus s·B·A.
     let base_w = model.dense_weights().unwrap();

@@ -31,7 +31,7 @@ fn setup() -> Option<(Llama, std::path::PathBuf)> {
 }
 
 fn load(model: &Llama, dir: &std::path::Path) -> Arc<LoraAdapter> {
-    Arc::new(load_dir(dir, &model.lora_sites(), &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu).unwrap())
+    Arc::new(load_dir(dir, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap())
 }
 
 #[test]
@@ -134,12 +134,12 @@ fn rewrite_tensors(weights: &[u8], f: impl Fn(&str, Tensor) -> Option<(String, T
 fn bad_adapters_are_refused_naming_the_tensor_or_field() {
     let Some((model, root)) = setup() else { return };
     let sites = model.lora_sites();
-    let limits = LoraLimits { max_rank: 64 };
+    let limits = LoraLimits { max_rank: 64, ..Default::default() };
     let (config, weights) = fixture(&root, "q_v_r8");
     let try_parse = |c: &[u8], w: &[u8], limits: &LoraLimits| parse(c, w, &sites, limits, DType::F32, &Device::Cpu);
 
     assert!(try_parse(&config, &weights, &limits).is_ok());
-    let e = try_parse(&config, &weights, &LoraLimits { max_rank: 4 }).unwrap_err();
+    let e = try_parse(&config, &weights, &LoraLimits { max_rank: 4, ..Default::default() }).unwrap_err();
     assert!(matches!(e, LoraError::RankTooLarge { rank: 8, .. }), "{e}");
 
     let dora = String::from_utf8(config.clone()).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");

@@ -18,7 +18,7 @@ fn files(name: &str) -> Option<(Vec<u8>, Vec<u8>)> {
 fn open(root: &std::path::Path, max_resident: usize) -> Registry {
     let shared = common::shared_dir().unwrap();
     let m = load_hf_dir(&shared.join("models/stories260K"), None, DType::F32, &Device::Cpu).unwrap();
-    Registry::open(AdapterStore::open(root).unwrap(), m.model.lora_sites(), LoraLimits { max_rank: 64 }, DType::F32, Device::Cpu, max_resident).unwrap()
+    Registry::open(AdapterStore::open(root).unwrap(), m.model.lora_sites(), LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, Device::Cpu, max_resident).unwrap()
 }
 
 #[test]

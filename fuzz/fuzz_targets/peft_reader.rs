@@ -22,5 +22,5 @@ fuzz_target!(|data: &[u8]| {
                 .map(move |(m, i, o)| SiteSpec { layer, module: m.to_string(), in_features: i, out_features: o })
         })
         .collect();
-    let _ = parse(config, weights, &sites, &LoraLimits { max_rank: 64 }, DType::F32, &Device::Cpu);
+    let _ = parse(config, weights, &sites, &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu);
 });

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use lifelora::api::body::parse_json;
 use lifelora::api::types::{ChatRequest, CompletionRequest};
-use lifelora::api::{adapters, chat, feedback, files, fine_tuning, tenants, validate};
+use lifelora::api::{chat, feedback, files, fine_tuning, tenants, validate};
 use lifelora::config::Settings;
 use lifelora::learner::dataset::{self, Method};
 use lifelora::model::builtin::byte_tokenizer;
@@ -48,8 +48,8 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(v) = parse_json::<serde_json::Value>(data) {
             let _ = lifelora::learner::policy::apply(&s.learning, &v);
         }
-        // /v1/adapters (archive upload; the files inside go to the PEFT reader target)
-        let _ = adapters::unpack_archive(data, 1 << 20);
+        // /v1/adapters (archive upload; the `archive` target explores tar structure)
+        let _ = lifelora::lora::archive::unpack_peft(data, 1 << 20);
         // /v1/files, /v1/adapters/{name}/examples, and the lines a job reads
         if let Ok(text) = std::str::from_utf8(data) {
             let _ = files::check_jsonl(text.as_bytes());

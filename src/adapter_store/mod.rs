@@ -32,6 +32,8 @@ pub enum StoreError {
     Io { path: String, message: String },
     #[error("corrupt {path}: {message}")]
     Corrupt { path: String, message: String },
+    #[error("v{version} of {name} is the current version; promote or roll back to another first")]
+    VersionIsCurrent { name: String, version: u32 },
 }
 
 /// Where a version came from.
@@ -55,6 +57,25 @@ pub struct Manifest {
     pub target_modules: Vec<String>,
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// Why the learner's gate rejected this version (None: not rejected).
+    /// A rejected version is never served until promoted by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Vec<String>>,
+}
+
+impl Manifest {
+    /// The gate's reasons when it rejected this version (also read from
+    /// manifests written before the typed field, whose metrics say so).
+    pub fn rejection(&self) -> Option<Vec<String>> {
+        if let Some(r) = &self.rejected {
+            return Some(r.clone());
+        }
+        if self.metrics.get("status").and_then(serde_json::Value::as_str) == Some("rejected") {
+            let reasons = self.metrics.get("reasons").and_then(serde_json::Value::as_array);
+            return Some(reasons.map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default());
+        }
+        None
+    }
 }
 
 /// The current version and the ones that were current before it.
@@ -63,6 +84,16 @@ pub struct Pointer {
     pub current: Option<u32>,
     #[serde(default)]
     pub history: Vec<u32>,
+    /// Gate-rejected versions someone promoted by hand: servable from then on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<u32>,
+}
+
+impl Pointer {
+    /// Whether `m` may be served: not rejected, or current, or released by hand.
+    pub fn servable(&self, m: &Manifest) -> bool {
+        m.rejection().is_none() || self.current == Some(m.version) || self.released.contains(&m.version)
+    }
 }
 
 /// Checks a tenant or adapter name: a short allow-listed alphabet, so no
@@ -120,6 +151,21 @@ pub struct NewVersion<'a> {
     pub rank: usize,
     pub target_modules: Vec<String>,
     pub metrics: serde_json::Value,
+    /// The gate's reasons, for a version the learner keeps but does not serve.
+    pub rejected: Option<Vec<String>>,
+}
+
+/// Bytes of every regular file under `dir` (0 when it does not exist).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 impl AdapterStore {
@@ -147,6 +193,12 @@ impl AdapterStore {
     }
 
     fn clean_partial_writes(&self) -> Result<(), StoreError> {
+        // Tenants whose deletion was interrupted after their directory was renamed away.
+        for entry in fs::read_dir(&self.root).map_err(io(&self.root))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".deleted-") {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
         for tenant in self.read_names(&self.root)? {
             let tdir = self.root.join(&tenant);
             for entry in fs::read_dir(&tdir).map_err(io(&tdir))?.flatten() {
@@ -262,6 +314,7 @@ impl AdapterStore {
             rank: new.rank,
             target_modules: new.target_modules,
             metrics: new.metrics,
+            rejected: new.rejected,
         };
         let tmp = dir.join(format!(".tmp-v{version}-{}-{}", std::process::id(), rand::random::<u64>()));
         let _ = fs::remove_dir_all(&tmp);
@@ -278,6 +331,11 @@ impl AdapterStore {
 
     /// The PEFT files of a version, checked against the manifest's hashes.
     pub fn read_files(&self, tenant: &str, name: &str, version: u32) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+        self.read_version(tenant, name, version).map(|(_, config, weights)| (config, weights))
+    }
+
+    /// A version's manifest and PEFT files, checked against its hashes.
+    pub fn read_version(&self, tenant: &str, name: &str, version: u32) -> Result<(Manifest, Vec<u8>, Vec<u8>), StoreError> {
         let vdir = self.adapter_dir(tenant, name)?.join(format!("v{version}"));
         if !vdir.exists() {
             return Err(StoreError::VersionNotFound { name: name.to_string(), version });
@@ -293,7 +351,8 @@ impl AdapterStore {
             }
             Ok(bytes)
         };
-        Ok((read(CONFIG_FILE)?, read(WEIGHTS_FILE)?))
+        let (config, weights) = (read(CONFIG_FILE)?, read(WEIGHTS_FILE)?);
+        Ok((manifest, config, weights))
     }
 
     /// Makes `version` current; the previous current goes to the history.
@@ -302,15 +361,17 @@ impl AdapterStore {
     }
 
     fn promote_locked(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, StoreError> {
-        if !self.versions(tenant, name)?.iter().any(|m| m.version == version) {
-            return Err(StoreError::VersionNotFound { name: name.to_string(), version });
-        }
+        let versions = self.versions(tenant, name)?;
+        let manifest = versions.iter().find(|m| m.version == version).ok_or_else(|| StoreError::VersionNotFound { name: name.to_string(), version })?;
         let mut p = self.pointer(tenant, name)?;
         if p.current == Some(version) {
             return Ok(p);
         }
         if let Some(c) = p.current {
             p.history.push(c);
+        }
+        if manifest.rejection().is_some() && !p.released.contains(&version) {
+            p.released.push(version);
         }
         p.current = Some(version);
         self.write_pointer(tenant, name, &p)?;
@@ -328,6 +389,56 @@ impl AdapterStore {
         p.current = Some(previous);
         self.write_pointer(tenant, name, &p)?;
         Ok(p)
+    }
+
+    /// Removes one version that is not current (renamed away first, so a
+    /// crash never leaves half a version listed); it leaves the rollback
+    /// history too.
+    pub fn delete_version(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, StoreError> {
+        self.exclusive(tenant, name, || self.delete_version_locked(tenant, name, version))
+    }
+
+    fn delete_version_locked(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, StoreError> {
+        let dir = self.adapter_dir(tenant, name)?;
+        let vdir = dir.join(format!("v{version}"));
+        if !vdir.exists() {
+            return Err(StoreError::VersionNotFound { name: name.to_string(), version });
+        }
+        let mut p = self.pointer(tenant, name)?;
+        if p.current == Some(version) {
+            return Err(StoreError::VersionIsCurrent { name: name.to_string(), version });
+        }
+        if p.history.contains(&version) || p.released.contains(&version) {
+            p.history.retain(|&v| v != version);
+            p.released.retain(|&v| v != version);
+            self.write_pointer(tenant, name, &p)?;
+        }
+        let gone = dir.join(format!(".tmp-deleted-v{version}-{}", rand::random::<u64>()));
+        fs::rename(&vdir, &gone).map_err(io(&vdir))?;
+        sync_dir(&dir)?;
+        fs::remove_dir_all(&gone).map_err(io(&gone))?;
+        Ok(p)
+    }
+
+    /// Bytes a tenant's adapter versions take on disk.
+    pub fn tenant_bytes(&self, tenant: &str) -> Result<u64, StoreError> {
+        validate_name(tenant)?;
+        Ok(dir_bytes(&self.root.join(tenant)))
+    }
+
+    /// Removes everything a tenant stored (renamed away in one step first,
+    /// so a crash leaves all of it or none listed; leftovers are removed at
+    /// the next open). Nothing stored is fine.
+    pub fn delete_tenant(&self, tenant: &str) -> Result<(), StoreError> {
+        validate_name(tenant)?;
+        let dir = self.root.join(tenant);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let gone = self.root.join(format!(".deleted-{tenant}-{}", rand::random::<u64>()));
+        fs::rename(&dir, &gone).map_err(io(&dir))?;
+        sync_dir(&self.root)?;
+        fs::remove_dir_all(&gone).map_err(io(&gone))
     }
 
     /// Removes an adapter and all its versions (renamed away first, so a
@@ -353,7 +464,7 @@ mod tests {
     use super::*;
 
     fn new(config: &'static [u8]) -> NewVersion<'static> {
-        NewVersion { config, weights: b"w", source: Source::Upload, parent: None, rank: 4, target_modules: vec!["q_proj".into()], metrics: serde_json::Value::Null }
+        NewVersion { config, weights: b"w", source: Source::Upload, parent: None, rank: 4, target_modules: vec!["q_proj".into()], metrics: serde_json::Value::Null, rejected: None }
     }
 
     #[test]
@@ -365,11 +476,49 @@ mod tests {
         assert_eq!(s.pointer("acme", "support").unwrap().current, None);
         s.promote("acme", "support", 1).unwrap();
         s.promote("acme", "support", 2).unwrap();
-        assert_eq!(s.pointer("acme", "support").unwrap(), Pointer { current: Some(2), history: vec![1] });
+        assert_eq!(s.pointer("acme", "support").unwrap(), Pointer { current: Some(2), history: vec![1], released: vec![] });
         assert_eq!(s.rollback("acme", "support").unwrap().current, Some(1));
         assert!(matches!(s.rollback("acme", "support"), Err(StoreError::NoPrevious { .. })));
         assert_eq!(s.read_files("acme", "support", 2).unwrap().0, b"{2}");
         assert!(matches!(s.promote("acme", "support", 9), Err(StoreError::VersionNotFound { .. })));
+    }
+
+    #[test]
+    fn a_rejected_version_is_servable_only_once_promoted_by_hand() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = AdapterStore::open(dir.path()).unwrap();
+        s.write_version("t", "a", new(b"{1}")).unwrap();
+        s.promote("t", "a", 1).unwrap();
+        let m = s.write_version("t", "a", NewVersion { rejected: Some(vec!["drift".into()]), ..new(b"{2}") }).unwrap();
+        assert_eq!(m.rejection(), Some(vec!["drift".to_string()]));
+        assert!(!s.pointer("t", "a").unwrap().servable(&m));
+        s.promote("t", "a", 2).unwrap();
+        s.rollback("t", "a").unwrap();
+        let p = s.pointer("t", "a").unwrap();
+        assert_eq!((p.current, p.servable(&m)), (Some(1), true));
+    }
+
+    #[test]
+    fn versions_and_tenants_are_deleted_whole_and_the_current_one_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = AdapterStore::open(dir.path()).unwrap();
+        for body in [&b"{1}"[..], b"{2}", b"{3}"] {
+            let v = s.write_version("t", "a", new(body)).unwrap().version;
+            s.promote("t", "a", v).unwrap();
+        }
+        assert!(matches!(s.delete_version("t", "a", 3), Err(StoreError::VersionIsCurrent { .. })));
+        let p = s.delete_version("t", "a", 1).unwrap();
+        assert_eq!((p.current, p.history.clone()), (Some(3), vec![2]));
+        assert_eq!(s.versions("t", "a").unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(s.tenant_bytes("t").unwrap() > 0);
+        s.write_version("u", "b", new(b"{}")).unwrap();
+        s.delete_tenant("t").unwrap();
+        assert_eq!(s.tenants().unwrap(), vec!["u".to_string()]);
+        assert_eq!(s.tenant_bytes("t").unwrap(), 0);
+        // A deletion interrupted after the rename is finished at the next open.
+        std::fs::create_dir_all(dir.path().join(".deleted-u-1/b")).unwrap();
+        AdapterStore::open(dir.path()).unwrap();
+        assert!(!dir.path().join(".deleted-u-1").exists());
     }
 
     #[test]

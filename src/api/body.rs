@@ -43,14 +43,7 @@ pub async fn read_limited(
     };
     match tokio::time::timeout(std::time::Duration::from_secs(timeout), read).await {
         Ok(result) => result,
-        Err(_) => Err(ApiError {
-            status: actix_web::http::StatusCode::REQUEST_TIMEOUT,
-            message: format!("the request body did not arrive within {timeout} s"),
-            kind: "invalid_request_error",
-            param: None,
-            code: Some("request_timeout"),
-            retry_after: None,
-        }),
+        Err(_) => Err(request_timeout(timeout)),
     }
 }
 
@@ -85,25 +78,112 @@ pub struct Part {
     pub bytes: Vec<u8>,
 }
 
-/// Reads a multipart body into its parts, refusing more than `limit` bytes in all.
-pub async fn read_multipart(mut payload: actix_multipart::Multipart, limit: usize) -> Result<Vec<Part>, ApiError> {
-    use futures_util::StreamExt;
-    let mut parts = Vec::new();
+/// What one multipart body may hold.
+#[derive(Debug, Clone)]
+pub struct MultipartLimits {
+    /// Bytes of the whole body, part headers included (413 beyond).
+    pub max_bytes: usize,
+    /// Parts in all.
+    pub max_parts: usize,
+    /// Bytes of one part's name, file name and content type together.
+    pub max_header_bytes: usize,
+    /// The whole body must arrive within this (408 beyond).
+    pub timeout: std::time::Duration,
+}
+
+impl MultipartLimits {
+    /// The server's limits for a body of at most `max_bytes`.
+    pub fn new(settings: &crate::config::Settings, max_bytes: usize) -> Self {
+        MultipartLimits {
+            max_bytes,
+            max_parts: settings.limits.max_multipart_parts,
+            max_header_bytes: settings.limits.max_multipart_header_bytes,
+            timeout: std::time::Duration::from_secs(settings.limits.client_timeout_secs.max(1)),
+        }
+    }
+}
+
+fn request_timeout(secs: u64) -> ApiError {
+    ApiError {
+        status: actix_web::http::StatusCode::REQUEST_TIMEOUT,
+        message: format!("the request body did not arrive within {secs} s"),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("request_timeout"),
+        retry_after: None,
+    }
+}
+
+/// Reads a multipart body into the parts named in `wanted` (others are
+/// read past, never kept), within `limits`: a part count, header bytes per
+/// part, total bytes, and one deadline for the whole body. A part named
+/// twice is refused.
+pub async fn read_multipart(req: &HttpRequest, payload: web::Payload, limits: &MultipartLimits, wanted: &[&str]) -> Result<Vec<Part>, ApiError> {
+    read_multipart_from(req.headers(), payload, limits, wanted).await
+}
+
+/// [`read_multipart`] over any body stream (the fuzz target's way in).
+pub async fn read_multipart_from<S>(
+    headers: &actix_web::http::header::HeaderMap,
+    body: S,
+    limits: &MultipartLimits,
+    wanted: &[&str],
+) -> Result<Vec<Part>, ApiError>
+where
+    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> + 'static,
+{
+    if let Some(len) = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > limits.max_bytes {
+            return Err(ApiError::too_large(limits.max_bytes));
+        }
+    }
+    let multipart = actix_multipart::Multipart::new(headers, body);
+    match tokio::time::timeout(limits.timeout, read_parts(multipart, limits, wanted)).await {
+        Ok(result) => result,
+        Err(_) => Err(request_timeout(limits.timeout.as_secs())),
+    }
+}
+
+async fn read_parts(mut payload: actix_multipart::Multipart, limits: &MultipartLimits, wanted: &[&str]) -> Result<Vec<Part>, ApiError> {
+    let malformed = |e: actix_multipart::MultipartError| ApiError::invalid(format!("malformed multipart body: {e}"), None);
+    let mut parts: Vec<Part> = Vec::new();
     let mut total = 0usize;
+    let mut count = 0usize;
     while let Some(field) = payload.next().await {
-        let mut field = field.map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}"), None))?;
+        let mut field = field.map_err(malformed)?;
+        count += 1;
+        if count > limits.max_parts {
+            return Err(ApiError::invalid(format!("the multipart body has more than {} parts", limits.max_parts), None).with_code("too_many_parts"));
+        }
         let name = field.name().unwrap_or("").to_string();
         let filename = field.content_disposition().and_then(|d| d.get_filename()).map(str::to_string);
+        let header_bytes = name.len() + filename.as_ref().map_or(0, String::len) + field.content_type().map_or(0, |m| m.as_ref().len());
+        if header_bytes > limits.max_header_bytes {
+            return Err(ApiError::invalid(
+                format!("a multipart part's name, file name and content type take {header_bytes} bytes; at most {} are accepted", limits.max_header_bytes),
+                None,
+            )
+            .with_code("part_header_too_large"));
+        }
+        total += header_bytes;
+        let keep = wanted.contains(&name.as_str());
+        if keep && parts.iter().any(|p| p.name == name) {
+            return Err(ApiError::invalid(format!("multipart part '{name}' appears more than once"), Some(&name)));
+        }
         let mut bytes = Vec::new();
         while let Some(chunk) = field.next().await {
-            let chunk = chunk.map_err(|e| ApiError::invalid(format!("malformed multipart body: {e}"), None))?;
+            let chunk = chunk.map_err(malformed)?;
             total += chunk.len();
-            if total > limit {
-                return Err(ApiError::too_large(limit));
+            if total > limits.max_bytes {
+                return Err(ApiError::too_large(limits.max_bytes));
             }
-            bytes.extend_from_slice(&chunk);
+            if keep {
+                bytes.extend_from_slice(&chunk);
+            }
         }
-        parts.push(Part { name, filename, bytes });
+        if keep {
+            parts.push(Part { name, filename, bytes });
+        }
     }
     Ok(parts)
 }

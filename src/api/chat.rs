@@ -69,7 +69,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: ChatRequest = parse_json(&body)?;
-    let target = state.target(&req, &r.model, r.tenant.as_deref())?;
+    let target = state.target(&req, &r.model, r.tenant.as_deref()).await?;
     let adapter = target.adapter.clone();
     if r.messages.len() > state.settings.limits.max_messages {
         return Err(ApiError::invalid(
@@ -122,6 +122,7 @@ pub async fn create(
     };
     let messages = to_template_messages(&r.messages)?;
     let rendered = state.model.chat.render(&messages)?;
+    validate::text_fits(rendered.len(), state.model.tokenizer.max_token_bytes, state.context(), &state.settings.limits, "messages")?;
     let prompt = state.model.tokenizer.encode_chat(&rendered)?;
     validate::prompt_length(prompt.len(), &state.settings.limits, "messages")?;
     if prompt.is_empty() {
@@ -143,6 +144,10 @@ pub async fn create(
         &state.settings.engine,
         false,
     )?;
+    if want_logprobs {
+        let entries = max_tokens.saturating_mul(top + 1).saturating_mul(v.n);
+        validate::logprob_entries(entries, &state.settings.limits, "logprobs")?;
+    }
     let prompt_ids = prompt.clone();
     let request = GenerationRequest {
         prompt,
@@ -153,7 +158,7 @@ pub async fn create(
         prompt_logprobs: None,
         ignore_eos: v.ignore_eos,
         adapter: adapter.clone(),
-            tenant: target.tenant.clone(),
+            tenant: target.tenant.to_string(),
     };
     let subs = submit_all(&state.engine, vec![request], v.n)?;
     let id = random_id("chatcmpl");

@@ -26,7 +26,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let r: CompletionRequest = parse_json(&body)?;
-    let target = state.target(&req, &r.model, r.tenant.as_deref())?;
+    let target = state.target(&req, &r.model, r.tenant.as_deref()).await?;
     let adapter = target.adapter.clone();
     let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -66,6 +66,16 @@ pub async fn create(
             Some("prompt"),
         ));
     }
+    if let PromptInput::Text(_) | PromptInput::Texts(_) = &r.prompt {
+        let texts: Vec<&String> = match &r.prompt {
+            PromptInput::Text(t) => vec![t],
+            PromptInput::Texts(ts) => ts.iter().collect(),
+            _ => Vec::new(),
+        };
+        for t in texts {
+            validate::text_fits(t.len(), tok.max_token_bytes, state.context(), &state.settings.limits, "prompt")?;
+        }
+    }
     let prompts: Vec<Vec<u32>> = match &r.prompt {
         PromptInput::Text(t) => vec![tok.encode_prompt(t)?],
         PromptInput::Texts(ts) => ts
@@ -88,6 +98,7 @@ pub async fn create(
         ));
     }
     let mut requests = Vec::with_capacity(prompts.len());
+    let mut logprob_entries = 0usize;
     for ids in &prompts {
         validate::prompt_length(ids.len(), &state.settings.limits, "prompt")?;
         if ids.is_empty() {
@@ -106,6 +117,10 @@ pub async fn create(
             &state.settings.engine,
             echo,
         )?;
+        if let Some(k) = logprobs {
+            let positions = max_tokens + if echo { ids.len() } else { 0 };
+            logprob_entries = logprob_entries.saturating_add(positions.saturating_mul(k + 1).saturating_mul(v.n));
+        }
         requests.push(GenerationRequest {
             prompt: ids.clone(),
             params: v.params.clone(),
@@ -115,9 +130,10 @@ pub async fn create(
             prompt_logprobs: if echo { logprobs } else { None },
             ignore_eos: v.ignore_eos,
             adapter: adapter.clone(),
-            tenant: target.tenant.clone(),
+            tenant: target.tenant.to_string(),
         });
     }
+    validate::logprob_entries(logprob_entries, &state.settings.limits, "logprobs")?;
     let subs = submit_all(&state.engine, requests, v.n)?;
     let id = random_id("cmpl");
     let rendered_prompts = match &r.prompt {

@@ -96,17 +96,55 @@ impl ApiError {
         }
     }
 
+    /// 429 for a quota or limit a client reached (not a fault in its request).
+    pub fn limit(message: impl Into<String>, code: &'static str) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
+    /// 409 for a request that conflicts with the current state.
+    pub fn conflict(message: impl Into<String>, code: &'static str) -> Self {
+        ApiError { status: StatusCode::CONFLICT, message: message.into(), kind: "invalid_request_error", param: None, code: Some(code), retry_after: None }
+    }
+
     /// The JSON body of this error (also used inside SSE streams).
     pub fn body(&self) -> serde_json::Value {
+        let message = without_backtrace(&self.message);
         serde_json::to_value(ErrorBody {
             error: ErrorObject {
-                message: &self.message,
+                message: &message,
                 kind: self.kind,
                 param: self.param.as_deref(),
                 code: self.code,
             },
         })
         .unwrap_or_default()
+    }
+}
+
+/// The message without a captured backtrace: library errors (candle's,
+/// with `RUST_BACKTRACE` set) carry one after their first line, and a
+/// client never needs our stack.
+fn without_backtrace(message: &str) -> std::borrow::Cow<'_, str> {
+    let frame = |line: &str| {
+        let t = line.trim_start();
+        t.starts_with("stack backtrace:")
+            || t.starts_with("Stack backtrace:")
+            || t.starts_with("at ") && line.starts_with(' ')
+            || t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && line.starts_with(' '))
+    };
+    match message.lines().position(frame) {
+        None => std::borrow::Cow::Borrowed(message),
+        Some(at) => {
+            let kept: Vec<&str> = message.lines().take(at).collect();
+            std::borrow::Cow::Owned(kept.join("\n").trim_end().to_string())
+        }
     }
 }
 
@@ -166,6 +204,8 @@ impl From<crate::registry::RegistryError> for ApiError {
                 code: Some("adapter_not_found"), retry_after: None,
             },
             R::BadReference(_) => ApiError::invalid(e.to_string(), Some("model")),
+            R::Rejected { .. } => ApiError { param: Some("model".into()), ..ApiError::conflict(e.to_string(), "adapter_version_rejected") },
+            R::TooManyVersions { .. } => ApiError::limit(e.to_string(), "version_limit_reached"),
             R::Lora(l) => ApiError::invalid(format!("adapter refused: {l}"), Some("weights")).with_code("invalid_adapter"),
             R::Store(StoreError::InvalidName(_)) => ApiError::invalid(e.to_string(), Some("name")).with_code("invalid_name"),
             R::Store(StoreError::NotFound(_)) | R::Store(StoreError::VersionNotFound { .. }) => ApiError {
@@ -175,6 +215,7 @@ impl From<crate::registry::RegistryError> for ApiError {
                 param: None,
                 code: Some("adapter_not_found"), retry_after: None,
             },
+            R::Store(StoreError::VersionIsCurrent { .. }) => ApiError::conflict(e.to_string(), "version_is_current"),
             R::Store(StoreError::NoPrevious { .. }) => ApiError {
                 status: StatusCode::CONFLICT,
                 message: e.to_string(),
@@ -208,7 +249,92 @@ impl From<crate::store::StoreError> for ApiError {
                 param: None,
                 code: Some("not_found"), retry_after: None,
             },
+            crate::store::StoreError::Limit { .. } => ApiError::limit(e.to_string(), "limit_reached"),
             other => ApiError::internal(other.to_string()),
         }
+    }
+}
+
+impl From<crate::storage_quota::StorageError> for ApiError {
+    fn from(e: crate::storage_quota::StorageError) -> Self {
+        use crate::storage_quota::StorageError as S;
+        match e {
+            S::Exceeded { .. } => ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, ..ApiError::limit(e.to_string(), "storage_quota_exceeded") },
+            S::Records(r) => r.into(),
+            S::Adapters(a) => a.into(),
+        }
+    }
+}
+
+impl From<crate::tenants::TenantError> for ApiError {
+    fn from(e: crate::tenants::TenantError) -> Self {
+        use crate::tenants::TenantError as T;
+        match e {
+            T::Name(_) => ApiError::invalid(e.to_string(), Some("name")).with_code("invalid_name"),
+            T::Exists(_) => ApiError { param: Some("name".into()), ..ApiError::conflict(e.to_string(), "tenant_exists") },
+            T::BeingDeleted(_) => ApiError { param: Some("name".into()), retry_after: Some(1), ..ApiError::conflict(e.to_string(), "tenant_being_deleted") },
+            T::NotFound(_) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: e.to_string(),
+                kind: "invalid_request_error",
+                param: Some("name".into()),
+                code: Some("tenant_not_found"),
+                retry_after: None,
+            },
+            T::Gone(_) => ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: format!("{e}; its key no longer works"),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+                retry_after: None,
+            },
+            T::Io { .. } => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::learner::worker::QueueError> for ApiError {
+    fn from(e: crate::learner::worker::QueueError) -> Self {
+        use crate::learner::worker::QueueError as Q;
+        match e {
+            Q::Full(_) => ApiError { retry_after: Some(5), ..ApiError::limit(e.to_string(), "too_many_queued_jobs") },
+            Q::Store(s) => s.into(),
+            Q::Tenant(t) => t.into(),
+            Q::Stopped => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: e.to_string(),
+                kind: "server_error",
+                param: None,
+                code: Some("shutting_down"),
+                retry_after: Some(1),
+            },
+        }
+    }
+}
+
+impl From<crate::lora::archive::ArchiveError> for ApiError {
+    fn from(e: crate::lora::archive::ArchiveError) -> Self {
+        use crate::lora::archive::ArchiveError as A;
+        match e {
+            A::TooLarge { limit } => ApiError { message: format!("archive: {e}"), ..ApiError::too_large(limit.min(usize::MAX as u64) as usize) },
+            _ => ApiError::invalid(format!("archive: {e}"), Some("archive")).with_code("invalid_archive"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backtrace_never_reaches_the_client() {
+        let msg = "adapter refused: shape mismatch in matmul\nStack backtrace:\n   0: candle_core::error::Error::bt\n             at /x/error.rs:264:25\n   1: main";
+        let e = ApiError::invalid(msg, None);
+        assert_eq!(e.body()["error"]["message"], "adapter refused: shape mismatch in matmul");
+        let std_style = "oops\n   0: std::backtrace::Backtrace::create\n   1: lifelora::x";
+        assert_eq!(ApiError::internal(std_style).body()["error"]["message"], "oops");
+        let plain = "line 3: not valid JSON: expected value at line 1 column 2";
+        assert_eq!(ApiError::invalid(plain, None).body()["error"]["message"], plain);
     }
 }

@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::learner::dataset;
 use crate::store::ExampleRecord;
 
+use super::blocking::blocking;
 use super::body::read_limited;
 use super::error::ApiError;
 use super::state::AppState;
@@ -21,7 +22,8 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let tenant = tenant_for(&req, &state, None)?;
     crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string(), Some("name")))?;
     if name != state.learner.settings().default_adapter {
-        state.registry.info(&tenant, &name)?;
+        let (registry, t, n) = (state.registry.clone(), tenant.clone(), name.clone());
+        blocking(move || registry.info(&t, &n)).await?;
     }
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::invalid("the body must be UTF-8 JSONL", None))?;
     let (examples, errors) = dataset::parse_jsonl(text, &state.model.tokenizer, &state.model.chat);
@@ -41,7 +43,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
         .into_iter()
         .map(|e| ExampleRecord {
             id: crate::store::new_id("ex"),
-            tenant: tenant.clone(),
+            tenant: tenant.to_string(),
             adapter: name.clone(),
             prompt_ids: e.prompt,
             answer_ids: e.answer,
@@ -49,8 +51,12 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
         })
         .collect();
     let accepted = records.len();
-    let store = state.records.clone();
-    web::block(move || store.add_examples(&records)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let adding: u64 = records.iter().map(|r| serde_json::to_string(r).map_or(0, |j| j.len() as u64)).sum();
+    let (store, storage, tenants, who) = (state.records.clone(), state.storage.clone(), state.tenants.clone(), tenant.clone());
+    blocking(move || -> Result<(), ApiError> {
+        tenants.write_as(&who, || storage.within(&who, adding, || -> Result<(), ApiError> { Ok(store.add_examples(&records)?) }))?
+    })
+    .await?;
     let (learner, t, n) = (state.learner.clone(), tenant, name.clone());
     actix_web::rt::task::spawn_blocking(move || learner.maybe_trigger(&t, &n));
     Ok(HttpResponse::Ok().json(json!({"object": "adapter.examples", "adapter": name, "accepted": accepted, "errors": errors})))

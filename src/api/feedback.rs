@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::store::{FeedbackQuery, FeedbackRecord};
 
+use super::blocking::blocking;
 use super::body::{parse_json, read_limited};
 use super::error::ApiError;
 use super::generate::random_id;
@@ -102,8 +103,9 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
     let FeedbackRequest { completion_id, choice_index, rating, correction, comment, tenant } = parse_request(&body)?;
     let tenant = tenant_for(&req, &state, tenant.as_deref())?;
-    let records = state.records.clone();
-    let accepted = web::block(move || -> Result<FeedbackRecord, ApiError> {
+    let (records, tenants, max_per_completion) = (state.records.clone(), state.tenants.clone(), state.settings.limits.max_feedback_per_completion);
+    let who = tenant.clone();
+    let accepted = blocking(move || -> Result<FeedbackRecord, ApiError> {
         // Another tenant's completion answers exactly like a missing one.
         let completion = records.completion(&tenant, &completion_id)?;
         if choice_index as usize >= completion.outputs.len() {
@@ -115,7 +117,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         let record = FeedbackRecord {
             id: random_id("fb"),
             completion_id,
-            tenant,
+            tenant: tenant.to_string(),
             adapter: completion.adapter,
             adapter_version: completion.adapter_version,
             choice_index,
@@ -124,13 +126,18 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
             comment,
             created_at: crate::store::now(),
         };
-        records.add_feedback(&record)?;
+        tenants.write_as(&tenant, || records.add_feedback(&record, max_per_completion)).map_err(ApiError::from)?.map_err(|e| match e {
+            crate::store::StoreError::Limit { limit, .. } => ApiError::limit(
+                format!("completion {} already has {limit} feedback items, the limit (limits.max_feedback_per_completion)", record.completion_id),
+                "feedback_limit_reached",
+            ),
+            other => other.into(),
+        })?;
         Ok(record)
     })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    .await?;
     let adapter = accepted.adapter.clone().unwrap_or_else(|| state.learner.settings().default_adapter.clone());
-    let (learner, tenant) = (state.learner.clone(), accepted.tenant.clone());
+    let (learner, tenant) = (state.learner.clone(), who);
     let watched = match (&accepted.adapter, accepted.adapter_version, accepted.rating) {
         (Some(name), Some(version), Some(_)) => Some((name.clone(), version)),
         _ => None,
@@ -182,7 +189,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Li
     }
     let records = state.records.clone();
     let query = FeedbackQuery { adapter: q.adapter, after: q.after, limit: limit + 1 };
-    let mut items = web::block(move || records.feedback(&tenant, &query)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut items = blocking(move || records.feedback(&tenant, &query)).await?;
     let has_more = items.len() > limit;
     items.truncate(limit);
     Ok(HttpResponse::Ok().json(json!({

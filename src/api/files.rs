@@ -3,14 +3,14 @@
 //! Files live in the record store, scoped to the tenant; every line must be
 //! a JSON object, and what the lines mean is checked when a job uses them.
 
-use actix_multipart::Multipart;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::store::FileRecord;
 
-use super::body::read_multipart;
+use super::blocking::blocking;
+use super::body::{read_multipart, MultipartLimits};
 use super::error::ApiError;
 use super::state::AppState;
 use super::tenant::tenant_of;
@@ -61,8 +61,9 @@ pub async fn upload(state: web::Data<AppState>, req: HttpRequest, payload: web::
     if !is_multipart {
         return Err(ApiError::invalid("upload files as multipart/form-data with parts 'file' and 'purpose'", None).with_code("invalid_content_type"));
     }
-    let limit = state.settings.learning.max_file_bytes;
-    let parts = read_multipart(Multipart::new(req.headers(), payload), limit).await?;
+    // The file plus its multipart framing and the purpose part.
+    let limit = state.settings.learning.max_file_bytes.saturating_add(64 * 1024);
+    let parts = read_multipart(&req, payload, &MultipartLimits::new(&state.settings, limit), &["file", "purpose"]).await?;
     let purpose = parts
         .iter()
         .find(|p| p.name == "purpose")
@@ -72,6 +73,9 @@ pub async fn upload(state: web::Data<AppState>, req: HttpRequest, payload: web::
         return Err(ApiError::invalid(format!("purpose {purpose:?} is not supported; this server takes \"{FINE_TUNE}\" files"), Some("purpose")));
     }
     let file = parts.into_iter().find(|p| p.name == "file").ok_or_else(|| ApiError::invalid("multipart part 'file' is required", Some("file")))?;
+    if file.bytes.len() > state.settings.learning.max_file_bytes {
+        return Err(ApiError::too_large(state.settings.learning.max_file_bytes));
+    }
     check_jsonl(&file.bytes)?;
     let mut filename = file.filename.unwrap_or_else(|| "upload.jsonl".into());
     if filename.len() > MAX_FILENAME {
@@ -83,15 +87,17 @@ pub async fn upload(state: web::Data<AppState>, req: HttpRequest, payload: web::
     }
     let record = FileRecord {
         id: crate::store::new_id("file"),
-        tenant,
+        tenant: tenant.to_string(),
         filename,
         purpose,
         bytes: file.bytes.len(),
         created_at: crate::store::now(),
     };
-    let records = state.records.clone();
-    let saved = record.clone();
-    web::block(move || records.add_file(&saved, &file.bytes)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let (records, storage, tenants, saved) = (state.records.clone(), state.storage.clone(), state.tenants.clone(), record.clone());
+    blocking(move || -> Result<(), ApiError> {
+        tenants.write_as(&tenant, || storage.within(&tenant, file.bytes.len() as u64, || -> Result<(), ApiError> { Ok(records.add_file(&saved, &file.bytes)?) }))?
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(file_json(&record)))
 }
 
@@ -114,9 +120,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Li
     }
     let records = state.records.clone();
     let purpose = q.purpose.clone();
-    let mut files = web::block(move || records.files(&tenant, purpose.as_deref(), usize::MAX))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut files = blocking(move || records.files(&tenant, purpose.as_deref(), usize::MAX)).await?;
     match q.order.as_deref() {
         None | Some("desc") => {}
         Some("asc") => files.reverse(),
@@ -141,7 +145,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Li
 pub async fn get(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let tenant = tenant_of(&req, &state)?;
     let records = state.records.clone();
-    let f = web::block(move || records.file(&tenant, &path)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let f = blocking(move || records.file(&tenant, &path)).await?;
     Ok(HttpResponse::Ok().json(file_json(&f)))
 }
 
@@ -149,16 +153,16 @@ pub async fn get(state: web::Data<AppState>, req: HttpRequest, path: web::Path<S
 pub async fn content(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let tenant = tenant_of(&req, &state)?;
     let records = state.records.clone();
-    let bytes = web::block(move || records.file_content(&tenant, &path)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let bytes = blocking(move || records.file_content(&tenant, &path)).await?;
     Ok(HttpResponse::Ok().content_type("application/octet-stream").body(bytes))
 }
 
 /// `DELETE /v1/files/{id}`.
 pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let tenant = tenant_of(&req, &state)?;
-    let records = state.records.clone();
+    let (records, tenants) = (state.records.clone(), state.tenants.clone());
     let id = path.into_inner();
     let gone = id.clone();
-    web::block(move || records.delete_file(&tenant, &gone)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    blocking(move || -> Result<(), ApiError> { Ok(tenants.write_as(&tenant, || records.delete_file(&tenant, &gone))??) }).await?;
     Ok(HttpResponse::Ok().json(json!({"object": "file", "id": id, "deleted": true})))
 }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::store::JobRecord;
 
+use super::blocking::blocking;
 use super::body::read_limited;
 use super::error::ApiError;
 use super::state::AppState;
@@ -83,6 +84,17 @@ pub fn parse_train_request(body: &[u8]) -> Result<TrainRequest, ApiError> {
     Ok(TrainRequest { hyperparameters: hp, tenant: input.tenant })
 }
 
+/// Refuses `n_steps` past `learning.max_steps`.
+fn check_steps(hp: &Value, param: &str, max_steps: usize) -> Result<(), ApiError> {
+    match hp.get("n_steps").and_then(Value::as_f64) {
+        Some(n) if n > max_steps as f64 => {
+            let param = format!("{param}.n_steps");
+            Err(ApiError::invalid(format!("'{param}' is {n}; a run takes at most {max_steps} steps (learning.max_steps)"), Some(&param)))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `POST /v1/adapters/{name}/train`.
 pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
@@ -90,14 +102,15 @@ pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path
     let TrainRequest { hyperparameters: hp, tenant } = parse_train_request(&body)?;
     let tenant = tenant_for(&req, &state, tenant.as_deref())?;
     crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string(), Some("name")))?;
-    if name != state.learner.settings().default_adapter {
-        state.registry.info(&tenant, &name)?;
-    }
-    let learner = state.learner.clone();
-    let job = web::block(move || learner.submit(&tenant, &name, hp))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    check_steps(&hp, "hyperparameters", state.settings.learning.max_steps)?;
+    let (learner, registry, default_adapter) = (state.learner.clone(), state.registry.clone(), state.learner.settings().default_adapter.clone());
+    let job = blocking(move || -> Result<_, ApiError> {
+        if name != default_adapter {
+            registry.info(&tenant, &name)?;
+        }
+        Ok(learner.submit(&tenant, &name, hp)?)
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(job_json(&job, &state.model.id)))
 }
 
@@ -240,10 +253,20 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let JobRequest { start, method, hyperparameters: hp, training_file, validation_file, tenant } =
         parse_job_request(&body, &state.model.id, &state.learner.settings().default_adapter)?;
     let tenant = tenant_for(&req, &state, tenant.as_deref())?;
+    let max_epochs = state.settings.learning.max_epochs as f64;
+    if let Some(epochs) = hp["n_epochs"].as_f64().filter(|&e| e > max_epochs) {
+        let param = if method == "supervised" { "hyperparameters.n_epochs".to_string() } else { format!("method.{method}.hyperparameters.n_epochs") };
+        return Err(ApiError::invalid(format!("'{param}' is {epochs}; this server runs at most {max_epochs} epochs (learning.max_epochs)"), Some(&param)));
+    }
     let adapter = match start {
         JobStart::Base(name) => name,
         JobStart::Adapter(name) => {
-            state.resolve_model(&tenant, &name)?;
+            // The job starts from the adapter's current version, which must exist.
+            let (registry, t, n) = (state.registry.clone(), tenant.clone(), name.clone());
+            let current = blocking(move || registry.info(&t, &n)).await.map_err(|_| ApiError::model_not_found(&name))?.current;
+            if current.is_none() {
+                return Err(ApiError::model_not_found(&name));
+            }
             name
         }
     };
@@ -256,7 +279,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         .into_iter()
         .chain(validation_file.clone().map(|v| (v, "validation_file")))
         .collect::<Vec<_>>();
-    web::block(move || -> Result<(), ApiError> {
+    blocking(move || -> Result<(), ApiError> {
         for (id, param) in files {
             let f = records.file(&t, &id).map_err(|_| ApiError::invalid(format!("file {id} does not exist or you do not have access to it"), Some(param)).with_code("invalid_file"))?;
             if f.purpose != super::files::FINE_TUNE {
@@ -278,15 +301,11 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
         }
         Ok(())
     })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    .await?;
 
     let learner = state.learner.clone();
     let files = crate::learner::FileJob { training_file, validation_file, method: method.clone() };
-    let job = web::block(move || learner.submit_files(&tenant, &adapter, hp, files))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let job = blocking(move || learner.submit_files(&tenant, &adapter, hp, files)).await?;
     Ok(HttpResponse::Ok().json(job_json(&job, &state.model.id)))
 }
 
@@ -313,9 +332,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Li
     let tenant = tenant_for(&req, &state, q.tenant.as_deref())?;
     let limit = check_limit(q.limit)?;
     let records = state.records.clone();
-    let mut jobs = web::block(move || records.jobs(&tenant, q.adapter.as_deref(), q.after.as_deref(), limit + 1))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut jobs = blocking(move || records.jobs(&tenant, q.adapter.as_deref(), q.after.as_deref(), limit + 1)).await?;
     let has_more = jobs.len() > limit;
     jobs.truncate(limit);
     Ok(HttpResponse::Ok().json(json!({
@@ -336,7 +353,7 @@ pub struct OneQuery {
 async fn load(state: &web::Data<AppState>, req: &HttpRequest, id: String, tenant: Option<&str>) -> Result<JobRecord, ApiError> {
     let tenant = tenant_for(req, state, tenant)?;
     let records = state.records.clone();
-    Ok(web::block(move || records.job(&tenant, &id)).await.map_err(|e| ApiError::internal(e.to_string()))??)
+    Ok(blocking(move || records.job(&tenant, &id)).await?)
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}`.
@@ -352,7 +369,7 @@ pub async fn events(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let limit = check_limit(q.limit)?;
     let records = state.records.clone();
     let id = job.id.clone();
-    let mut events = web::block(move || records.job_events(&id, 10_000)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut events = blocking(move || records.job_events(&id, 10_000)).await?;
     if let Some(after) = &q.after {
         if let Some(pos) = events.iter().position(|e| &e.id == after) {
             events.drain(..=pos);
@@ -400,6 +417,6 @@ pub async fn cancel(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let tenant = tenant_for(&req, &state, q.tenant.as_deref())?;
     let id = path.into_inner();
     let learner = state.learner.clone();
-    let job = web::block(move || learner.cancel(&tenant, &id)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    let job = blocking(move || learner.cancel(&tenant, &id)).await?;
     Ok(HttpResponse::Ok().json(job_json(&job, &state.model.id)))
 }

@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod audit;
+pub mod blocking;
 pub mod body;
 pub mod chat;
 pub mod completions;
@@ -21,6 +22,7 @@ pub mod state;
 pub mod tenant;
 pub mod tenants;
 pub mod types;
+pub mod usage;
 pub mod validate;
 
 pub use error::ApiError;

@@ -27,11 +27,13 @@ pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Re
         description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
     };
     let mut data = vec![serde_json::to_value(card).unwrap_or_default()];
-    for info in state.registry.list(&tenant)? {
+    let registry = state.registry.clone();
+    let t = tenant.clone();
+    for info in super::blocking::blocking(move || registry.list(&t)).await? {
         let Some(current) = info.current else { continue };
         let created = info.versions.iter().find(|v| v.version == current).map_or(state.created, |v| v.created_at);
         data.push(json!({
-            "id": info.name, "object": "model", "created": created, "owned_by": tenant,
+            "id": info.name, "object": "model", "created": created, "owned_by": tenant.name(),
             "root": m.id, "parent": m.id, "max_model_len": m.model.config.max_position_embeddings,
             "version": current,
         }));
@@ -47,9 +49,22 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok", "model": state.model.id, "builtin": state.model.builtin, "learner": learner}))
 }
 
-/// Prometheus text exposition.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+/// Prometheus text exposition; with `metrics.bearer_token` set, only for
+/// a request that carries it.
+pub async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Result<HttpResponse, super::error::ApiError> {
+    let token = &state.settings.metrics.bearer_token;
+    if !token.is_empty() {
+        let sent = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+        if !crate::tenants::constant_time_eq(sent.as_bytes(), token.as_bytes()) {
+            return Err(super::error::ApiError {
+                status: actix_web::http::StatusCode::UNAUTHORIZED,
+                message: "/metrics needs `Authorization: Bearer <metrics.bearer_token>`".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+                retry_after: None,
+            });
+        }
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render()))
 }

@@ -104,6 +104,27 @@ impl Quotas {
     pub fn in_flight(&self, tenant: &str) -> usize {
         self.tenants.get(tenant).map_or(0, |u| u.in_flight.load(Ordering::Acquire))
     }
+
+    /// Tokens a tenant used in the current minute.
+    pub fn tokens_this_minute(&self, tenant: &str) -> u64 {
+        let Some(usage) = self.tenants.get(tenant).map(|u| u.clone()) else { return 0 };
+        let window = usage.window.lock().unwrap_or_else(|p| p.into_inner());
+        match *window {
+            Some((start, used)) if start.elapsed() < WINDOW => used,
+            _ => 0,
+        }
+    }
+
+    /// The limits: requests in flight and tokens per minute (0: none).
+    pub fn limits(&self) -> (usize, u64) {
+        (self.max_concurrent, self.tokens_per_minute)
+    }
+
+    /// Forgets a deleted tenant's counters (a tenant created again under
+    /// its name starts from nothing; requests still in flight hold their own).
+    pub fn forget(&self, tenant: &str) {
+        self.tenants.remove(tenant);
+    }
 }
 
 #[cfg(test)]

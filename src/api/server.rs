@@ -8,7 +8,7 @@ use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
 
 use super::error::ApiError;
 use super::state::AppState;
-use super::{adapters, audit, chat, completions, examples, feedback, files, fine_tuning, models, policy, tenants};
+use super::{adapters, audit, chat, completions, examples, feedback, files, fine_tuning, models, policy, tenants, usage};
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::route_not_found(req.path()))
@@ -21,6 +21,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/models", web::get().to(models::list))
         .route("/v1/tenants", web::post().to(tenants::create))
         .route("/v1/tenants", web::get().to(tenants::list))
+        .route("/v1/tenants/{name}", web::get().to(tenants::get))
         .route("/v1/tenants/{name}", web::delete().to(tenants::delete))
         .route("/v1/tenants/{name}/rotate_key", web::post().to(tenants::rotate))
         .route("/v1/adapters", web::post().to(adapters::upload))
@@ -28,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/adapters/{name}", web::get().to(adapters::get))
         .route("/v1/adapters/{name}", web::delete().to(adapters::delete))
         .route("/v1/adapters/{name}/versions", web::get().to(adapters::versions))
+        .route("/v1/adapters/{name}/versions/{version}", web::delete().to(adapters::delete_version))
         .route("/v1/adapters/{name}/versions/{version}/promote", web::post().to(adapters::promote))
         .route("/v1/adapters/{name}/versions/{version}/download", web::get().to(adapters::download))
         .route("/v1/adapters/{name}/rollback", web::post().to(adapters::rollback))
@@ -50,6 +52,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/feedback", web::post().to(feedback::create))
         .route("/v1/feedback", web::get().to(feedback::list))
         .route("/v1/audit", web::get().to(audit::list))
+        .route("/v1/usage", web::get().to(usage::get))
         .route("/health", web::get().to(models::health))
         .route("/metrics", web::get().to(models::metrics));
 }

@@ -21,7 +21,7 @@ pub struct UsageSink {
     pub tenant: String,
     pub adapter: String,
     /// The log entry, its outputs still empty; `None`: not logged.
-    pub log: Option<(std::sync::Arc<dyn crate::store::RecordStore>, crate::store::CompletionRecord)>,
+    pub log: Option<CompletionLog>,
     /// The quotas to charge the tokens to, and the request's permit (released when the sink goes).
     pub quotas: Option<(std::sync::Arc<super::quota::Quotas>, Option<std::sync::Arc<super::quota::Permit>>)>,
     pub request_id: Option<String>,
@@ -44,15 +44,26 @@ impl UsageSink {
         if let Some((quotas, _permit)) = &self.quotas {
             quotas.charge(&self.tenant, (usage.prompt_tokens + usage.completion_tokens) as u64);
         }
-        if let Some((store, mut record)) = self.log {
+        if let Some(CompletionLog { store, mut record, tenants, tenant }) = self.log {
             record.outputs = outputs.iter().map(|o| o.text.clone()).collect();
             record.output_ids = outputs.iter().map(|o| o.ids.clone()).collect();
             record.finish_reasons = outputs.into_iter().map(|o| o.finish_reason).collect();
-            if let Err(e) = store.log_completion(&record) {
-                tracing::error!(id = %record.id, "completion log write failed: {e}");
+            match tenants.write_as(&tenant, || store.log_completion(&record)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(id = %record.id, "completion log write failed: {e}"),
+                Err(gone) => tracing::info!(id = %record.id, "completion not logged: {gone}"),
             }
         }
     }
+}
+
+/// Where a finished completion is logged, for which tenant (a tenant
+/// deleted while its request ran has nothing logged).
+pub struct CompletionLog {
+    pub store: std::sync::Arc<dyn crate::store::RecordStore>,
+    pub record: crate::store::CompletionRecord,
+    pub tenants: std::sync::Arc<crate::tenants::Tenants>,
+    pub tenant: crate::tenants::TenantRef,
 }
 
 /// What one choice said, as the completion log keeps it.

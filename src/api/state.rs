@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use actix_web::web;
+
 use crate::config::Settings;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
@@ -12,7 +14,7 @@ use super::error::ApiError;
 
 /// A generation request's tenant and adapter.
 pub struct Target {
-    pub tenant: String,
+    pub tenant: crate::tenants::TenantRef,
     /// The resolved adapter version (`None`: the base model).
     pub adapter: Option<Arc<crate::lora::LoraAdapter>>,
     /// The adapter's name for metrics, `base` for the base model.
@@ -57,6 +59,8 @@ pub struct AppState {
     pub learner: crate::learner::Learner,
     /// Per-tenant quotas.
     pub quotas: Arc<super::quota::Quotas>,
+    /// Per-tenant storage quota.
+    pub storage: Arc<crate::storage_quota::TenantStorage>,
     /// Set by SIGTERM: new requests get 503 while running ones finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -64,12 +68,14 @@ pub struct AppState {
 impl AppState {
     /// Resolves a request's `model`: the base model id (no adapter), or one
     /// of the tenant's adapters (`NAME` for its current version, `NAME@vN`).
-    /// Another tenant's adapter answers exactly like a missing one.
-    pub fn resolve_model(&self, tenant: &str, model: &str) -> Result<Option<Resolved>, ApiError> {
+    /// Another tenant's adapter answers exactly like a missing one. A cold
+    /// adapter loads (and is validated) off the HTTP workers.
+    pub async fn resolve_model(&self, tenant: &str, model: &str) -> Result<Option<Resolved>, ApiError> {
         if model == self.model.id {
             return Ok(None);
         }
-        match self.registry.resolve(tenant, model) {
+        let (registry, t, m) = (self.registry.clone(), tenant.to_string(), model.to_string());
+        match web::block(move || registry.resolve(&t, &m)).await.map_err(|e| ApiError::internal(e.to_string()))? {
             Ok(r) => Ok(Some(r)),
             Err(crate::registry::RegistryError::NotFound(_) | crate::registry::RegistryError::BadReference(_)) => {
                 Err(ApiError::model_not_found(model))
@@ -79,11 +85,12 @@ impl AppState {
     }
 
     /// Who a generation request acts as and which adapter it runs: the
-    /// prologue both generation endpoints share.
-    pub fn target(&self, req: &actix_web::HttpRequest, model: &str, named_tenant: Option<&str>) -> Result<Target, ApiError> {
+    /// prologue both generation endpoints share. The tenant's quota is
+    /// checked first, before any adapter is loaded.
+    pub async fn target(&self, req: &actix_web::HttpRequest, model: &str, named_tenant: Option<&str>) -> Result<Target, ApiError> {
         let tenant = super::tenant::tenant_for(req, self, named_tenant)?;
-        let resolved = self.resolve_model(&tenant, model)?;
         let permit = Arc::new(self.quotas.admit(&tenant)?);
+        let resolved = self.resolve_model(&tenant, model).await?;
         use actix_web::HttpMessage;
         let request_id = req.extensions().get::<super::server::RequestId>().map(|r| r.0.clone());
         if let Some(log) = req.extensions_mut().get_mut::<super::server::RequestLog>() {
@@ -111,7 +118,7 @@ impl AppState {
                 .unwrap_or_default();
             let record = crate::store::CompletionRecord {
                 id,
-                tenant: target.tenant.clone(),
+                tenant: target.tenant.to_string(),
                 adapter: target.adapter_ref.as_ref().map(|(n, _)| n.clone()),
                 adapter_version: target.adapter_ref.as_ref().map(|(_, v)| *v),
                 kind: kind.to_string(),
@@ -125,11 +132,11 @@ impl AppState {
                 settings: body,
                 created_at: crate::store::now(),
             };
-            (self.records.clone(), record)
+            super::sse::CompletionLog { store: self.records.clone(), record, tenants: self.tenants.clone(), tenant: target.tenant.clone() }
         });
         super::sse::UsageSink {
             metrics: self.metrics.clone(),
-            tenant: target.tenant.clone(),
+            tenant: target.tenant.to_string(),
             adapter: target.label.clone(),
             log,
             quotas: Some((self.quotas.clone(), target.permit.clone())),

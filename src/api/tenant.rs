@@ -8,7 +8,7 @@ use actix_web::HttpRequest;
 
 use super::error::ApiError;
 use super::state::AppState;
-use crate::tenants::constant_time_eq;
+use crate::tenants::{constant_time_eq, TenantRef};
 
 /// The tenant of an open server.
 pub const DEFAULT_TENANT: &str = "default";
@@ -19,7 +19,7 @@ pub const TENANT_HEADER: &str = "x-lifelora-tenant";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Admin,
-    Tenant(String),
+    Tenant(TenantRef),
 }
 
 fn unauthorized(message: &str) -> ApiError {
@@ -47,7 +47,7 @@ pub fn forbidden() -> ApiError {
 pub fn caller(req: &HttpRequest, state: &AppState) -> Result<Caller, ApiError> {
     let admin_key = &state.settings.auth.admin_key;
     if admin_key.is_empty() {
-        return Ok(Caller::Tenant(DEFAULT_TENANT.to_string()));
+        return Ok(Caller::Tenant(TenantRef::open(DEFAULT_TENANT)));
     }
     let header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
     let key = header.strip_prefix("Bearer ").map(str::trim).filter(|k| !k.is_empty());
@@ -64,30 +64,30 @@ pub fn caller(req: &HttpRequest, state: &AppState) -> Result<Caller, ApiError> {
 }
 
 /// The tenant a request acts as (the admin names one with the header).
-pub fn tenant_of(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+pub fn tenant_of(req: &HttpRequest, state: &AppState) -> Result<TenantRef, ApiError> {
     tenant_for(req, state, None)
 }
 
 /// As [`tenant_of`], where the body may name the tenant too (`tenant`
 /// field): the admin acts as it; a tenant key may only name itself.
-pub fn tenant_for(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<String, ApiError> {
+pub fn tenant_for(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<TenantRef, ApiError> {
     let tenant = resolve_tenant(req, state, named)?;
     use actix_web::HttpMessage;
     let mut ext = req.extensions_mut();
     match ext.get_mut::<super::server::RequestLog>() {
-        Some(log) => log.tenant = Some(tenant.clone()),
+        Some(log) => log.tenant = Some(tenant.to_string()),
         None => {
-            ext.insert(super::server::RequestLog { tenant: Some(tenant.clone()), ..Default::default() });
+            ext.insert(super::server::RequestLog { tenant: Some(tenant.to_string()), ..Default::default() });
         }
     }
     drop(ext);
     Ok(tenant)
 }
 
-fn resolve_tenant(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<String, ApiError> {
+fn resolve_tenant(req: &HttpRequest, state: &AppState, named: Option<&str>) -> Result<TenantRef, ApiError> {
     match caller(req, state)? {
         Caller::Tenant(t) => match named {
-            Some(n) if n != t => Err(forbidden()),
+            Some(n) if n != t.name() => Err(forbidden()),
             _ => Ok(t),
         },
         Caller::Admin => {
@@ -99,7 +99,7 @@ fn resolve_tenant(req: &HttpRequest, state: &AppState, named: Option<&str>) -> R
                     Some("X-Lifelora-Tenant"),
                 ));
             }
-            if !state.tenants.exists(name) {
+            let Some(tenant) = state.tenants.current(name) else {
                 return Err(ApiError {
                     status: StatusCode::NOT_FOUND,
                     message: format!("tenant {name:?} not found"),
@@ -107,8 +107,8 @@ fn resolve_tenant(req: &HttpRequest, state: &AppState, named: Option<&str>) -> R
                     param: Some("X-Lifelora-Tenant".into()),
                     code: Some("tenant_not_found"), retry_after: None,
                 });
-            }
-            Ok(name.to_string())
+            };
+            Ok(tenant)
         }
     }
 }

@@ -166,3 +166,41 @@ pub fn prompt_length(tokens: usize, limits: &crate::config::LimitSettings, param
     }
     Ok(())
 }
+
+/// Refuses a text prompt that cannot fit before it is tokenized (a
+/// megabytes-long prompt costs seconds and hundreds of MiB to tokenize):
+/// no token is longer than `max_token_bytes`, so `bytes` of text are at
+/// least `bytes / max_token_bytes` tokens. A factor of 4 leaves room for
+/// normalizers that shrink text (full-width letters to ASCII).
+pub fn text_fits(bytes: usize, max_token_bytes: usize, context: usize, limits: &crate::config::LimitSettings, param: &str) -> Result<(), ApiError> {
+    let tokens = if limits.max_prompt_tokens > 0 { limits.max_prompt_tokens.min(context) } else { context };
+    let most = tokens.saturating_mul(max_token_bytes.max(1)).saturating_mul(4);
+    if bytes > most {
+        return Err(ApiError::invalid(
+            format!(
+                "'{param}' is {bytes} bytes: at least {} tokens, more than the {tokens} this model takes. Please shorten it.",
+                bytes / max_token_bytes.max(1)
+            ),
+            Some(param),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+/// Refuses a request whose log-probabilities would exceed
+/// `limits.max_logprob_entries` (positions × (alternatives + 1) × n): a
+/// small request must not be able to ask for a response of gigabytes.
+pub fn logprob_entries(entries: usize, limits: &crate::config::LimitSettings, param: &str) -> Result<(), ApiError> {
+    if limits.max_logprob_entries > 0 && entries > limits.max_logprob_entries {
+        return Err(ApiError::invalid(
+            format!(
+                "'{param}' asks for {entries} log-probability entries (positions × (alternatives + 1) × n); this server returns at most {} per request. Ask for fewer alternatives, tokens, prompts or choices.",
+                limits.max_logprob_entries
+            ),
+            Some(param),
+        )
+        .with_code("too_many_logprobs"));
+    }
+    Ok(())
+}

@@ -2,6 +2,10 @@
 //! many tokens. Running sequences go first (one decode token each, or the
 //! next prefill chunk), then waiting ones are admitted in order while the
 //! step's token budget, the running cap and the KV reservation allow.
+//! Admission is fair across tenants: the tenant with the fewest running
+//! sequences goes first, and when a tenant waits below its fair share with
+//! no slot free, the newest sequence of the tenant furthest above its share
+//! is preempted (its KV freed, recomputed from its tokens when it runs again).
 
 use std::collections::VecDeque;
 
@@ -22,7 +26,12 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     kv_reserved: u64,
+    /// Sequences preempted for fairness so far.
+    pub preempted: u64,
 }
+
+/// Waiting requests looked at when choosing whom to admit next.
+const FAIR_SCAN: usize = 256;
 
 /// Why a waiting request can never run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +45,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             kv_reserved: 0,
+            preempted: 0,
         }
     }
 
@@ -87,7 +97,6 @@ impl Scheduler {
     /// Index of the waiting request to admit next: among the first
     /// `FAIR_SCAN` waiting, the oldest of the tenant with the fewest running.
     fn fair_pick(&self) -> Option<usize> {
-        const FAIR_SCAN: usize = 256;
         if self.waiting.is_empty() {
             return None;
         }
@@ -108,10 +117,60 @@ impl Scheduler {
         best.map(|(i, _)| i)
     }
 
+    /// Gives every waiting tenant room for its fair share of the running
+    /// batch (`max_running` over the tenants running or waiting): while one
+    /// waits below its share with no slot or KV free for its oldest
+    /// request, the newest running sequence of the tenant furthest above
+    /// its share goes back to the front of the queue. Nobody is preempted
+    /// to bring a tenant above its share, so preemption cannot cycle.
+    fn preempt_for_fair_share(&mut self) {
+        use std::collections::HashMap;
+        if self.waiting.is_empty() {
+            return;
+        }
+        let mut running: HashMap<String, usize> = HashMap::new();
+        for s in &self.running {
+            *running.entry(s.request.tenant.clone()).or_default() += 1;
+        }
+        // Each waiting tenant's oldest request's reservation, in queue order.
+        let mut waiting: Vec<(String, u64)> = Vec::new();
+        for s in self.waiting.iter().take(FAIR_SCAN) {
+            if !waiting.iter().any(|(t, _)| t == &s.request.tenant) {
+                waiting.push((s.request.tenant.clone(), self.reservation(s)));
+            }
+        }
+        let tenants = running.len() + waiting.iter().filter(|(t, _)| !running.contains_key(t)).count();
+        let share = (self.limits.max_running / tenants.max(1)).max(1);
+        for (tenant, need) in waiting {
+            if running.get(&tenant).copied().unwrap_or(0) >= share || need > self.limits.kv_budget_bytes {
+                continue;
+            }
+            while self.running.len() >= self.limits.max_running || self.kv_reserved + need > self.limits.kv_budget_bytes {
+                let donor = running.iter().filter(|(_, &n)| n > share).max_by_key(|(t, &n)| (n, std::cmp::Reverse((*t).clone()))).map(|(t, _)| t.clone());
+                let Some(donor) = donor else { break };
+                let newest = self.running.iter().enumerate().filter(|(_, s)| s.request.tenant == donor).max_by_key(|(_, s)| s.submitted).map(|(i, _)| i);
+                let Some(i) = newest else { break };
+                // `remove`, not `swap_remove`: the running order keeps each adapter one segment.
+                let mut seq = self.running.remove(i);
+                self.kv_reserved -= seq.reserved_bytes;
+                seq.preempt();
+                self.waiting.push_front(seq);
+                self.preempted += 1;
+                if let Some(n) = running.get_mut(&donor) {
+                    *n -= 1;
+                }
+            }
+            // It is admitted next (fewest running first); count it so the
+            // tenants after it see the batch as it will be.
+            *running.entry(tenant).or_default() += 1;
+        }
+    }
+
     /// Plans a step: admits what fits and returns, per running index, how
     /// many tokens to feed (0: sits this step out). Waiting requests that can
     /// never fit are returned for the caller to fail.
     pub fn schedule(&mut self) -> (Vec<usize>, Vec<(Sequence, Unschedulable)>) {
+        self.preempt_for_fair_share();
         let mut budget = self.limits.max_tokens_per_step;
         let mut plan = Vec::with_capacity(self.running.len());
         // Decoding sequences first: each needs exactly one token.
@@ -169,5 +228,81 @@ impl Scheduler {
             plan.push(n);
         }
         (plan, rejected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::request::GenerationRequest;
+    use crate::engine::sampling::SamplingParams;
+
+    fn seq(tenant: &str, prompt: usize) -> Sequence {
+        let request = GenerationRequest {
+            prompt: vec![1; prompt],
+            params: SamplingParams::default(),
+            max_tokens: 8,
+            stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+            ignore_eos: false,
+            adapter: None,
+            tenant: tenant.to_string(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::mem::forget(rx);
+        Sequence::new(request, tx)
+    }
+
+    fn scheduler(max_running: usize) -> Scheduler {
+        Scheduler::new(SchedulerLimits { max_running, max_tokens_per_step: 512, kv_budget_bytes: 1 << 30, kv_bytes_per_token: 1 })
+    }
+
+    fn running_of(s: &Scheduler, tenant: &str) -> usize {
+        s.running.iter().filter(|q| q.request.tenant == tenant).count()
+    }
+
+    #[test]
+    fn a_waiting_tenant_below_its_share_preempts_the_newest_of_the_tenant_above_it() {
+        let mut s = scheduler(8);
+        for _ in 0..12 {
+            s.waiting.push_back(seq("flood", 4));
+        }
+        s.schedule();
+        assert_eq!(running_of(&s, "flood"), 8);
+        let newest = s.running.iter().map(|q| q.submitted).max().unwrap();
+        // Some decode progress, then a quiet tenant arrives.
+        for q in &mut s.running {
+            q.fed = 4;
+            q.tokens.push(7);
+        }
+        s.waiting.push_back(seq("quiet", 4));
+        s.schedule();
+        assert_eq!(running_of(&s, "quiet"), 1, "admitted at once");
+        assert_eq!(running_of(&s, "flood"), 7);
+        assert_eq!(s.preempted, 1);
+        let back = s.waiting.iter().find(|q| q.fed == 0 && q.tokens.len() == 5).expect("the preempted sequence waits, its tokens kept");
+        assert_eq!(back.submitted, newest, "the newest one");
+        assert!(back.cache.is_none() && back.is_prefilling());
+        // The flood stays at or above its share: nothing more is preempted.
+        s.schedule();
+        assert_eq!(s.preempted, 1);
+    }
+
+    #[test]
+    fn tenants_within_their_share_are_never_preempted() {
+        let mut s = scheduler(4);
+        for t in ["a", "a", "b", "b"] {
+            s.waiting.push_back(seq(t, 2));
+        }
+        s.schedule();
+        s.waiting.push_back(seq("a", 2));
+        s.waiting.push_back(seq("b", 2));
+        s.schedule();
+        assert_eq!((running_of(&s, "a"), running_of(&s, "b"), s.preempted), (2, 2, 0));
+        // A third tenant's share is 4 / 3 = 1: one of the two (a, by name) yields one slot.
+        s.waiting.push_back(seq("c", 2));
+        s.schedule();
+        assert_eq!((running_of(&s, "c"), s.preempted), (1, 1));
     }
 }

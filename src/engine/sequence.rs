@@ -22,6 +22,9 @@ pub struct Sequence {
     /// KV bytes reserved at admission (prompt + max_tokens).
     pub reserved_bytes: u64,
     pub prompt_logprobs: Vec<Option<PositionLogprobs>>,
+    /// The prompt was read once (its logprobs sent, first token timed): a
+    /// preempted sequence recomputing its KV does not report it again.
+    pub prompt_reported: bool,
     pub submitted: Instant,
     sampler: Sampler,
     decoder: IncrementalDecoder,
@@ -39,6 +42,7 @@ impl Sequence {
             cache: None,
             reserved_bytes: 0,
             prompt_logprobs: Vec::new(),
+            prompt_reported: false,
             submitted: Instant::now(),
             sampler: Sampler::new(request.params.clone()),
             decoder,
@@ -58,9 +62,22 @@ impl Sequence {
         self.tokens.len() - self.prompt_len()
     }
 
-    /// Still reading its prompt.
+    /// Still reading its input: the prompt, or after a preemption the
+    /// prompt and what it generated (a decoding sequence has exactly one
+    /// token pending, the one it sampled last).
     pub fn is_prefilling(&self) -> bool {
-        self.fed < self.prompt_len()
+        self.fed < self.prompt_len() || self.pending() > 1
+    }
+
+    /// Gives up its KV cache to go back to waiting; when admitted again it
+    /// recomputes the cache from its tokens and carries on where it was.
+    pub fn preempt(&mut self) {
+        self.cache = None;
+        self.fed = 0;
+        self.reserved_bytes = 0;
+        if !self.prompt_reported {
+            self.prompt_logprobs.clear();
+        }
     }
 
     /// Tokens not yet in the cache.

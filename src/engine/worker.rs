@@ -50,13 +50,21 @@ pub fn run(
             }
         }
         let waiting_before = scheduler.waiting.len();
+        let preempted_before = scheduler.preempted;
         scheduler.drop_abandoned();
         scheduler.group_by_adapter();
         let (plan, rejected) = scheduler.schedule();
         for (seq, why) in rejected {
             seq.send(Event::Error(why.0));
         }
-        waiting.fetch_sub(waiting_before - scheduler.waiting.len(), Ordering::SeqCst);
+        // Preempted sequences go back to waiting: the count may grow.
+        let waiting_after = scheduler.waiting.len();
+        if waiting_after <= waiting_before {
+            waiting.fetch_sub(waiting_before - waiting_after, Ordering::SeqCst);
+        } else {
+            waiting.fetch_add(waiting_after - waiting_before, Ordering::SeqCst);
+        }
+        metrics.preemptions.inc_by(scheduler.preempted - preempted_before);
         metrics
             .waiting_sequences
             .set(scheduler.waiting.len() as i64);
@@ -100,10 +108,12 @@ fn step(
             continue;
         }
         let start = seq.fed;
-        let completes_prompt = start + n >= seq.prompt_len();
-        let want = if seq.request.prompt_logprobs.is_some() && start < seq.prompt_len() {
+        // Logits are wanted at the end of the input (to sample the next
+        // token), and for every prompt position when its logprobs are asked.
+        let reaches_end = start + n == seq.tokens.len();
+        let want = if seq.request.prompt_logprobs.is_some() && !seq.prompt_reported && start < seq.prompt_len() {
             LogitsWanted::All
-        } else if completes_prompt {
+        } else if reaches_end {
             LogitsWanted::Last
         } else {
             LogitsWanted::None
@@ -155,7 +165,7 @@ fn step(
         let seq = &mut scheduler.running[i];
         let start = seq.fed;
         seq.fed += n;
-        if start < seq.prompt_len() {
+        if start < seq.prompt_len() && !seq.prompt_reported {
             metrics
                 .prompt_tokens
                 .inc_by(n.min(seq.prompt_len() - start) as u64);
@@ -175,8 +185,10 @@ fn step(
             }
         };
         let Some(logits) = last else { continue };
-        if start < seq.prompt_len() {
-            // The prompt is fully read.
+        if !seq.prompt_reported {
+            // The prompt is fully read (the first time: a preempted
+            // sequence recomputing its KV does not report it again).
+            seq.prompt_reported = true;
             seq.send_prompt_logprobs();
             if seq.request.max_tokens == 0 {
                 seq.finish(FinishReason::Length, String::new());

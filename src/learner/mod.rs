@@ -7,6 +7,7 @@ pub mod eval;
 pub mod paraphrase;
 pub mod phase_clock;
 pub mod policy;
+pub mod queue;
 pub mod sft;
 pub mod watch;
 pub mod worker;

@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::DType;
@@ -15,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::eval::{self, DriftAnchors};
 use super::phase_clock::PhaseClock;
+use super::queue::{JobQueue, PushError};
 use crate::model::chat::ChatMessage;
 use super::sft::{self, KlAnchors, Lesson, SftConfig, SftExample};
 use crate::adapter_store::Source;
@@ -23,7 +23,9 @@ use crate::lora::init::{fresh_adapter, FreshSpec, InitB};
 use crate::lora::trainable::TrainableLora;
 use crate::model::LoadedModel;
 use crate::registry::Registry;
+use crate::storage_quota::TenantStorage;
 use crate::store::{ExampleRecord, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use crate::tenants::{TenantError, TenantRef, Tenants};
 
 /// Tokens of each general prompt's base answer used for the drift measure.
 const ANCHOR_ANSWER_TOKENS: usize = 24;
@@ -53,7 +55,6 @@ const SETTLE_CHECK_EVERY: usize = 5;
 #[derive(Clone)]
 pub struct Learner {
     inner: Arc<Inner>,
-    queue: Sender<String>,
 }
 
 struct Inner {
@@ -65,8 +66,14 @@ struct Inner {
     cancelled: Mutex<HashSet<String>>,
     /// Adapters with an automatic run queued or running (one at a time each).
     triggered: Mutex<HashSet<(String, String)>>,
-    /// The job running now, if any.
-    current: Mutex<Option<String>>,
+    /// The job running now, if any, and the tenant it writes for.
+    current: Mutex<Option<(String, TenantRef)>>,
+    /// Queued jobs, round-robin across tenants.
+    queue: JobQueue,
+    /// Who may still write (a deleted tenant's job writes nothing more).
+    tenants: Arc<Tenants>,
+    /// Per-tenant storage quota (new versions count against it).
+    storage: Arc<TenantStorage>,
     /// Set at shutdown: no further job starts.
     stopping: AtomicBool,
     anchors: OnceLock<DriftAnchors>,
@@ -96,15 +103,27 @@ pub enum QueueError {
     Store(#[from] StoreError),
     #[error("the learner has stopped")]
     Stopped,
+    #[error(transparent)]
+    Full(#[from] super::queue::QueueFull),
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
+}
+
+/// The tenant a job writes for.
+fn job_tenant(job: &JobRecord) -> TenantRef {
+    TenantRef::from_parts(&job.tenant, job.tenant_incarnation)
 }
 
 impl Learner {
     /// Starts the learner thread. Jobs left queued or running by a previous
     /// process are marked failed first (their feedback stays pending).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         model: Arc<LoadedModel>,
         registry: Arc<Registry>,
         records: Arc<dyn RecordStore>,
+        tenants: Arc<Tenants>,
+        storage: Arc<TenantStorage>,
         settings: LearningSettings,
         serving_busy: Box<dyn Fn() -> bool + Send + Sync>,
         metrics: crate::metrics::Metrics,
@@ -128,6 +147,9 @@ impl Learner {
             settings,
             cancelled: Mutex::new(HashSet::new()),
             current: Mutex::new(None),
+            queue: JobQueue::new(),
+            tenants,
+            storage,
             triggered: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
             anchors: OnceLock::new(),
@@ -137,7 +159,6 @@ impl Learner {
             idle_pool,
             metrics,
         });
-        let (tx, rx) = channel::<String>();
         let worker = inner.clone();
         std::thread::Builder::new()
             .name("learner".into())
@@ -161,7 +182,7 @@ impl Learner {
                 }
                 worker.prepared.store(true, Ordering::SeqCst);
                 tracing::info!(seconds = started.elapsed().as_secs_f64(), "learner: the base model's anchors are built");
-                for job_id in rx {
+                while let Some((_, job_id)) = worker.queue.next() {
                     match &pool {
                         Ok(pool) => pool.install(|| worker.run(&job_id)),
                         Err(_) => worker.run(&job_id),
@@ -169,7 +190,7 @@ impl Learner {
                 }
             })
             .map_err(|e| StoreError::Database(format!("cannot start the learner thread: {e}")))?;
-        Ok(Learner { inner, queue: tx })
+        Ok(Learner { inner })
     }
 
     /// Whether the base model's anchors are built (runs queued before wait for them).
@@ -185,7 +206,7 @@ impl Learner {
     /// Queues a run for `adapter` of `tenant` on its pending feedback.
     /// `hyperparameters` may set `n_steps`, `learning_rate`, `batch_size`
     /// over the settings.
-    pub fn submit(&self, tenant: &str, adapter: &str, hyperparameters: Value) -> Result<JobRecord, QueueError> {
+    pub fn submit(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value) -> Result<JobRecord, QueueError> {
         self.submit_job(tenant, adapter, hyperparameters, None)
     }
 
@@ -193,16 +214,17 @@ impl Learner {
     /// `POST /v1/fine_tuning/jobs`). `hyperparameters` may also set
     /// `n_epochs` (steps then cover that many passes over the file) and
     /// `learning_rate_multiplier` (of `learning.learning_rate`).
-    pub fn submit_files(&self, tenant: &str, adapter: &str, hyperparameters: Value, files: FileJob) -> Result<JobRecord, QueueError> {
+    pub fn submit_files(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, files: FileJob) -> Result<JobRecord, QueueError> {
         self.submit_job(tenant, adapter, hyperparameters, Some(files))
     }
 
-    fn submit_job(&self, tenant: &str, adapter: &str, hyperparameters: Value, files: Option<FileJob>) -> Result<JobRecord, QueueError> {
+    fn submit_job(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, files: Option<FileJob>) -> Result<JobRecord, QueueError> {
         let s = &self.inner.settings_for(tenant, adapter);
+        let steps = hyperparameters.get("n_steps").and_then(Value::as_u64).unwrap_or(s.steps as u64).min(s.max_steps as u64);
         let multiplier = hyperparameters.get("learning_rate_multiplier").and_then(Value::as_f64).unwrap_or(1.0);
         let hp = json!({
-            "n_steps": hyperparameters.get("n_steps").and_then(Value::as_u64).unwrap_or(s.steps as u64),
-            "n_epochs": hyperparameters.get("n_epochs").and_then(Value::as_f64),
+            "n_steps": steps,
+            "n_epochs": hyperparameters.get("n_epochs").and_then(Value::as_f64).map(|e| e.min(s.max_epochs as f64)),
             "learning_rate": hyperparameters.get("learning_rate").and_then(Value::as_f64).unwrap_or(s.learning_rate * multiplier),
             "learning_rate_multiplier": multiplier,
             "batch_size": hyperparameters.get("batch_size").and_then(Value::as_u64).unwrap_or(s.batch_size as u64),
@@ -215,6 +237,7 @@ impl Learner {
         let job = JobRecord {
             id: crate::store::new_id("ftjob"),
             tenant: tenant.to_string(),
+            tenant_incarnation: tenant.incarnation(),
             adapter: adapter.to_string(),
             status: "queued".into(),
             created_at: crate::store::now(),
@@ -229,15 +252,25 @@ impl Learner {
             validation_file,
             method,
         };
-        self.inner.records.save_job(&job)?;
-        self.inner.event(&job.id, "info", "Job queued", Value::Null);
-        self.queue.send(job.id.clone()).map_err(|_| QueueError::Stopped)?;
-        Ok(job)
+        let i = &self.inner;
+        let record = || -> Result<(), QueueError> {
+            i.tenants.write_as(tenant, || -> Result<(), StoreError> {
+                i.records.save_job(&job)?;
+                i.records.add_job_event(&queued_event(&job.id))
+            })??;
+            Ok(())
+        };
+        match i.queue.push(tenant, &job.id, i.settings.max_queued_jobs_per_tenant, record) {
+            Ok(()) => Ok(job),
+            Err(PushError::Full(full)) => Err(full.into()),
+            Err(PushError::Closed) => Err(QueueError::Stopped),
+            Err(PushError::Record(e)) => Err(e),
+        }
     }
 
     /// Starts a run when enough new feedback waits on `adapter` and none is
     /// queued or running for it already.
-    pub fn maybe_trigger(&self, tenant: &str, adapter: &str) {
+    pub fn maybe_trigger(&self, tenant: &TenantRef, adapter: &str) {
         let min = self.inner.settings_for(tenant, adapter).min_new_feedback;
         if min == 0 {
             return;
@@ -251,7 +284,7 @@ impl Learner {
             return;
         }
         // Check and queue as one step: feedback arrives concurrently.
-        let key = (tenant.to_string(), adapter.to_string());
+        let key = (tenant.name().to_string(), adapter.to_string());
         let mut triggered = self.inner.triggered.lock().unwrap_or_else(|p| p.into_inner());
         if triggered.contains(&key) {
             return;
@@ -262,6 +295,7 @@ impl Learner {
                 Ok(_) => {
                     triggered.insert(key);
                 }
+                Err(e @ (QueueError::Full(_) | QueueError::Tenant(_))) => tracing::info!("learner: no automatic run queued: {e}"),
                 Err(e) => tracing::error!("learner: cannot queue a run: {e}"),
             },
             Err(e) => tracing::error!("learner: cannot list jobs: {e}"),
@@ -274,7 +308,8 @@ impl Learner {
     pub fn shutdown(&self, grace: std::time::Duration) {
         let i = &self.inner;
         i.stopping.store(true, Ordering::SeqCst);
-        let running = i.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        i.queue.close();
+        let running = i.current.lock().unwrap_or_else(|p| p.into_inner()).clone().map(|(job, _)| job);
         if let Some(job) = &running {
             tracing::info!(job = %job, "shutdown: stopping the training job");
             i.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone());
@@ -303,19 +338,45 @@ impl Learner {
         }
     }
 
-    /// Asks a queued or running job to stop; it ends `cancelled` at its next step.
-    pub fn cancel(&self, tenant: &str, job_id: &str) -> Result<JobRecord, StoreError> {
-        let mut job = self.inner.records.job(tenant, job_id)?;
+    /// Asks a queued or running job to stop; it ends `cancelled` at its next
+    /// step (a queued one at once, leaving the queue).
+    pub fn cancel(&self, tenant: &TenantRef, job_id: &str) -> Result<JobRecord, QueueError> {
+        let i = &self.inner;
+        let mut job = i.records.job(tenant, job_id)?;
         if job.status == "queued" || job.status == "running" {
-            self.inner.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_string());
+            i.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_string());
             if job.status == "queued" {
+                i.queue.remove(job_id);
                 job.status = "cancelled".into();
                 job.finished_at = Some(crate::store::now());
-                self.inner.records.save_job(&job)?;
-                self.inner.event(job_id, "info", "Job cancelled", Value::Null);
+                i.tenants.write_as(tenant, || -> Result<(), StoreError> {
+                    i.records.save_job(&job)?;
+                    i.records.add_job_event(&new_event(job_id, "info", "Job cancelled", Value::Null))
+                })??;
             }
         }
         Ok(job)
+    }
+
+    /// Forgets a tenant being deleted: its queued jobs leave the queue and
+    /// its running job stops at its next step (writing nothing more: the
+    /// tenant's writes are refused from now on). Returns the job ids dropped.
+    pub fn forget_tenant(&self, tenant: &str) -> Vec<String> {
+        let i = &self.inner;
+        let mut dropped = i.queue.remove_tenant(tenant);
+        if let Some((job, who)) = i.current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if who.name() == tenant {
+                i.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job.clone());
+                dropped.push(job);
+            }
+        }
+        i.triggered.lock().unwrap_or_else(|p| p.into_inner()).retain(|(t, _)| t != tenant);
+        dropped
+    }
+
+    /// Jobs a tenant has queued (not yet running).
+    pub fn queued(&self, tenant: &str) -> usize {
+        self.inner.queue.queued(tenant)
     }
 }
 
@@ -323,6 +384,23 @@ impl Learner {
 enum RunError {
     Failed(String),
     Cancelled,
+    /// The tenant was deleted: nothing more is written for it.
+    TenantGone,
+}
+
+fn new_event(job_id: &str, level: &str, message: &str, data: Value) -> JobEvent {
+    JobEvent {
+        id: crate::store::new_id("ftevent"),
+        job_id: job_id.to_string(),
+        created_at: crate::store::now(),
+        level: level.into(),
+        message: message.into(),
+        data,
+    }
+}
+
+fn queued_event(job_id: &str) -> JobEvent {
+    new_event(job_id, "info", "Job queued", Value::Null)
 }
 
 impl<E: std::fmt::Display> From<E> for RunError {
@@ -332,17 +410,27 @@ impl<E: std::fmt::Display> From<E> for RunError {
 }
 
 impl Inner {
+    /// Records an event of the running job (nothing once its tenant is deleted).
     fn event(&self, job_id: &str, level: &str, message: &str, data: Value) {
-        let e = JobEvent {
-            id: crate::store::new_id("ftevent"),
-            job_id: job_id.to_string(),
-            created_at: crate::store::now(),
-            level: level.into(),
-            message: message.into(),
-            data,
+        let e = new_event(job_id, level, message, data);
+        let who = self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|(id, _)| id == job_id).map(|(_, who)| who.clone());
+        let written = match &who {
+            Some(who) => self.tenants.write_as(who, || self.records.add_job_event(&e)),
+            None => Ok(self.records.add_job_event(&e)),
         };
-        if let Err(err) = self.records.add_job_event(&e) {
-            tracing::error!(job = job_id, "cannot record a job event: {err}");
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(job = job_id, "cannot record a job event: {err}"),
+            Err(gone) => tracing::debug!(job = job_id, "job event not recorded: {gone}"),
+        }
+    }
+
+    /// Runs a write of `job`'s while its tenant still exists.
+    fn write_for<T, E: std::fmt::Display>(&self, job: &JobRecord, write: impl FnOnce() -> Result<T, E>) -> Result<T, RunError> {
+        match self.tenants.write_as(&job_tenant(job), write) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(RunError::Failed(e.to_string())),
+            Err(_) => Err(RunError::TenantGone),
         }
     }
 
@@ -601,8 +689,8 @@ impl Inner {
             Err(e) => return tracing::error!(job = job_id, "learner: queued job not found: {e}"),
         };
         let key = (job.tenant.clone(), job.adapter.clone());
-        if job.status == "queued" && !self.stopping.load(Ordering::SeqCst) {
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(job_id.to_string());
+        if job.status == "queued" && !self.stopping.load(Ordering::SeqCst) && !self.is_cancelled(job_id) {
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((job_id.to_string(), job_tenant(&job)));
             // Evaluation and anchor sampling rest for serving as training steps do.
             let pacer = self.pacer();
             eval::with_pacer(pacer, || self.run_job(job));
@@ -617,8 +705,10 @@ impl Inner {
         let job_id = job_id.as_str();
         let mut job = job;
         job.status = "running".into();
-        if let Err(e) = self.records.save_job(&job) {
-            return tracing::error!(job = job_id, "learner: cannot start: {e}");
+        match self.write_for(&job, || self.records.save_job(&job)) {
+            Ok(()) => {}
+            Err(RunError::TenantGone) => return tracing::info!(job = job_id, "learner: the job's tenant was deleted; not started"),
+            Err(_) => return tracing::error!(job = job_id, "learner: cannot record the job's start"),
         }
         self.event(job_id, "info", "Fine-tuning job started", Value::Null);
         let outcome = self.train_and_gate(&mut job);
@@ -641,9 +731,16 @@ impl Inner {
                 job.error = Some(message.clone());
                 self.event(job_id, "error", &message, Value::Null);
             }
+            Err(RunError::TenantGone) => {
+                tracing::info!(job = job_id, tenant = %job.tenant, "learner: the job's tenant was deleted; it wrote nothing more");
+                self.metrics.learner_jobs.with_label_values(&["cancelled"]).inc();
+                self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
+                return;
+            }
         }
-        if let Err(e) = self.records.save_job(&job) {
-            tracing::error!(job = job_id, "learner: cannot record the outcome: {e}");
+        match self.write_for(&job, || self.records.save_job(&job)) {
+            Ok(()) | Err(RunError::TenantGone) => {}
+            Err(_) => tracing::error!(job = job_id, "learner: cannot record the outcome"),
         }
         let outcome = if job.status == "failed" && job.result_version.is_some() { "rejected" } else { job.status.as_str() };
         self.metrics.learner_jobs.with_label_values(&[outcome]).inc();
@@ -655,7 +752,7 @@ impl Inner {
         }
         for figure in ["valid_loss", "base_kl", "base_top1_agreement"] {
             if let Some(v) = job.metrics.get(figure).and_then(Value::as_f64) {
-                self.metrics.adapter_eval.with_label_values(&[&job.tenant, &job.adapter, figure]).set(v);
+                self.metrics.adapter_eval.with_label_values(&[self.metrics.tenant_label(&job.tenant), self.metrics.tenant_label(&job.adapter), figure]).set(v);
             }
         }
         self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
@@ -795,10 +892,12 @@ impl Inner {
         }
         let hp = &job.hyperparameters;
         let batch = hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64).max(1) as usize;
+        // However many epochs over however large a file: at most max_steps.
         let steps = match hp["n_epochs"].as_f64() {
-            Some(epochs) => ((epochs * train_set.len() as f64) / batch as f64).ceil().max(1.0) as usize,
+            Some(epochs) => ((epochs.min(s.max_epochs as f64) * train_set.len() as f64) / batch as f64).ceil().max(1.0) as usize,
             None => hp["n_steps"].as_u64().unwrap_or(s.steps as u64) as usize,
-        };
+        }
+        .min(s.max_steps.max(1));
         let cfg = SftConfig {
             steps,
             learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
@@ -1062,16 +1161,22 @@ impl Inner {
         });
         self.event(&job.id, "info", "Evaluated the candidate", job.metrics.clone());
         let (config, weights) = crate::lora::peft_writer::to_peft_files(&candidate, &self.model.id)?;
-        let (manifest, _) = self.registry.add_version(
-            &job.tenant,
-            &job.adapter,
-            &config,
-            &weights,
-            Source::Learner,
-            job.parent_version,
-            job.metrics.clone(),
-            passed,
-        )?;
+        let rejected = (!passed).then(|| reasons.clone());
+        let written = self.write_for(job, || {
+            self.storage.within(&job.tenant, (config.len() + weights.len()) as u64, || {
+                self.registry.add_version(&job.tenant, &job.adapter, &config, &weights, Source::Learner, job.parent_version, job.metrics.clone(), rejected, passed)
+                    .map_err(crate::storage_quota::StorageError::from)
+            })
+        })?;
+        let manifest = written.manifest;
+        if !written.pruned.is_empty() {
+            self.event(
+                &job.id,
+                "info",
+                &format!("Removed version(s) {:?} to stay within limits.max_versions_per_adapter", written.pruned),
+                json!({"pruned_versions": written.pruned}),
+            );
+        }
         job.result_version = Some(manifest.version);
         if passed && job.training_file.is_some() {
             // What a file taught is replayed by later runs, like learned feedback.
@@ -1087,7 +1192,7 @@ impl Inner {
                     created_at: crate::store::now(),
                 })
                 .collect();
-            self.records.add_examples(&learned)?;
+            self.write_for(job, || self.records.add_examples(&learned))?;
             job.feedback_ids.extend(learned.into_iter().map(|e| e.id));
         }
         let audit = crate::store::AuditRecord {
@@ -1099,7 +1204,7 @@ impl Inner {
             target: format!("{}@v{}", job.adapter, manifest.version),
             detail: json!({"job_id": job.id, "parent_version": job.parent_version, "promoted": passed, "reasons": reasons}),
         };
-        if let Err(e) = self.records.add_audit(&audit) {
+        if let Err(RunError::Failed(e)) = self.write_for(job, || self.records.add_audit(&audit)) {
             tracing::error!(job = %job.id, "cannot write the audit log: {e}");
         }
         if !passed {

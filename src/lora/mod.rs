@@ -2,6 +2,7 @@
 //! nothing of any model: the model's LoRA sites come in as data.
 
 pub mod adapter;
+pub mod archive;
 pub mod batched;
 pub mod grouped;
 pub mod init;

@@ -112,7 +112,7 @@ mod tests {
         let spec = FreshSpec { targets: &["q_proj", "down_proj"], rank: 4, alpha: 8.0, seed: 3, init_b: InitB::Random };
         let adapter = fresh_adapter(&sites, &spec, DType::F32, &Device::Cpu).unwrap();
         let (config, weights) = to_peft_files(&adapter, "tiny").unwrap();
-        let back = parse(&config, &weights, &sites, &LoraLimits { max_rank: 8 }, DType::F32, &Device::Cpu).unwrap();
+        let back = parse(&config, &weights, &sites, &LoraLimits { max_rank: 8, ..Default::default() }, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(back.len(), adapter.len());
         for (layer, module, m) in adapter.modules() {
             let n = back.module(layer, module).unwrap();

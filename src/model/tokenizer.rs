@@ -16,6 +16,9 @@ pub struct TextTokenizer {
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
     pub add_bos_token: bool,
+    /// The longest token's text in bytes (as the vocabulary spells it, which
+    /// is at least its decoded length): bounds how few tokens a text can be.
+    pub max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -54,6 +57,7 @@ impl TextTokenizer {
                 eos_ids.push(*id);
             }
         }
+        let max_token_bytes = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
         TextTokenizer {
             inner,
             bos_token,
@@ -61,6 +65,7 @@ impl TextTokenizer {
             bos_id,
             eos_ids,
             add_bos_token,
+            max_token_bytes,
         }
     }
 

@@ -26,6 +26,10 @@ pub enum RegistryError {
     NotFound(String),
     #[error("invalid adapter reference {0:?}: use NAME or NAME@vN")]
     BadReference(String),
+    #[error("{name}@v{version} was rejected by the learner's gate ({}); promote it explicitly to serve it", reasons.join("; "))]
+    Rejected { name: String, version: u32, reasons: Vec<String> },
+    #[error("adapter {name} holds {limit} versions, the limit (limits.max_versions_per_adapter); delete old versions with DELETE /v1/adapters/{name}/versions/N")]
+    TooManyVersions { name: String, limit: usize },
 }
 
 /// A request's adapter, resolved once.
@@ -67,6 +71,17 @@ pub struct Registry {
     /// Serializes pointer changes per adapter, so the in-memory current
     /// version is swapped in the same order the store wrote it.
     pointer_locks: DashMap<Key, Arc<std::sync::Mutex<()>>>,
+    /// Versions one adapter may hold (0: no limit).
+    max_versions: usize,
+}
+
+/// A version written, and any the learner removed to make room for it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub manifest: Manifest,
+    pub pointer: Pointer,
+    /// Versions removed first (only for the learner's versions at the cap).
+    pub pruned: Vec<u32>,
 }
 
 /// Splits `name@vN`.
@@ -103,6 +118,7 @@ impl Registry {
             tick: AtomicU64::new(0),
             metrics: None,
             pointer_locks: DashMap::new(),
+            max_versions: 0,
         };
         for tenant in r.store.tenants()? {
             for name in r.store.adapters(&tenant)? {
@@ -117,6 +133,26 @@ impl Registry {
     pub fn with_byte_budget(mut self, bytes: usize) -> Self {
         self.max_resident_bytes = bytes.max(1);
         self
+    }
+
+    /// Caps the versions one adapter may hold (0: no limit).
+    pub fn with_version_limit(mut self, max_versions: usize) -> Self {
+        self.max_versions = max_versions;
+        self
+    }
+
+    /// The largest adapter this model could take: every site at the rank
+    /// limit in f32, plus its config and 1 MiB for the rest of a PEFT
+    /// directory (a README). Uploads past it are refused while reading.
+    pub fn max_adapter_bytes(&self) -> u64 {
+        let rank = self.limits.max_rank.min(1 << 20) as u64;
+        let weights: u64 = self.sites.iter().map(|s| (s.in_features + s.out_features) as u64 * rank * 4 + 512).sum();
+        weights.saturating_add(2 << 20)
+    }
+
+    /// Bytes a tenant's stored versions take.
+    pub fn stored_bytes(&self, tenant: &str) -> Result<u64, RegistryError> {
+        Ok(self.store.tenant_bytes(tenant)?)
     }
 
     /// Bytes held by loaded adapters.
@@ -179,7 +215,12 @@ impl Registry {
             return Ok(r.adapter.clone());
         }
         let started = std::time::Instant::now();
-        let (config, weights) = self.store.read_files(tenant, name, version)?;
+        let (manifest, config, weights) = self.store.read_version(tenant, name, version)?;
+        if let Some(reasons) = manifest.rejection() {
+            if !self.store.pointer(tenant, name)?.servable(&manifest) {
+                return Err(RegistryError::Rejected { name: name.to_string(), version, reasons });
+            }
+        }
         let adapter = Arc::new(peft::parse(&config, &weights, &self.sites, &self.limits, self.dtype, &self.device)?);
         self.resident.insert(key, Resident { adapter: adapter.clone(), last_used: AtomicU64::new(now) });
         self.evict();
@@ -223,11 +264,15 @@ impl Registry {
     /// unless told not to. Nothing is written when validation fails.
     pub fn upload(&self, tenant: &str, name: &str, config: &[u8], weights: &[u8], promote: bool) -> Result<(Manifest, Pointer), RegistryError> {
         let parent = self.current_version(tenant, name);
-        self.add_version(tenant, name, config, weights, Source::Upload, parent, serde_json::Value::Null, promote)
+        let w = self.add_version(tenant, name, config, weights, Source::Upload, parent, serde_json::Value::Null, None, promote)?;
+        Ok((w.manifest, w.pointer))
     }
 
     /// Validates and stores a new version from any source (uploads, the
-    /// learner's candidates with their metrics), promoting it if asked.
+    /// learner's candidates with their metrics and, when its gate refused
+    /// one, the reasons), promoting it if asked. At the version limit an
+    /// upload is refused; the learner instead removes the adapter's oldest
+    /// version that is neither current nor the new one's parent.
     #[allow(clippy::too_many_arguments)]
     pub fn add_version(
         &self,
@@ -238,11 +283,13 @@ impl Registry {
         source: Source,
         parent: Option<u32>,
         metrics: serde_json::Value,
+        rejected: Option<Vec<String>>,
         promote: bool,
-    ) -> Result<(Manifest, Pointer), RegistryError> {
+    ) -> Result<Written, RegistryError> {
         crate::adapter_store::validate_name(tenant)?;
         crate::adapter_store::validate_name(name)?;
         let adapter = peft::parse(config, weights, &self.sites, &self.limits, self.dtype, &self.device)?;
+        let pruned = self.make_room(tenant, name, source, parent)?;
         let manifest = self.store.write_version(
             tenant,
             name,
@@ -254,10 +301,68 @@ impl Registry {
                 rank: adapter.max_rank,
                 target_modules: adapter.target_modules(),
                 metrics,
+                rejected,
             },
         )?;
         let pointer = if promote { self.promote(tenant, name, manifest.version)? } else { self.store.pointer(tenant, name)? };
-        Ok((manifest, pointer))
+        Ok(Written { manifest, pointer, pruned })
+    }
+
+    /// Keeps an adapter under its version limit before a new version.
+    fn make_room(&self, tenant: &str, name: &str, source: Source, parent: Option<u32>) -> Result<Vec<u32>, RegistryError> {
+        if self.max_versions == 0 {
+            return Ok(Vec::new());
+        }
+        let versions = match self.store.versions(tenant, name) {
+            Ok(v) => v,
+            Err(StoreError::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        if versions.len() < self.max_versions {
+            return Ok(Vec::new());
+        }
+        if source == Source::Upload {
+            return Err(RegistryError::TooManyVersions { name: name.to_string(), limit: self.max_versions });
+        }
+        let current = self.current_version(tenant, name);
+        let mut pruned = Vec::new();
+        // Rejected versions go first (never served), then the oldest.
+        let mut candidates: Vec<&Manifest> = versions.iter().filter(|m| Some(m.version) != current && Some(m.version) != parent).collect();
+        candidates.sort_by_key(|m| (m.rejection().is_none(), m.version));
+        for m in candidates.into_iter().take(versions.len() + 1 - self.max_versions) {
+            self.delete_version(tenant, name, m.version)?;
+            pruned.push(m.version);
+        }
+        if versions.len() - pruned.len() >= self.max_versions {
+            return Err(RegistryError::TooManyVersions { name: name.to_string(), limit: self.max_versions });
+        }
+        Ok(pruned)
+    }
+
+    /// Deletes one version that is not current (and its place in the
+    /// rollback history); a loaded copy is dropped.
+    pub fn delete_version(&self, tenant: &str, name: &str, version: u32) -> Result<Pointer, RegistryError> {
+        let lock = self.pointer_lock(tenant, name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.store.delete_version(tenant, name, version)?;
+        self.resident.remove(&(tenant.to_string(), name.to_string(), version));
+        self.record_residency();
+        Ok(p)
+    }
+
+    /// Forgets a tenant: every adapter and version on disk and in memory.
+    pub fn delete_tenant(&self, tenant: &str) -> Result<(), RegistryError> {
+        self.store.delete_tenant(tenant)?;
+        self.current.retain(|k, _| k.0 != tenant);
+        self.resident.retain(|k, _| k.0 != tenant);
+        self.pointer_locks.retain(|k, _| k.0 != tenant);
+        self.record_residency();
+        Ok(())
+    }
+
+    /// The pointer of an adapter (current version, history, released).
+    pub fn pointer(&self, tenant: &str, name: &str) -> Result<Pointer, RegistryError> {
+        Ok(self.store.pointer(tenant, name)?)
     }
 
     /// Makes a version current: durable on disk first, then one atomic swap.

@@ -18,6 +18,28 @@ pub enum StoreError {
     NotFound(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error("{what} reached its limit of {limit}")]
+    Limit { what: String, limit: usize },
+}
+
+/// What a deleted tenant left behind, removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Purged {
+    pub completions: usize,
+    pub feedback: usize,
+    pub files: usize,
+    pub examples: usize,
+    pub jobs: usize,
+    pub policies: usize,
+}
+
+/// Bytes a tenant keeps in the record store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoredBytes {
+    /// Fine-tuning files' contents.
+    pub files: u64,
+    /// Training examples as stored.
+    pub examples: u64,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -87,6 +109,10 @@ pub struct JobRecord {
     /// `ftjob-…`.
     pub id: String,
     pub tenant: String,
+    /// Which tenant of that name queued it (see `tenants::TenantRef`): a
+    /// job of a deleted tenant writes nothing for its successor.
+    #[serde(default)]
+    pub tenant_incarnation: u64,
     /// The adapter trained.
     pub adapter: String,
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
@@ -193,8 +219,10 @@ pub trait RecordStore: Send + Sync {
     fn log_completion(&self, record: &CompletionRecord) -> Result<(), StoreError>;
     /// A tenant's completion by id (another tenant's is `NotFound`).
     fn completion(&self, tenant: &str, id: &str) -> Result<CompletionRecord, StoreError>;
-    /// Stores feedback; durable (committed) when this returns.
-    fn add_feedback(&self, record: &FeedbackRecord) -> Result<(), StoreError>;
+    /// Stores feedback; durable (committed) when this returns. With
+    /// `max_per_completion` > 0, refuses (`Limit`) once the completion has
+    /// that many items (counted and inserted as one step).
+    fn add_feedback(&self, record: &FeedbackRecord, max_per_completion: usize) -> Result<(), StoreError>;
     /// A tenant's feedback, oldest first.
     fn feedback(&self, tenant: &str, query: &FeedbackQuery) -> Result<Vec<FeedbackRecord>, StoreError>;
     /// Deletes a tenant's completions (and their feedback) older than `before` (epoch seconds). Returns how many.
@@ -248,8 +276,15 @@ pub trait RecordStore: Send + Sync {
     fn add_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
     /// Audit entries oldest first, optionally of one tenant or action, after a cursor.
     fn audit(&self, tenant: Option<&str>, action: Option<&str>, after: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
-    /// Whether any of `actions` was recorded on `target` of `tenant`.
+    /// Whether any of `actions` was recorded on `target` of `tenant` (of
+    /// this tenant: entries from before its name was last deleted do not count).
     fn audited(&self, tenant: &str, actions: &[&str], target: &str) -> Result<bool, StoreError>;
+
+    /// Bytes a tenant keeps here (files and examples).
+    fn stored_bytes(&self, tenant: &str) -> Result<StoredBytes, StoreError>;
+    /// Removes every record of a tenant but the audit log, in one
+    /// transaction (all or nothing, so a retried deletion finishes it).
+    fn delete_tenant(&self, tenant: &str) -> Result<Purged, StoreError>;
 
     /// Marks every queued or running job failed with `reason` (at start:
     /// nothing runs before the learner does). Returns them.

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::{AuditRecord, CompletionRecord, FileRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use super::{AuditRecord, CompletionRecord, ExampleRecord, FeedbackQuery, FeedbackRecord, FileRecord, JobEvent, JobRecord, Purged, RecordStore, StoreError, StoredBytes};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS completions (
@@ -258,8 +258,15 @@ impl RecordStore for SqliteStore {
         })
     }
 
-    fn add_feedback(&self, r: &FeedbackRecord) -> Result<(), StoreError> {
-        self.conn().execute(
+    fn add_feedback(&self, r: &FeedbackRecord, max_per_completion: usize) -> Result<(), StoreError> {
+        let conn = self.conn();
+        if max_per_completion > 0 {
+            let n: i64 = conn.query_row("SELECT COUNT(*) FROM feedback WHERE completion_id = ?1", params![r.completion_id], |row| row.get(0))?;
+            if n as usize >= max_per_completion {
+                return Err(StoreError::Limit { what: format!("feedback on completion {}", r.completion_id), limit: max_per_completion });
+            }
+        }
+        conn.execute(
             "INSERT INTO feedback (id, completion_id, tenant, adapter, adapter_version, choice_index, rating, correction, comment, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
@@ -544,13 +551,44 @@ impl RecordStore for SqliteStore {
 
     fn audited(&self, tenant: &str, actions: &[&str], target: &str) -> Result<bool, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT 1 FROM audit WHERE tenant = ?1 AND action = ?2 AND target = ?3 LIMIT 1")?;
+        let mut stmt = conn.prepare(
+            "SELECT 1 FROM audit WHERE tenant = ?1 AND action = ?2 AND target = ?3
+             AND seq > IFNULL((SELECT MAX(seq) FROM audit WHERE tenant = ?1 AND action = 'tenant.deleted'), 0) LIMIT 1",
+        )?;
         for action in actions {
             if stmt.exists(params![tenant, action, target])? {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    fn stored_bytes(&self, tenant: &str) -> Result<StoredBytes, StoreError> {
+        let conn = self.conn();
+        let files: i64 = conn.query_row("SELECT IFNULL(SUM(LENGTH(content)), 0) FROM files WHERE tenant = ?1", params![tenant], |r| r.get(0))?;
+        let examples: i64 = conn.query_row("SELECT IFNULL(SUM(LENGTH(body)), 0) FROM examples WHERE tenant = ?1", params![tenant], |r| r.get(0))?;
+        Ok(StoredBytes { files: files.max(0) as u64, examples: examples.max(0) as u64 })
+    }
+
+    fn delete_tenant(&self, tenant: &str) -> Result<Purged, StoreError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.execute(
+            "DELETE FROM feedback_learned WHERE job_id IN (SELECT id FROM jobs WHERE tenant = ?1)
+             OR feedback_id IN (SELECT id FROM feedback WHERE tenant = ?1)",
+            params![tenant],
+        )?;
+        tx.execute("DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE tenant = ?1)", params![tenant])?;
+        let purged = Purged {
+            jobs: tx.execute("DELETE FROM jobs WHERE tenant = ?1", params![tenant])?,
+            feedback: tx.execute("DELETE FROM feedback WHERE tenant = ?1", params![tenant])?,
+            completions: tx.execute("DELETE FROM completions WHERE tenant = ?1", params![tenant])?,
+            files: tx.execute("DELETE FROM files WHERE tenant = ?1", params![tenant])?,
+            examples: tx.execute("DELETE FROM examples WHERE tenant = ?1", params![tenant])?,
+            policies: tx.execute("DELETE FROM policies WHERE tenant = ?1", params![tenant])?,
+        };
+        tx.commit()?;
+        Ok(purged)
     }
 
     fn fail_unfinished_jobs(&self, reason: &str) -> Result<Vec<JobRecord>, StoreError> {
@@ -627,9 +665,9 @@ mod tests {
         let s = SqliteStore::in_memory().unwrap();
         s.log_completion(&completion("c1", "acme", Some("bot"), 10)).unwrap();
         s.log_completion(&completion("c2", "acme", None, 20)).unwrap();
-        s.add_feedback(&feedback("f1", "c1", "acme", Some("bot"))).unwrap();
-        s.add_feedback(&feedback("f2", "c2", "acme", None)).unwrap();
-        s.add_feedback(&feedback("f3", "c1", "acme", Some("bot"))).unwrap();
+        s.add_feedback(&feedback("f1", "c1", "acme", Some("bot")), 0).unwrap();
+        s.add_feedback(&feedback("f2", "c2", "acme", None), 0).unwrap();
+        s.add_feedback(&feedback("f3", "c1", "acme", Some("bot")), 0).unwrap();
         let all = s.feedback("acme", &FeedbackQuery::default()).unwrap();
         assert_eq!(all.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["f1", "f2", "f3"]);
         let bot = s.feedback("acme", &FeedbackQuery { adapter: Some("bot".into()), ..Default::default() }).unwrap();
@@ -645,9 +683,42 @@ mod tests {
     }
 
     #[test]
+    fn feedback_per_completion_is_capped() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.log_completion(&completion("c1", "acme", None, 1)).unwrap();
+        s.add_feedback(&feedback("f1", "c1", "acme", None), 2).unwrap();
+        s.add_feedback(&feedback("f2", "c1", "acme", None), 2).unwrap();
+        assert!(matches!(s.add_feedback(&feedback("f3", "c1", "acme", None), 2), Err(StoreError::Limit { limit: 2, .. })));
+        s.add_feedback(&feedback("f3", "c1", "acme", None), 0).unwrap();
+    }
+
+    #[test]
+    fn deleting_a_tenant_removes_its_records_and_spares_the_others() {
+        let s = SqliteStore::in_memory().unwrap();
+        for t in ["acme", "globex"] {
+            s.log_completion(&completion(&format!("c-{t}"), t, None, 1)).unwrap();
+            s.add_feedback(&feedback(&format!("f-{t}"), &format!("c-{t}"), t, None), 0).unwrap();
+            s.add_file(&FileRecord { id: format!("file-{t}"), tenant: t.into(), filename: "a".into(), purpose: "fine-tune".into(), bytes: 3, created_at: 1 }, b"abc").unwrap();
+            s.add_examples(&[ExampleRecord { id: format!("ex-{t}"), tenant: t.into(), adapter: "main".into(), prompt_ids: vec![1], answer_ids: vec![2], created_at: 1 }]).unwrap();
+            s.set_policy(t, "main", Some(&json!({"steps": 3}))).unwrap();
+        }
+        assert_eq!(s.stored_bytes("acme").unwrap().files, 3);
+        let purged = s.delete_tenant("acme").unwrap();
+        assert_eq!((purged.completions, purged.feedback, purged.files, purged.examples, purged.policies), (1, 1, 1, 1, 1));
+        assert!(s.completion("acme", "c-acme").is_err());
+        assert!(s.feedback("acme", &FeedbackQuery::default()).unwrap().is_empty());
+        assert!(s.files("acme", None, 10).unwrap().is_empty());
+        assert!(s.examples("acme", "main", false).unwrap().is_empty());
+        assert!(s.policy("acme", "main").unwrap().is_none());
+        assert_eq!(s.stored_bytes("acme").unwrap(), StoredBytes::default());
+        assert!(s.completion("globex", "c-globex").is_ok());
+        assert_eq!(s.delete_tenant("acme").unwrap(), Purged::default(), "a second deletion finds nothing");
+    }
+
+    #[test]
     fn feedback_on_a_missing_completion_is_refused() {
         let s = SqliteStore::in_memory().unwrap();
-        assert!(s.add_feedback(&feedback("f1", "nope", "acme", None)).is_err());
+        assert!(s.add_feedback(&feedback("f1", "nope", "acme", None), 0).is_err());
     }
 
     #[test]
@@ -657,7 +728,7 @@ mod tests {
         {
             let s = SqliteStore::open(&path).unwrap();
             s.log_completion(&completion("c1", "acme", None, 1)).unwrap();
-            s.add_feedback(&feedback("f1", "c1", "acme", None)).unwrap();
+            s.add_feedback(&feedback("f1", "c1", "acme", None), 0).unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.feedback("acme", &FeedbackQuery::default()).unwrap().len(), 1);

@@ -234,3 +234,118 @@ pub fn smollm2_reference() -> Option<serde_json::Value> {
             .expect("valid json"),
     )
 }
+
+/// A process's resident memory now and at its peak, in KiB (`VmRSS`, `VmHWM`).
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A multipart/form-data body: `(name, filename, bytes)` per part.
+pub fn multipart_body(boundary: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        let file = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// One LoRA site of a base model: module name, in and out features.
+pub type Site = (&'static str, usize, usize);
+
+/// The built-in demo model's sites, per layer (it has 4 layers).
+pub const BUILTIN_SITES: &[Site] =
+    &[("q_proj", 128, 128), ("k_proj", 128, 64), ("v_proj", 128, 64), ("o_proj", 128, 128), ("gate_proj", 128, 344), ("up_proj", 128, 344), ("down_proj", 344, 128)];
+pub const BUILTIN_LAYERS: usize = 4;
+
+/// SmolLM2-135M's sites, per layer (30 layers).
+pub const SMOLLM2_SITES: &[Site] =
+    &[("q_proj", 576, 576), ("k_proj", 576, 192), ("v_proj", 576, 192), ("o_proj", 576, 576), ("gate_proj", 576, 1536), ("up_proj", 576, 1536), ("down_proj", 1536, 576)];
+
+/// A PEFT adapter as `save_pretrained` writes it (config and safetensors
+/// bytes) with every site of `sites` on `layers` layers at `rank`; small
+/// deterministic weights, `patch` may change one tensor's values by key.
+pub fn peft_adapter(layers: usize, sites: &[Site], rank: usize, config: serde_json::Value, patch: &dyn Fn(&str, &mut [f32])) -> (Vec<u8>, Vec<u8>) {
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    for layer in 0..layers {
+        for (module, inf, outf) in sites {
+            let group = if module.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(module) { "mlp" } else { "self_attn" };
+            for (ab, shape) in [("A", [rank, *inf]), ("B", [*outf, rank])] {
+                let key = format!("base_model.model.model.layers.{layer}.{group}.{module}.lora_{ab}.weight");
+                let mut values: Vec<f32> = (0..shape[0] * shape[1]).map(|i| ((i % 7) as f32 - 3.0) * 1e-3).collect();
+                patch(&key, &mut values);
+                let start = data.len();
+                for v in values {
+                    data.extend_from_slice(&v.to_le_bytes());
+                }
+                header.insert(key, serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
+            }
+        }
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut weights = (h.len() as u64).to_le_bytes().to_vec();
+    weights.extend_from_slice(&h);
+    weights.extend_from_slice(&data);
+    let mut config = config;
+    let defaults = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sites.iter().map(|s| s.0).collect::<Vec<_>>()});
+    for (k, v) in defaults.as_object().unwrap() {
+        if config.get(k).is_none() {
+            config[k] = v.clone();
+        }
+    }
+    (config.to_string().into_bytes(), weights)
+}
+
+/// Sends a raw HTTP/1.1 request (head then body, written by `write` from
+/// another thread so the server may answer before it is all sent) and
+/// returns the response's status and body.
+pub fn raw_request(base: &str, head: &str, write: impl FnOnce(&mut std::net::TcpStream) + Send + 'static) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    conn.write_all(head.as_bytes()).expect("write head");
+    let mut writer = conn.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || write(&mut writer));
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    // Read until the response is complete (headers plus content-length) or the server closes.
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&answer);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+            if let Some(len) = len {
+                if answer.len() >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
