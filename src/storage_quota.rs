@@ -72,11 +72,11 @@ impl TenantStorage {
     /// Runs `write` (which stores about `adding` bytes for `tenant`) if the
     /// tenant stays within its quota, one writer per tenant at a time.
     pub fn within<T, E: From<StorageError>>(&self, tenant: &str, adding: u64, write: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let lock = self.locks.entry(tenant.to_string()).or_default().clone();
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.limit == 0 {
             return write();
         }
-        let lock = self.locks.entry(tenant.to_string()).or_default().clone();
-        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let used = self.usage(tenant)?.total();
         if used.saturating_add(adding) > self.limit {
             return Err(StorageError::Exceeded { tenant: tenant.to_string(), used, adding, limit: self.limit }.into());

@@ -135,7 +135,7 @@ async fn a_full_queue_refuses_at_once_and_accepted_requests_finish() {
     for _ in 0..6 {
         match engine.submit(request(200)) {
             Ok(rx) => accepted.push(rx),
-            Err(EngineError::QueueFull { .. }) => refused += 1,
+            Err(EngineError::QueueFull { .. } | EngineError::TenantQueueFull { .. }) => refused += 1,
             Err(e) => panic!("{e}"),
         }
     }

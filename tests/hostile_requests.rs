@@ -35,6 +35,43 @@ fn a_request_for_too_many_logprobs_is_refused_up_front_by_field() {
 }
 
 #[test]
+fn one_tenant_may_fill_at_most_half_of_the_waiting_queue() {
+    let s = TestServer::start(None, &[("LIFELORA_AUTH__ADMIN_KEY", ADMIN), ("LIFELORA_ENGINE__MAX_WAITING", "64"), ("LIFELORA_ENGINE__MAX_RUNNING", "4")]);
+    let (flood, quiet) = (tenant_key(&s, "flood"), tenant_key(&s, "quiet"));
+    let post = |key: &str, body: Value, timeout: u64| {
+        common::response_json(
+            ureq::post(&format!("{}/v1/completions", s.base))
+                .set("authorization", &format!("Bearer {key}"))
+                .timeout(Duration::from_secs(timeout))
+                .send_json(body),
+        )
+    };
+    // More than half of the queue in one request can never be queued.
+    let (status, v) = post(&flood, json!({"model": s.model, "prompt": vec![[1, 2]; 4], "n": 9, "max_tokens": 1}), 30);
+    common::assert_openai_error(status, &v, 400);
+    std::thread::scope(|scope| {
+        // Half of it, held: 4 prompts × n 8 (4 run, 28 wait), generating for a long time.
+        let (base, model, f) = (s.base.clone(), s.model.clone(), flood.clone());
+        scope.spawn(move || {
+            let _ = ureq::post(&format!("{base}/v1/completions"))
+                .set("authorization", &format!("Bearer {f}"))
+                .timeout(Duration::from_secs(4))
+                .send_json(json!({"model": model, "prompt": vec![[1, 2]; 4], "n": 8, "max_tokens": 2000, "ignore_eos": true}));
+        });
+        let started = Instant::now();
+        while s.metric("lifelora_waiting_sequences") < 28.0 {
+            assert!(started.elapsed() < Duration::from_secs(3));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (status, v) = post(&flood, json!({"model": s.model, "prompt": vec![[1, 2]; 4], "n": 8, "max_tokens": 1}), 30);
+        assert_eq!(status, 429, "{v}");
+        assert_eq!(v["error"]["code"], "tenant_queue_full", "{v}");
+        let (status, v) = post(&quiet, json!({"model": s.model, "prompt": [1, 2], "max_tokens": 2}), 30);
+        assert_eq!(status, 200, "the other half is the others': {v}");
+    });
+}
+
+#[test]
 fn a_prompt_of_megabytes_is_refused_before_it_is_tokenized() {
     let s = TestServer::start(None, &[("LIFELORA_SERVER__MAX_BODY_BYTES", "16777216")]);
     let text = "lorem ipsum dolor sit amet ".repeat(4 << 20 >> 4).chars().take(4 << 20).collect::<String>();

@@ -106,7 +106,7 @@ pub async fn upload(
         state.metrics.adapter_promotions.with_label_values(&["upload"]).inc();
     }
     let target = format!("{name}@v{}", manifest.version);
-    super::audit::record(&state, &req, &tenant, "adapter.uploaded", &target, json!({"promoted": promote, "sha256": manifest.sha256}));
+    super::audit::record(&state, &req, &tenant, "adapter.uploaded", &target, json!({"promoted": promote, "sha256": manifest.sha256})).await;
     let mut v = manifest_json(&manifest, Some(&pointer));
     v["object"] = json!("adapter.version");
     v["current_version"] = json!(pointer.current);
@@ -177,7 +177,7 @@ pub async fn promote(state: web::Data<AppState>, req: HttpRequest, path: web::Pa
     .await?;
     state.metrics.adapter_promotions.with_label_values(&["manual"]).inc();
     let target = format!("{name}@v{}", p.current.unwrap_or_default());
-    super::audit::record(&state, &req, &tenant, "adapter.promoted", &target, json!({"history": p.history}));
+    super::audit::record(&state, &req, &tenant, "adapter.promoted", &target, json!({"history": p.history})).await;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": name, "version": p.current, "previous": p.history})))
 }
 
@@ -193,7 +193,7 @@ pub async fn rollback(state: web::Data<AppState>, req: HttpRequest, path: web::P
     .await?;
     state.metrics.adapter_rollbacks.inc();
     let target = format!("{name}@v{}", p.current.unwrap_or_default());
-    super::audit::record(&state, &req, &tenant, "adapter.rolled_back", &target, json!({"history": p.history}));
+    super::audit::record(&state, &req, &tenant, "adapter.rolled_back", &target, json!({"history": p.history})).await;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter", "name": name, "version": p.current, "previous": p.history})))
 }
 
@@ -214,7 +214,7 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
         })?
     })
     .await?;
-    super::audit::record(&state, &req, &tenant, "adapter.deleted", &name, json!({}));
+    super::audit::record(&state, &req, &tenant, "adapter.deleted", &name, json!({})).await;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter.deleted", "name": name, "deleted": true})))
 }
 
@@ -230,7 +230,7 @@ pub async fn delete_version(state: web::Data<AppState>, req: HttpRequest, path: 
         Ok((tenants.write_as(&who, || registry.delete_version(&who, &n, version))??, version))
     })
     .await?;
-    super::audit::record(&state, &req, &tenant, "adapter.version_deleted", &format!("{name}@v{version}"), json!({"history": p.history}));
+    super::audit::record(&state, &req, &tenant, "adapter.version_deleted", &format!("{name}@v{version}"), json!({"history": p.history})).await;
     Ok(HttpResponse::Ok().json(json!({"object": "adapter.version.deleted", "name": name, "version": version, "deleted": true, "current_version": p.current})))
 }
 

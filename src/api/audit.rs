@@ -24,9 +24,10 @@ fn actor(req: &HttpRequest, state: &AppState) -> String {
     }
 }
 
-/// Records an action already done. A failure to record is logged, not
-/// returned: the action itself stands and its answer must say so.
-pub fn record(state: &AppState, req: &HttpRequest, tenant: &str, action: &str, target: &str, detail: Value) {
+/// Records an action already done (the write runs off the HTTP workers).
+/// A failure to record is logged, not returned: the action itself stands
+/// and its answer must say so.
+pub async fn record(state: &AppState, req: &HttpRequest, tenant: &str, action: &str, target: &str, detail: Value) {
     let entry = AuditRecord {
         id: crate::store::new_id("audit"),
         created_at: crate::store::now(),
@@ -37,7 +38,8 @@ pub fn record(state: &AppState, req: &HttpRequest, tenant: &str, action: &str, t
         detail,
     };
     tracing::info!(actor = %entry.actor, tenant, action, target, "audit");
-    if let Err(e) = state.records.add_audit(&entry) {
+    let records = state.records.clone();
+    if let Err(e) = super::blocking::blocking(move || records.add_audit(&entry)).await {
         tracing::error!(tenant, action, target, "cannot write the audit log: {e}");
     }
 }
@@ -65,9 +67,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Au
         return Err(ApiError::invalid(format!("'limit' must be between 1 and {MAX_PAGE}"), Some("limit")));
     }
     let records = state.records.clone();
-    let mut items = web::block(move || records.audit(q.tenant.as_deref(), q.action.as_deref(), q.after.as_deref(), limit + 1))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut items = super::blocking::blocking(move || records.audit(q.tenant.as_deref(), q.action.as_deref(), q.after.as_deref(), limit + 1)).await?;
     let has_more = items.len() > limit;
     items.truncate(limit);
     let data: Vec<Value> = items

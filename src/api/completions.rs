@@ -91,9 +91,11 @@ pub async fn create(
             Some("prompt"),
         ));
     }
-    if prompts.len() * v.n > state.settings.engine.max_waiting.max(1) {
+    // One tenant may hold at most half of the waiting queue.
+    let most = (state.settings.engine.max_waiting / 2).max(1);
+    if prompts.len() * v.n > most {
         return Err(ApiError::invalid(
-            "too many prompts × n in one request",
+            format!("{} prompts × n = {} sequences in one request; this server queues at most {most} for one request", prompts.len(), prompts.len() * v.n),
             Some("prompt"),
         ));
     }

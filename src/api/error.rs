@@ -173,13 +173,8 @@ impl ResponseError for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::QueueFull { .. } => ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: e.to_string(),
-                kind: "rate_limit_error",
-                param: None,
-                code: Some("queue_full"), retry_after: None,
-            },
+            EngineError::QueueFull { .. } => ApiError::limit(e.to_string(), "queue_full"),
+            EngineError::TenantQueueFull { .. } => ApiError::limit(e.to_string(), "tenant_queue_full"),
             EngineError::Stopped | EngineError::Start(_) => ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: e.to_string(),

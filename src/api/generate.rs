@@ -22,20 +22,19 @@ pub fn submit_all(
     requests: Vec<GenerationRequest>,
     n: usize,
 ) -> Result<Vec<Submitted>, ApiError> {
-    let mut out = Vec::with_capacity(requests.len() * n);
+    let mut all = Vec::with_capacity(requests.len() * n);
+    let mut places = Vec::with_capacity(requests.len() * n);
     for (p, req) in requests.into_iter().enumerate() {
         for i in 0..n {
             let mut r = req.clone();
             r.params.seed = r.params.seed.map(|s| s.wrapping_add(i as u64));
-            let rx = engine.submit(r)?;
-            out.push(Submitted {
-                index: p * n + i,
-                prompt_index: p,
-                rx,
-            });
+            all.push(r);
+            places.push((p * n + i, p));
         }
     }
-    Ok(out)
+    // All of a request's sequences are queued, or none.
+    let receivers = engine.submit_many(all)?;
+    Ok(places.into_iter().zip(receivers).map(|((index, prompt_index), rx)| Submitted { index, prompt_index, rx }).collect())
 }
 
 /// Everything one choice produced.

@@ -52,7 +52,7 @@ pub async fn put(state: web::Data<AppState>, req: HttpRequest, path: web::Path<S
     let n = name.clone();
     let (t, tenants) = (tenant.clone(), state.tenants.clone());
     blocking(move || -> Result<(), ApiError> { Ok(tenants.write_as(&t, || records.set_policy(&t, &n, Some(&stored)))??) }).await?;
-    super::audit::record(&state, &req, &tenant, "adapter.policy_set", &name, overrides.clone());
+    super::audit::record(&state, &req, &tenant, "adapter.policy_set", &name, overrides.clone()).await;
     Ok(HttpResponse::Ok().json(policy_json(&state, &name, &overrides)?))
 }
 
@@ -63,6 +63,6 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let (records, name) = (state.records.clone(), path.into_inner());
     let (t, n, tenants) = (tenant.clone(), name.clone(), state.tenants.clone());
     blocking(move || -> Result<(), ApiError> { Ok(tenants.write_as(&t, || records.set_policy(&t, &n, None))??) }).await?;
-    super::audit::record(&state, &req, &tenant, "adapter.policy_reset", &name, json!({}));
+    super::audit::record(&state, &req, &tenant, "adapter.policy_reset", &name, json!({})).await;
     Ok(HttpResponse::Ok().json(policy_json(&state, &name, &json!({}))?))
 }

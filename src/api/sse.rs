@@ -179,7 +179,10 @@ where
                     let usage = Usage::new(st.prompt_tokens.values().sum(), st.completion_tokens);
                     if let Some(sink) = st.sink.take() {
                         let outputs = std::mem::take(&mut st.texts).into_values().collect();
-                        sink.finish(usage, outputs);
+                        // The completion log's commit, off the HTTP workers.
+                        if let Err(e) = actix_web::web::block(move || sink.finish(usage, outputs)).await {
+                            tracing::error!("cannot finish a stream's bookkeeping: {e}");
+                        }
                     }
                     if st.include_usage {
                         st.queue.push_back(frame(&st.formatter.usage_chunk(usage)));

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use actix_web::web;
-
 use crate::config::Settings;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
@@ -75,7 +73,7 @@ impl AppState {
             return Ok(None);
         }
         let (registry, t, m) = (self.registry.clone(), tenant.to_string(), model.to_string());
-        match web::block(move || registry.resolve(&t, &m)).await.map_err(|e| ApiError::internal(e.to_string()))? {
+        match super::blocking::blocking(move || Ok::<_, ApiError>(registry.resolve(&t, &m))).await? {
             Ok(r) => Ok(Some(r)),
             Err(crate::registry::RegistryError::NotFound(_) | crate::registry::RegistryError::BadReference(_)) => {
                 Err(ApiError::model_not_found(model))

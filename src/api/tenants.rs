@@ -33,7 +33,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
     let name = parse_create(&body)?;
     let (tenants, n) = (state.tenants.clone(), name.clone());
     let key = blocking(move || tenants.create(&n)).await?;
-    super::audit::record(&state, &req, &name, "tenant.created", &name, json!({}));
+    super::audit::record(&state, &req, &name, "tenant.created", &name, json!({})).await;
     Ok(HttpResponse::Created().json(json!({"object": "tenant", "name": name, "api_key": key})))
 }
 
@@ -86,7 +86,7 @@ pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let name = path.into_inner();
     let (tenants, n) = (state.tenants.clone(), name.clone());
     blocking(move || tenants.begin_delete(&n)).await?;
-    super::audit::record(&state, &req, &name, "tenant.deleted", &name, json!({}));
+    super::audit::record(&state, &req, &name, "tenant.deleted", &name, json!({})).await;
     let dropped_jobs = state.learner.forget_tenant(&name);
     state.quotas.forget(&name);
     state.storage.forget(&name);
@@ -111,6 +111,6 @@ pub async fn rotate(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     let name = path.into_inner();
     let (tenants, n) = (state.tenants.clone(), name.clone());
     let key = blocking(move || tenants.rotate(&n)).await?;
-    super::audit::record(&state, &req, &name, "tenant.key_rotated", &name, json!({}));
+    super::audit::record(&state, &req, &name, "tenant.key_rotated", &name, json!({})).await;
     Ok(HttpResponse::Ok().json(json!({"object": "tenant", "name": name, "api_key": key})))
 }

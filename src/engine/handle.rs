@@ -1,7 +1,6 @@
 //! The async face of the engine: submit a request, get a stream of events.
 //! Dropping the stream cancels the sequence at the next step.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,6 +14,7 @@ use crate::model::LoadedModel;
 use super::request::{Event, GenerationRequest};
 use super::scheduler::{Scheduler, SchedulerLimits};
 use super::sequence::Sequence;
+use super::waiting::WaitingCounts;
 use super::worker::{self, Command};
 use super::EngineError;
 
@@ -22,7 +22,7 @@ use super::EngineError;
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: Sender<Command>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<WaitingCounts>,
     max_waiting: usize,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
@@ -49,7 +49,7 @@ impl EngineHandle {
             kv_bytes_per_token: kv_per_token,
         });
         let (tx, rx) = mpsc::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(WaitingCounts::default());
         let w = waiting.clone();
         let thread = std::thread::Builder::new()
             .name("lifelora-engine".into())
@@ -63,30 +63,36 @@ impl EngineHandle {
         })
     }
 
-    /// Queues a request. Refuses at once when the waiting queue is full.
+    /// Queues a request. Refuses at once when the waiting queue is full
+    /// (or the tenant holds half of a busy one).
     pub fn submit(
         &self,
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<Event>, EngineError> {
-        let prev = self.waiting.fetch_add(1, Ordering::SeqCst);
-        if prev >= self.max_waiting {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull {
-                max_waiting: self.max_waiting,
-            });
+        Ok(self.submit_many(vec![request])?.remove(0))
+    }
+
+    /// Queues every sequence of one request (all of one tenant), or none.
+    pub fn submit_many(&self, requests: Vec<GenerationRequest>) -> Result<Vec<UnboundedReceiver<Event>>, EngineError> {
+        let Some(tenant) = requests.first().map(|r| r.tenant.clone()) else { return Ok(Vec::new()) };
+        let n = requests.len();
+        self.waiting.try_add(&tenant, n, self.max_waiting)?;
+        let mut out = Vec::with_capacity(n);
+        for (i, request) in requests.into_iter().enumerate() {
+            let (tx, rx) = unbounded_channel();
+            if self.tx.send(Command::Submit(Box::new(Sequence::new(request, tx)))).is_err() {
+                // Those sent are dropped with their receivers; the rest never came.
+                self.waiting.remove(&tenant, n - i);
+                return Err(EngineError::Stopped);
+            }
+            out.push(rx);
         }
-        let (tx, rx) = unbounded_channel();
-        let seq = Sequence::new(request, tx);
-        if self.tx.send(Command::Submit(Box::new(seq))).is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::Stopped);
-        }
-        Ok(rx)
+        Ok(out)
     }
 
     /// Requests waiting for admission.
     pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+        self.waiting.total()
     }
 
     /// Stops the engine thread after its current step and waits for it.

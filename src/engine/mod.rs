@@ -7,6 +7,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod waiting;
 pub mod worker;
 
 pub use handle::EngineHandle;
@@ -18,6 +19,8 @@ pub use sampling::{PositionLogprobs, SamplingParams, TokenLogprob};
 pub enum EngineError {
     #[error("the server is at capacity ({max_waiting} requests waiting); retry later")]
     QueueFull { max_waiting: usize },
+    #[error("this tenant already has {limit} sequences waiting, half of the server's queue; retry later")]
+    TenantQueueFull { limit: usize },
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot start the engine thread: {0}")]

@@ -7,7 +7,7 @@
 //! no slot free, the newest sequence of the tenant furthest above its share
 //! is preempted (its KV freed, recomputed from its tokens when it runs again).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::sequence::Sequence;
 
@@ -30,8 +30,6 @@ pub struct Scheduler {
     pub preempted: u64,
 }
 
-/// Waiting requests looked at when choosing whom to admit next.
-const FAIR_SCAN: usize = 256;
 
 /// Why a waiting request can never run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,19 +92,22 @@ impl Scheduler {
         seq
     }
 
-    /// Index of the waiting request to admit next: among the first
-    /// `FAIR_SCAN` waiting, the oldest of the tenant with the fewest running.
+    /// Index of the waiting request to admit next: the oldest of the
+    /// tenant with the fewest running (the whole queue is looked at, so a
+    /// flood of one tenant never hides another's request behind it).
     fn fair_pick(&self) -> Option<usize> {
-        if self.waiting.is_empty() {
-            return None;
-        }
-        let mut running: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut running: HashMap<&str, usize> = HashMap::new();
         for s in &self.running {
             *running.entry(s.request.tenant.as_str()).or_default() += 1;
         }
         let mut best: Option<(usize, usize)> = None;
-        for (i, s) in self.waiting.iter().take(FAIR_SCAN).enumerate() {
-            let n = running.get(s.request.tenant.as_str()).copied().unwrap_or(0);
+        let mut seen: HashSet<&str> = HashSet::new();
+        for (i, s) in self.waiting.iter().enumerate() {
+            let tenant = s.request.tenant.as_str();
+            if !seen.insert(tenant) {
+                continue;
+            }
+            let n = running.get(tenant).copied().unwrap_or(0);
             if best.is_none_or(|(_, b)| n < b) {
                 best = Some((i, n));
                 if n == 0 {
@@ -124,7 +125,6 @@ impl Scheduler {
     /// its share goes back to the front of the queue. Nobody is preempted
     /// to bring a tenant above its share, so preemption cannot cycle.
     fn preempt_for_fair_share(&mut self) {
-        use std::collections::HashMap;
         if self.waiting.is_empty() {
             return;
         }
@@ -134,8 +134,9 @@ impl Scheduler {
         }
         // Each waiting tenant's oldest request's reservation, in queue order.
         let mut waiting: Vec<(String, u64)> = Vec::new();
-        for s in self.waiting.iter().take(FAIR_SCAN) {
-            if !waiting.iter().any(|(t, _)| t == &s.request.tenant) {
+        let mut seen: HashSet<&str> = HashSet::new();
+        for s in &self.waiting {
+            if seen.insert(s.request.tenant.as_str()) {
                 waiting.push((s.request.tenant.clone(), self.reservation(s)));
             }
         }
@@ -287,6 +288,18 @@ mod tests {
         // The flood stays at or above its share: nothing more is preempted.
         s.schedule();
         assert_eq!(s.preempted, 1);
+    }
+
+    #[test]
+    fn a_request_behind_a_thousand_of_another_tenant_is_admitted_next() {
+        let mut s = scheduler(8);
+        for _ in 0..1000 {
+            s.waiting.push_back(seq("flood", 2));
+        }
+        s.schedule();
+        s.waiting.push_back(seq("quiet", 2));
+        s.schedule();
+        assert_eq!(running_of(&s, "quiet"), 1);
     }
 
     #[test]

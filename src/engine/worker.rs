@@ -2,7 +2,6 @@
 //! scheduler, runs one packed forward over every scheduled sequence, and
 //! samples and streams one token per sequence that finished its input.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
@@ -13,6 +12,7 @@ use crate::model::LoadedModel;
 use super::request::{Event, FinishReason};
 use super::scheduler::Scheduler;
 use super::sequence::Sequence;
+use super::waiting::{by_tenant, WaitingCounts};
 
 /// Messages to the engine thread.
 pub enum Command {
@@ -25,7 +25,7 @@ pub fn run(
     model: Arc<LoadedModel>,
     mut scheduler: Scheduler,
     rx: Receiver<Command>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<WaitingCounts>,
     metrics: Metrics,
 ) {
     let eos = model.tokenizer.eos_ids.clone();
@@ -49,7 +49,7 @@ pub fn run(
                 Err(TryRecvError::Empty) => break,
             }
         }
-        let waiting_before = scheduler.waiting.len();
+        let waiting_before = by_tenant(scheduler.waiting.iter().map(|s| s.request.tenant.as_str()));
         let preempted_before = scheduler.preempted;
         scheduler.drop_abandoned();
         scheduler.group_by_adapter();
@@ -57,13 +57,8 @@ pub fn run(
         for (seq, why) in rejected {
             seq.send(Event::Error(why.0));
         }
-        // Preempted sequences go back to waiting: the count may grow.
-        let waiting_after = scheduler.waiting.len();
-        if waiting_after <= waiting_before {
-            waiting.fetch_sub(waiting_before - waiting_after, Ordering::SeqCst);
-        } else {
-            waiting.fetch_add(waiting_after - waiting_before, Ordering::SeqCst);
-        }
+        // Admitted and dropped ones leave; preempted ones come back.
+        waiting.apply(&waiting_before, &by_tenant(scheduler.waiting.iter().map(|s| s.request.tenant.as_str())));
         metrics.preemptions.inc_by(scheduler.preempted - preempted_before);
         metrics
             .waiting_sequences

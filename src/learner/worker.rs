@@ -344,9 +344,11 @@ impl Learner {
         let i = &self.inner;
         let mut job = i.records.job(tenant, job_id)?;
         if job.status == "queued" || job.status == "running" {
-            i.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_string());
+            // Out of the queue it never runs; otherwise it stops at its next step.
+            if !i.queue.remove(job_id) {
+                i.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(job_id.to_string());
+            }
             if job.status == "queued" {
-                i.queue.remove(job_id);
                 job.status = "cancelled".into();
                 job.finished_at = Some(crate::store::now());
                 i.tenants.write_as(tenant, || -> Result<(), StoreError> {
@@ -698,6 +700,7 @@ impl Inner {
         }
         // Cancelled while queued, or done: the adapter may be triggered again.
         self.triggered.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
     }
 
     fn run_job(&self, job: JobRecord) {
