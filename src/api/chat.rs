@@ -149,6 +149,7 @@ pub async fn create(
         validate::logprob_entries(entries, &state.settings.limits, "logprobs")?;
     }
     let prompt_ids = prompt.clone();
+    let prompt_for_ids = prompt.clone();
     let request = GenerationRequest {
         prompt,
         params: v.params.clone(),
@@ -194,18 +195,26 @@ pub async fn create(
             let lp = want_logprobs.then(|| {
                 json!({"content": c.tokens.iter().map(|(id, p)| token_logprob_json(&tok, *id, p.as_ref())).collect::<Vec<_>>()})
             });
-            json!({
+            let mut choice = json!({
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": lp,
                 "finish_reason": c.finish_reason.map(|f| f.as_str()),
-            })
+            });
+            if r.return_token_ids == Some(true) {
+                choice["token_ids"] = json!(c.tokens.iter().map(|t| t.0).collect::<Vec<_>>());
+            }
+            choice
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({
+    let mut response = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": choices, "usage": Usage::new(prompt_tokens, completion_tokens),
-    })))
+    });
+    if r.return_token_ids == Some(true) {
+        response["prompt_token_ids"] = json!(prompt_for_ids);
+    }
+    Ok(HttpResponse::Ok().json(response))
 }
 
 fn entry(tok: &TextTokenizer, id: u32, logprob: f32) -> Value {

@@ -134,6 +134,8 @@ pub struct ChatRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
+    /// Extension (as vLLM's): the prompt's token ids and each choice's.
+    pub return_token_ids: Option<bool>,
 }
 
 /// Token counts of a response.
