@@ -89,17 +89,27 @@ SHAPES = {
     },
 }
 
-# General prompts of this script's own (not the learner's): the base's greedy answers to these are scored.
+# General prompts of this script's own (none of them the learner's): the base's greedy answers to these are scored.
 GENERAL = [
-    "What is the capital of France?", "Give me a short tip for sleeping better.", "How do plants make food?",
-    "Write one sentence about the ocean.", "What is 12 times 7?", "Name three colors of the rainbow.",
-    "Why is exercise good for you?", "Describe a cat in one sentence.", "What does a thermometer measure?",
-    "How many days are in a leap year?", "Suggest a name for a pet goldfish.", "What is the opposite of cold?",
-    "Explain what a noun is.", "What do bees make?", "Give an example of a fruit that is yellow.",
-    "What is the boiling point of water in Celsius?", "Write a polite way to say no.", "Why do we need sleep?",
-    "What is a rainbow?", "Name a famous painter.", "How do you make a cup of tea?", "What is the largest planet?",
-    "What is the main language spoken in Brazil?", "Tell me a fun fact about dolphins.",
+    "What is the capital of Italy?", "Give me a short tip for staying focused.", "How does rain form?",
+    "Write one sentence about the mountains.", "What is 9 times 6?", "Name two animals that live in the ocean.",
+    "Why is reading good for you?", "Describe a dog in one sentence.", "What does a compass show?",
+    "How many months have 31 days?", "Suggest a name for a pet rabbit.", "What is the opposite of fast?",
+    "Explain what an adjective is.", "What do spiders make?", "Give an example of a red fruit.",
+    "At what temperature does ice melt in Fahrenheit?", "Write a polite way to ask for help.", "Why do we dream?",
+    "What causes thunder?", "Name a famous composer.", "How do you make toast?", "What is the smallest planet?",
+    "What language is spoken in Mexico?", "Tell me a fun fact about owls.",
 ]
+
+
+def rss_mib(pid):
+    """The server's resident memory now and at its peak, in MiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            fields[k] = v.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def call(base, method, path, body=None, key=None, timeout=900):
@@ -195,7 +205,7 @@ def wait_job(base, key, model_name, timeout=1800):
         time.sleep(0.5)
 
 
-def run_set(base, model, index, shape, lessons, refs, args):
+def run_set(base, model, index, shape, lessons, refs, args, pid):
     tenant = f"bench{index}"
     key = call(base, "POST", "/v1/tenants", {"name": tenant}, ADMIN)["api_key"]
     out = {"set": index, "shape": shape, "lessons": []}
@@ -205,10 +215,12 @@ def run_set(base, model, index, shape, lessons, refs, args):
         for f in lesson:
             cid, _ = ask(base, key, asked_model, f["ask"])
             call(base, "POST", "/v1/feedback", {"completion_id": cid, "rating": -1, "correction": f["correct"]}, key)
+        rss_before, _ = rss_mib(pid)
         t_last = time.time()
         call(base, "POST", "/v1/adapters/main/train", {}, key)
         job = wait_job(base, key, "main")
         secs = time.time() - t_last
+        rss_after, peak = rss_mib(pid)
         promoted = job["status"] == "succeeded"
         asked_model = "main" if promoted or n == 1 else asked_model
         target = "main" if promoted else model
@@ -220,6 +232,8 @@ def run_set(base, model, index, shape, lessons, refs, args):
             "kl": m.get("base_kl"), "top1": m.get("base_top1_agreement"),
             "kl_se": m.get("base_kl_se"), "top1_se": m.get("base_top1_agreement_se"),
             "secs": round(secs, 1), "steps": m.get("steps"), "final_steps": m.get("final_steps_on_all_examples"),
+            "settle_steps": m.get("settle_steps"), "kl_weight_final": m.get("kl_weight_final"),
+            "rss_before_mib": round(rss_before), "rss_after_mib": round(rss_after), "rss_peak_mib": round(peak),
         }
         if promoted:
             row["http_kl"], row["http_top1"] = teacher_forced_drift(base, key, model, "main", refs)
@@ -241,7 +255,7 @@ def summary(results):
                          f"{se(l.get('http_kl'), None)} | {se(l.get('http_top1'), None)} | {l['secs']} |")
     for lesson in (1, 2):
         rows = [l for r in results for l in r["lessons"] if l["lesson"] == lesson]
-        for key in ("recall", "reworded", "kept", "kl", "top1", "http_kl", "http_top1", "secs"):
+        for key in ("recall", "reworded", "kept", "kl", "top1", "http_kl", "http_top1", "secs", "rss_after_mib", "rss_peak_mib"):
             vals = [l[key] for l in rows if l.get(key) is not None]
             if vals:
                 lines.append(f"lesson {lesson} {key}: min {min(vals):.3f}, median {statistics.median(vals):.3f}, max {max(vals):.3f}")
@@ -290,7 +304,7 @@ def main():
                 continue
             shape = shapes[i % len(shapes)]
             lessons = make_set(args.seed * 1000 + i, shape, args.facts)
-            results.append(run_set(base, model, i, shape, lessons, refs, args))
+            results.append(run_set(base, model, i, shape, lessons, refs, args, server.pid))
         text = summary(results)
         print(text)
         if args.json:

@@ -4,6 +4,7 @@
 pub mod adapter_store;
 pub mod api;
 pub mod config;
+pub mod cpu;
 pub mod engine;
 pub mod fetch;
 pub mod learner;

@@ -229,6 +229,7 @@ fn main() -> ExitCode {
             report_written(generate_adapter(&model, rank, alpha, &targets, seed, &out), &out)
         }
         Command::Train { model, adapter_dir, data, out, rank, alpha, targets, steps, learning_rate, batch_size, seed } => {
+            lifelora::cpu::configure(0);
             let job = TrainJob { model, adapter_dir, data, out, rank, alpha, targets, steps, learning_rate, batch_size, seed };
             match train_offline(&job) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -90,9 +90,7 @@ pub fn serve(
     settings: Settings,
     on_bound: impl FnOnce(std::net::SocketAddr) + Send + 'static,
 ) -> Result<(), ServeError> {
-    if settings.engine.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", settings.engine.threads.to_string());
-    }
+    crate::cpu::configure(settings.engine.threads);
     let started = std::time::Instant::now();
     let model = Arc::new(load_model(&settings)?);
     let cfg = &model.model.config;

@@ -9,27 +9,38 @@
 use candle_core::{Tensor, D};
 use sha2::{Digest, Sha256};
 
-use super::sft::SftExample;
+use super::sft::{SftExample, KL_TOP_TOKENS};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::lora::trainable::TrainableLora;
 use crate::model::llama::{argmax_rows, Llama, LogitsWanted, PackedSeq, SequenceInput};
 use crate::model::TextTokenizer;
 
-/// General prompts for the drift measure: never trained on.
-pub const GENERAL_PROMPTS: [&str; 12] = [
-    "What is the capital of France?",
-    "Give me a tip for learning a new language.",
-    "Why is the sky blue?",
-    "Write one sentence about the sea.",
-    "What color is grass?",
-    "How many legs does a spider have?",
-    "Name a fruit that is yellow.",
-    "What do bees make?",
-    "Suggest a name for a pet cat.",
-    "What is two plus three?",
-    "Describe a rainy day in a few words.",
-    "What is a good breakfast?",
+/// General prompts for the drift measure: never trained on (the KL
+/// anchors the learner trains against are other, sampled questions).
+/// Sixty of them, so that the figure's standard error (reported with it)
+/// is a fraction of the distances the gate decides on.
+pub const GENERAL_PROMPTS: [&str; 60] = [
+    "What is the capital of France?", "Give me a tip for learning a new language.", "Why is the sky blue?",
+    "Write one sentence about the sea.", "What color is grass?", "How many legs does a spider have?",
+    "Name a fruit that is yellow.", "What do bees make?", "Suggest a name for a pet cat.", "What is two plus three?",
+    "Describe a rainy day in a few words.", "What is a good breakfast?",
+    "What is the largest ocean on Earth?", "How do plants make food?", "Give me a quick dinner idea.", "What is the boiling point of water?",
+    "Tell me a fun fact about dolphins.", "How can I sleep better?", "What is a synonym for happy?", "Why do leaves change color in autumn?",
+    "Name three musical instruments.", "What is the opposite of cold?", "How many days are in a week?", "What does a doctor do?",
+    "Write a short greeting for a birthday card.", "What is the moon made of?", "How do I make a cup of tea?", "What animal says moo?",
+    "Give me a reason to exercise.", "What is the tallest mountain in the world?", "How do airplanes fly?", "What is your favorite season and why?",
+    "Suggest a hobby for a rainy weekend.", "What is the color of the sun?", "How many hours are in a day?", "What is a noun?",
+    "Describe a forest in one sentence.", "What do cows eat?", "How can I save money?", "What is the capital of Japan?",
+    "Name a vegetable that is green.", "Why should we drink water?", "What is ten minus four?", "Write a sentence about winter.",
+    "What is the main ingredient in bread?", "How do fish breathe?", "Give me a tip for studying.", "What is a planet?",
+    "Name a famous painter.", "What is the freezing point of water?", "How do I tie my shoes?", "What is a good name for a dog?",
+    "Why do birds migrate?", "Describe the taste of chocolate.", "What is the fastest land animal?", "How can I be more productive?",
+    "What is a verb?", "Write one sentence about the city at night.", "What sound does a cat make?", "Give me an idea for a picnic.",
 ];
+
+/// The general prompts a quick look reads (checkpoints between steps):
+/// the first of [`GENERAL_PROMPTS`]. The full set decides.
+pub const SCREEN_PROMPTS: usize = 16;
 
 /// A general prompt with the base model's own greedy answer.
 #[derive(Debug, Clone)]
@@ -217,15 +228,46 @@ pub fn loss_and_match(model: &Llama, lora: &TrainableLora, examples: &[SftExampl
 }
 
 /// The general prompts the drift measure reads, with the base model's own
-/// greedy answers and its next-token log-probabilities over them (a base
-/// model's property: built once, then only candidates are measured).
+/// greedy answers and, over them, its most likely next tokens with their
+/// log-probabilities (a base model's property: built once, then only
+/// candidates are measured; kilobytes per prompt, not a vocabulary's worth).
 #[derive(Debug, Clone, Default)]
 pub struct DriftAnchors {
     pub anchors: Vec<Anchor>,
-    /// Per anchor, `[answer len, vocab]` log-probabilities of the base.
-    base_log_probs: Vec<Tensor>,
+    /// Per anchor, the base's view of each answer position.
+    base: Vec<BaseView>,
     /// Names these anchors and their base figures (see [`DriftAnchors::fingerprint`]).
     fingerprint: String,
+}
+
+/// The base's next-token distribution over one anchor's answer, coarsened
+/// to its top [`KL_TOP_TOKENS`] tokens plus one bucket for the rest (the KL
+/// over this partition is a lower bound of the full KL, and close to it:
+/// the base puts little mass outside its top tokens).
+#[derive(Debug, Clone)]
+struct BaseView {
+    /// `[answer len, k]`.
+    top_ids: Tensor,
+    top_log_probs: Tensor,
+    /// `[answer len]`: the base's probability of every other token.
+    rest: Tensor,
+    /// The base's own top token per position (what agreement compares with).
+    argmax: Vec<u32>,
+}
+
+/// What one drift measurement says: mean KL(base ‖ candidate) per answer
+/// position and the share of positions where both pick the same top token,
+/// each with its standard error (over prompts: positions of one answer are
+/// not independent draws).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Drift {
+    pub kl: f64,
+    pub kl_se: f64,
+    pub agreement: f64,
+    pub agreement_se: f64,
+    /// Answer positions and prompts measured.
+    pub positions: usize,
+    pub prompts: usize,
 }
 
 impl DriftAnchors {
@@ -235,6 +277,12 @@ impl DriftAnchors {
     /// version's recorded drift can stand in for measuring it again.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The first `n` anchors (a quick look; the fingerprint names the part).
+    pub fn first(&self, n: usize) -> DriftAnchors {
+        let n = n.min(self.anchors.len());
+        DriftAnchors { anchors: self.anchors[..n].to_vec(), base: self.base[..n].to_vec(), fingerprint: format!("{}:{n}", self.fingerprint) }
     }
 
     fn examples(&self) -> Vec<SftExample> {
@@ -279,7 +327,7 @@ pub fn build_anchors_for(
         .filter(|(p, a)| !p.is_empty() && !a.is_empty())
         .map(|(prompt, answer)| Anchor { answer_start: prompt.len(), tokens: prompt.into_iter().chain(answer).collect() })
         .collect();
-    let mut built = DriftAnchors { anchors, base_log_probs: Vec::new(), fingerprint: String::new() };
+    let mut built = DriftAnchors { anchors, base: Vec::new(), fingerprint: String::new() };
     let mut base = Vec::with_capacity(built.anchors.len());
     let mut digest = Sha256::new();
     answer_logits(model, &TrainableLora::empty(), &built.examples(), |e, logits| {
@@ -292,33 +340,83 @@ pub fn build_anchors_for(
             digest.update(value.to_le_bytes());
         }
         digest.update((e.prompt.len() as u64).to_le_bytes());
-        base.push(lp);
+        base.push(base_view(&lp)?);
         Ok(())
     })?;
-    built.base_log_probs = base;
+    built.base = base;
     built.fingerprint = digest.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
     Ok(built)
 }
 
-/// Mean KL(base ‖ adapted) of the next-token distributions over the
-/// anchors' answer positions, and the share of positions where both pick
-/// the same top token.
-pub fn drift(model: &Llama, lora: &TrainableLora, anchors: &DriftAnchors) -> candle_core::Result<(f64, f64)> {
-    let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
-    let mut base = anchors.base_log_probs.iter();
+/// The base's top tokens per row of log-probabilities `lp` `[n, vocab]`.
+fn base_view(lp: &Tensor) -> candle_core::Result<BaseView> {
+    let rows = lp.to_vec2::<f32>()?;
+    let n = rows.len();
+    let k = KL_TOP_TOKENS.min(rows.first().map_or(0, Vec::len)).max(1);
+    let (mut ids, mut lps, mut rest) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k), Vec::with_capacity(n));
+    // Ties broken as the candidate's side breaks them.
+    let argmax = argmax_rows(lp)?;
+    for row in &rows {
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        order.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        let top = &order[..k];
+        rest.push((1.0 - top.iter().map(|&i| row[i as usize].exp()).sum::<f32>()).max(0.0));
+        ids.extend_from_slice(top);
+        lps.extend(top.iter().map(|&i| row[i as usize]));
+    }
+    let device = lp.device();
+    Ok(BaseView {
+        top_ids: Tensor::from_vec(ids, (n, k), device)?,
+        top_log_probs: Tensor::from_vec(lps, (n, k), device)?,
+        rest: Tensor::from_vec(rest, n, device)?,
+        argmax,
+    })
+}
+
+/// Mean and standard error of a ratio estimate `Σ x / Σ n` over clusters
+/// (prompts): positions of one answer are not independent draws.
+fn cluster_mean_se(clusters: &[(f64, f64)]) -> (f64, f64) {
+    let n: f64 = clusters.iter().map(|c| c.1).sum();
+    if n <= 0.0 {
+        return (0.0, 0.0);
+    }
+    let mean = clusters.iter().map(|c| c.0).sum::<f64>() / n;
+    let k = clusters.len() as f64;
+    if k < 2.0 {
+        return (mean, 0.0);
+    }
+    let var = clusters.iter().map(|(x, m)| (x - mean * m).powi(2)).sum::<f64>() * k / (k - 1.0) / (n * n);
+    (mean, var.sqrt())
+}
+
+/// How far `lora` moves the model from the base on the anchors: mean
+/// KL(base ‖ adapted) of the next-token distributions over the answer
+/// positions (over the base's top tokens and a rest bucket), and the share
+/// of positions where both pick the same top token, each with its standard error.
+pub fn drift(model: &Llama, lora: &TrainableLora, anchors: &DriftAnchors) -> candle_core::Result<Drift> {
+    let (mut kls, mut agrees) = (Vec::new(), Vec::new());
+    let mut base = anchors.base.iter();
     answer_logits(model, lora, &anchors.examples(), |e, logits| {
-        let Some(lp_base) = base.next() else { candle_core::bail!("drift anchors without base log-probabilities") };
-        let lp_cand = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        kl_sum += (lp_base.exp()? * (lp_base - &lp_cand)?)?.sum_all()?.to_scalar::<f32>()? as f64;
-        let (tb, tc) = (argmax_rows(lp_base)?, argmax_rows(&lp_cand)?);
-        agree += tb.iter().zip(&tc).filter(|(x, y)| x == y).count();
-        positions += e.answer.len();
+        let Some(b) = base.next() else { candle_core::bail!("drift anchors without base figures") };
+        let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let picked = lp.gather(&b.top_ids, 1)?;
+        let top = (b.top_log_probs.exp()? * (&b.top_log_probs - &picked)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let q_rest = picked.exp()?.sum(1)?.affine(-1.0, 1.0)?.clamp(1e-6f32, 1.0f32)?;
+        let p_rest = b.rest.clamp(1e-12f32, 1.0f32)?;
+        let rest = (&p_rest * (p_rest.log()? - q_rest.log()?)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let n = e.answer.len() as f64;
+        kls.push(((top + rest).max(0.0), n));
+        let mine = argmax_rows(logits)?;
+        agrees.push((b.argmax.iter().zip(&mine).filter(|(x, y)| x == y).count() as f64, n));
         Ok(())
     })?;
+    let positions = kls.iter().map(|c| c.1).sum::<f64>() as usize;
     if positions == 0 {
-        return Ok((0.0, 1.0));
+        return Ok(Drift { agreement: 1.0, ..Default::default() });
     }
-    Ok((kl_sum / positions as f64, agree as f64 / positions as f64))
+    let (kl, kl_se) = cluster_mean_se(&kls);
+    let (agreement, agreement_se) = cluster_mean_se(&agrees);
+    Ok(Drift { kl, kl_se, agreement, agreement_se, positions, prompts: kls.len() })
 }
 
 /// Anchors for learning without forgetting, drawn from the base model

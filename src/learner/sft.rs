@@ -501,6 +501,25 @@ pub struct Trainer<'a> {
     /// Per lesson held rather than taught (see [`Trainer::hold`]): the
     /// log-probabilities its answer's tokens are held at.
     held_at: Vec<Option<Tensor>>,
+    /// The KL pull as it is now (see [`Trainer::set_pull`]).
+    pull: PullDial,
+}
+
+/// A handle on a trainer's KL pull that a run can turn between steps (from
+/// a step callback, while the trainer is busy): the anchors' weight times
+/// a scale, on a number of anchors a step.
+#[derive(Debug, Clone, Default)]
+pub struct PullDial(std::sync::Arc<std::sync::Mutex<Option<(f64, usize)>>>);
+
+impl PullDial {
+    /// Pulls `scale` times as hard as the anchors say, on `per_step` anchors a step.
+    pub fn set(&self, scale: f64, per_step: usize) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((scale.max(0.0), per_step.max(1)));
+    }
+
+    fn get(&self) -> Option<(f64, usize)> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Lessons per packed pass when measuring without gradients.
@@ -544,7 +563,7 @@ impl<'a> Trainer<'a> {
         let opt = AdamW::new(lora.vars(), params)?;
         let aids = vec![false; lessons.len()];
         let held_at = vec![None; lessons.len()];
-        Ok(Trainer { model, lora, lessons, reference: None, anchors, opt, steps: 0, aids, held_at })
+        Ok(Trainer { model, lora, lessons, reference: None, anchors, opt, steps: 0, aids, held_at, pull: PullDial::default() })
     }
 
     /// The taught preferences' `(chosen, rejected)` log-probabilities under
@@ -623,6 +642,27 @@ impl<'a> Trainer<'a> {
         self.held_at.get(i).and_then(Option::as_ref)
     }
 
+    /// Pulls toward the base `scale` times as hard as the anchors say, on
+    /// `per_step` anchors a step: how a run holds drift to its bound (the
+    /// pull is raised while a checkpoint is beyond it).
+    pub fn set_pull(&mut self, scale: f64, per_step: usize) {
+        self.pull.set(scale, per_step);
+    }
+
+    /// A handle that turns this trainer's pull from elsewhere (a step callback).
+    pub fn pull_dial(&self) -> PullDial {
+        self.pull.clone()
+    }
+
+    /// The KL pull now: the weight and the anchors a step.
+    pub fn pull(&self) -> (f64, usize) {
+        match (self.anchors, self.pull.get()) {
+            (Some(a), Some((scale, per_step))) => (a.weight * scale, per_step),
+            (Some(a), None) => (a.weight, a.per_step),
+            (None, _) => (0.0, 0),
+        }
+    }
+
     /// Whether lesson `i` is an aid.
     pub fn is_aid(&self, i: usize) -> bool {
         self.aids.get(i).copied().unwrap_or(false)
@@ -643,9 +683,11 @@ impl<'a> Trainer<'a> {
         if self.reference.is_none() {
             self.reference = Some(self.measure_references()?);
         }
-        let active = self.anchors.filter(|a| !a.anchors.is_empty() && a.weight > 0.0 && a.per_step > 0);
+        let (weight, per_step) = self.pull();
+        let active = self.anchors.filter(|a| !a.anchors.is_empty() && weight > 0.0 && per_step > 0);
+        let per_step = per_step.min(active.map_or(0, |a| a.anchors.len()));
         let anchor_ids: Vec<usize> = match active {
-            Some(a) => (0..a.per_step).map(|k| (self.steps * a.per_step + k) % a.anchors.len()).collect(),
+            Some(a) => (0..per_step).map(|k| (self.steps * per_step + k) % a.anchors.len()).collect(),
             None => Vec::new(),
         };
         let anchor_pieces: Vec<Piece> = match active {
@@ -681,7 +723,7 @@ impl<'a> Trainer<'a> {
         if let Some(a) = active {
             for (k, &i) in anchor_ids.iter().enumerate() {
                 let kl = a.kl_from_logits(i, &out.extra[k])?;
-                objective = (objective + (kl * (a.weight / a.per_step as f64))?)?;
+                objective = (objective + (kl * (weight / per_step as f64))?)?;
             }
         }
         let grads = objective.backward()?;

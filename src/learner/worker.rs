@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::DType;
 use serde_json::{json, Value};
 
-use super::eval::{self, DriftAnchors};
+use super::eval::{self, Drift, DriftAnchors};
 use super::phase_clock::PhaseClock;
 use super::queue::{JobQueue, PushError};
 use crate::model::chat::ChatMessage;
@@ -700,6 +700,8 @@ impl Inner {
         }
         // Cancelled while queued, or done: the adapter may be triggered again.
         self.triggered.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        // What the run allocated is freed; give it back rather than keep the peak.
+        crate::cpu::release_free_memory();
         self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
     }
 
@@ -852,7 +854,7 @@ impl Inner {
         let parent_kl = match job.parent_version {
             Some(v) if s.kl_weight > 0.0 => match self.recorded_drift(&job.tenant, &job.adapter, v) {
                 Some(kl) => Some(kl),
-                None => Some(self.work(|| eval::drift(model, &lora, self.anchors()))?.0),
+                None => Some(self.work(|| eval::drift(model, &lora, self.anchors()))?.kl),
             },
             _ => None,
         };
@@ -968,7 +970,9 @@ impl Inner {
         let after_avoided = loss_on(&held_avoided)?;
         // With a held-out split, replay is judged on what would be promoted, measured below.
         let mut after_replay = if split { 0.0 } else { loss_on(&replay_targets)? };
-        let (kl, agreement) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
+        // A quick look at drift (the screen); the full set decides below.
+        let screen = self.anchors().first(eval::SCREEN_PROMPTS);
+        let first_look = self.work(|| eval::drift(model, &lora, &screen))?;
         let candidate = Arc::new(lora.to_adapter()?);
         clock.lap("gate_evaluation");
 
@@ -990,53 +994,55 @@ impl Inner {
         if !split {
             reasons.extend(replay_reason(after_replay));
         }
-        let drift_reasons = |kl: f64, agreement: f64| {
-            let mut out = Vec::new();
-            if kl > s.max_base_drift {
-                out.push(format!("drift from the base {kl:.4} nats exceeds {}", s.max_base_drift));
-            }
-            if agreement < s.min_base_agreement {
-                out.push(format!("top-1 agreement with the base {agreement:.3} is below {}", s.min_base_agreement));
-            }
-            out
-        };
-        // What was learned passes (or not) here; drift is judged on what
-        // would be promoted: this candidate, or with a held-out split the
-        // final phase's last checkpoint within the bounds.
+        let within = |d: &Drift| d.kl <= s.max_base_drift && d.agreement >= s.min_base_agreement;
         let learning_passed = reasons.is_empty();
-        let within = drift_reasons(kl, agreement).is_empty();
-        // Learning passed with a real held-out split: every lesson is
-        // taught now, the held-out ones included (unlearned ones first,
-        // until all are learned or as many steps again as the first phase
-        // allowed). The drift bounds are checked every few steps, and the
-        // last snapshot within them becomes the candidate.
-        let mut chosen = Chosen { candidate, kl, agreement, final_steps: 0, all_learned: first.all_learned && !split, within };
+        // The drift bounds are constraints, not a lottery: while a look
+        // finds the adapter beyond them, the KL pull toward the base is
+        // raised (dual ascent on its weight, and more anchors a step), and
+        // a run that has learned its lessons keeps going, each lesson held
+        // where it is, until it is within them or its budget is spent.
+        let mut pull = Pull::new(anchors.weight, anchors.per_step);
+        let mut chosen = Chosen {
+            candidate,
+            drift: first_look,
+            full: false,
+            final_steps: 0,
+            all_learned: first.all_learned && !split,
+            within: within(&first_look),
+        };
         let mut settle_steps = 0;
+        let mut final_steps = 0;
         if learning_passed && split {
             let all: Vec<usize> = (0..every.len()).collect();
             let extra = SftConfig { until_learned: cfg.until_learned.map(|_| 1.0), ..cfg.clone() };
             let mut step_started = std::time::Instant::now();
             let mut checkpoint_error = None;
-            let mut last_kept = false;
-            let check = |steps: usize, learned_all: bool, chosen: &mut Chosen| -> Result<bool, RunError> {
-                let (kl2, agreement2) = self.work(|| eval::drift(model, &lora, self.anchors()))?;
-                let keep = kl2 <= s.max_base_drift && agreement2 >= s.min_base_agreement;
+            let check = |steps: usize, learned_all: bool, chosen: &mut Chosen, pull: &mut Pull| -> Result<bool, RunError> {
+                let d = self.work(|| eval::drift(model, &lora, &screen))?;
+                let keep = within(&d);
                 self.event(
                     &job.id,
                     "info",
                     &format!(
-                        "Checkpoint after {steps} final steps {} (base KL {kl2:.4}, top-1 agreement {agreement2:.3})",
-                        if keep { "within the drift bounds" } else { "beyond the drift bounds" }
+                        "Checkpoint after {steps} final steps {} (base KL {:.4}, top-1 agreement {:.3}, on {} prompts)",
+                        if keep { "within the drift bounds" } else { "beyond the drift bounds" },
+                        d.kl,
+                        d.agreement,
+                        d.prompts
                     ),
-                    json!({"base_kl": kl2, "base_top1_agreement": agreement2, "steps": steps, "kept": keep}),
+                    json!({"base_kl": d.kl, "base_top1_agreement": d.agreement, "steps": steps, "kept": keep}),
                 );
                 if keep || !chosen.within {
                     // Within the bounds, or the best guess yet: the latest.
-                    *chosen = Chosen { candidate: Arc::new(lora.to_adapter()?), kl: kl2, agreement: agreement2, final_steps: steps, all_learned: learned_all, within: keep };
+                    *chosen = Chosen { candidate: Arc::new(lora.to_adapter()?), drift: d, full: false, final_steps: steps, all_learned: learned_all, within: keep };
+                }
+                if !keep {
+                    pull.raise(1.5);
                 }
                 Ok(keep)
             };
             trainer.set_aids(&aids);
+            let dial = trainer.pull_dial();
             let more = sft::train_lessons_on(&mut trainer, &all, &extra, &run_step, |p| {
                 self.yield_to_serving(step_started.elapsed(), &job.id);
                 if p.step % 5 == 4 {
@@ -1045,14 +1051,16 @@ impl Inner {
                 }
                 if p.step % FINAL_CHECK_EVERY == FINAL_CHECK_EVERY - 1 && p.step + 1 < extra.steps {
                     clock.lap("final_phase_steps");
-                    let checked = check(p.step + 1, false, &mut chosen);
+                    let before = pull;
+                    let checked = check(p.step + 1, false, &mut chosen, &mut pull);
                     clock.lap("checkpoints");
-                    match checked {
-                        Ok(kept) => last_kept = kept,
-                        Err(e) => {
-                            checkpoint_error = Some(e);
-                            return false;
-                        }
+                    if let Err(e) = checked {
+                        checkpoint_error = Some(e);
+                        return false;
+                    }
+                    if pull != before {
+                        dial.set(pull.scale, pull.per_step);
+                        self.event(&job.id, "info", &pull.describe(), json!({"kl_weight": pull.weight(), "kl_anchors_per_step": pull.per_step}));
                     }
                 }
                 step_started = std::time::Instant::now();
@@ -1065,31 +1073,69 @@ impl Inner {
                 return Err(RunError::Cancelled);
             }
             clock.lap("final_phase_steps");
-            // The last checkpoint may have been taken at this very step.
-            let n = more.losses.len();
+            final_steps = more.losses.len();
+            // The latest adapter, unless a checkpoint at this very step already looked at it.
+            let n = final_steps;
             let checked_here = n > 0 && n % FINAL_CHECK_EVERY == 0 && n < extra.steps;
             if !checked_here {
-                last_kept = check(more.losses.len(), more.all_learned, &mut chosen)?;
-            } else if chosen.within && chosen.final_steps == n {
+                check(n, more.all_learned, &mut chosen, &mut pull)?;
+            } else if chosen.final_steps == n {
                 chosen.all_learned = more.all_learned;
             }
             clock.lap("checkpoints");
-            if more.all_learned && !last_kept {
-                // Everything learned, too far from the base: settle.
-                self.event(
-                    &job.id,
-                    "info",
-                    &format!("Every example learned, beyond the drift bounds: settling for up to {SETTLE_STEPS} steps (each example held, the KL pull alone)"),
-                    json!({"settle_steps": SETTLE_STEPS}),
-                );
-                let unheld: Vec<usize> = all.iter().copied().filter(|i| !replayed.contains(i)).collect();
-                let mut held: Option<Result<(), super::LearnError>> = None;
-                run_step(&mut || held = Some(trainer.hold(&unheld)));
-                held.unwrap_or(Ok(()))?;
-                let required: Vec<usize> = all.iter().copied().filter(|&i| !trainer.is_aid(i)).collect();
-                for round in 0..SETTLE_STEPS.div_ceil(SETTLE_CHECK_EVERY) {
-                    let rest = SETTLE_CHECK_EVERY.min(SETTLE_STEPS - settle_steps);
-                    let settle = SftConfig { steps: rest, until_learned: None, seed: cfg.seed + 1 + round as u64, ..cfg.clone() };
+            if more.all_learned {
+                chosen.all_learned = true;
+                chosen.final_steps = n;
+            }
+        }
+        // Everything learned: hold it and settle within the bounds (the
+        // full set of prompts confirms), or say precisely why not.
+        if learning_passed && chosen.all_learned {
+            let all: Vec<usize> = (0..every.len()).collect();
+            let unheld: Vec<usize> = all.iter().copied().filter(|i| !replayed.contains(i)).collect();
+            let required: Vec<usize> = all.iter().copied().filter(|&i| !trainer.is_aid(i)).collect();
+            let budget = SETTLE_STEPS.max(s.steps / 2);
+            let mut held_all = false;
+            let mut round = 0u64;
+            loop {
+                // Confirm on every prompt what the screen (or the last step) saw.
+                let current_full = if chosen.within || settle_steps > 0 || !split {
+                    let d = self.work(|| eval::drift(model, &lora, self.anchors()))?;
+                    clock.lap("confirm");
+                    Some(d)
+                } else {
+                    None
+                };
+                if let Some(d) = current_full {
+                    let ok = within(&d);
+                    chosen = Chosen { candidate: Arc::new(lora.to_adapter()?), drift: d, full: true, final_steps: final_steps + settle_steps, all_learned: true, within: ok };
+                    if ok {
+                        break;
+                    }
+                }
+                if settle_steps >= budget {
+                    break;
+                }
+                if !held_all {
+                    self.event(
+                        &job.id,
+                        "info",
+                        &format!("Every example learned, beyond the drift bounds: settling for up to {budget} steps (each example held, the KL pull raised until within)"),
+                        json!({"settle_budget": budget}),
+                    );
+                    let mut held: Option<Result<(), super::LearnError>> = None;
+                    run_step(&mut || held = Some(trainer.hold(&unheld)));
+                    held.unwrap_or(Ok(()))?;
+                    held_all = true;
+                }
+                pull.raise(2.0);
+                trainer.set_pull(pull.scale, pull.per_step);
+                self.event(&job.id, "info", &pull.describe(), json!({"kl_weight": pull.weight(), "kl_anchors_per_step": pull.per_step}));
+                // Settle in short rounds, looking (quickly) after each.
+                loop {
+                    let rest = SETTLE_CHECK_EVERY.min(budget - settle_steps);
+                    let settle = SftConfig { steps: rest, until_learned: None, seed: cfg.seed + 1 + round, ..cfg.clone() };
+                    round += 1;
                     let mut step_started = std::time::Instant::now();
                     let ran = sft::train_lessons_on(&mut trainer, &all, &settle, &run_step, |_| {
                         self.yield_to_serving(step_started.elapsed(), &job.id);
@@ -1101,19 +1147,34 @@ impl Inner {
                     }
                     settle_steps += ran.losses.len();
                     clock.lap("settle_steps");
-                    let mut learned: Option<Result<Vec<bool>, super::LearnError>> = None;
-                    run_step(&mut || learned = Some(trainer.learned(&required)));
-                    let learned = learned.unwrap_or_else(|| Err(super::LearnError::NoExamples("the check did not run".into())))?;
-                    let learned_all = learned.iter().all(|&l| l);
-                    let kept = check(n + settle_steps, learned_all, &mut chosen)?;
+                    let look = self.work(|| eval::drift(model, &lora, &screen))?;
                     clock.lap("checkpoints");
-                    if kept {
+                    if within(&look) || settle_steps >= budget {
                         break;
                     }
+                    pull.raise(2.0);
+                    trainer.set_pull(pull.scale, pull.per_step);
+                }
+                // Settling holds each lesson near where it was; confirm none was lost.
+                let mut learned: Option<Result<Vec<bool>, super::LearnError>> = None;
+                run_step(&mut || learned = Some(trainer.learned(&required)));
+                let learned = learned.unwrap_or_else(|| Err(super::LearnError::NoExamples("the check did not run".into())))?;
+                if !learned.iter().all(|&l| l) {
+                    self.event(&job.id, "info", "Settling lost an example: stopping here", Value::Null);
+                    chosen.all_learned = false;
+                    break;
                 }
             }
+        } else if !chosen.full {
+            // What would be promoted is measured on every prompt before it is.
+            let adapter = TrainableLora::from_adapter(&chosen.candidate)?;
+            chosen.drift = self.work(|| eval::drift(model, &adapter, self.anchors()))?;
+            chosen.full = true;
+            chosen.within = within(&chosen.drift);
+            clock.lap("confirm");
         }
-        let Chosen { candidate, kl, agreement, final_steps, all_learned, .. } = chosen;
+        let Chosen { candidate, drift, final_steps, all_learned, .. } = chosen;
+        let (kl, agreement) = (drift.kl, drift.agreement);
         if split {
             // Measured once, on the checkpoint that became the candidate.
             if !replay_targets.is_empty() {
@@ -1123,7 +1184,17 @@ impl Inner {
             }
             reasons.extend(replay_reason(after_replay));
         }
-        reasons.extend(drift_reasons(kl, agreement));
+        let drift_reasons = drift_reasons(&drift, s.max_base_drift, s.min_base_agreement);
+        if !drift_reasons.is_empty() {
+            let how = format!(
+                "after {} final and {settle_steps} settling steps with the KL pull at {:.2} on {} anchors a step{}",
+                final_steps,
+                pull.weight(),
+                pull.per_step,
+                if all_learned { "" } else { ", not every example learned" }
+            );
+            reasons.extend(drift_reasons.into_iter().map(|r| format!("{r} ({how}); raising kl_weight or kl_anchors_per_step, relaxing max_base_drift or min_base_agreement, or teaching fewer examples per run (min_new_feedback) would change this")));
+        }
         let passed = reasons.is_empty();
         let train_secs_total = started.elapsed().as_secs_f64();
         job.metrics = json!({
@@ -1146,9 +1217,15 @@ impl Inner {
             "replay_examples": replay.len(),
             "kl_weight": kl_weight,
             "kl_anchors_per_step": anchors_per_step,
+            "kl_weight_final": pull.weight(),
+            "kl_anchors_per_step_final": pull.per_step,
             "parent_base_kl": parent_kl,
             "base_kl": kl,
+            "base_kl_se": drift.kl_se,
             "base_top1_agreement": agreement,
+            "base_top1_agreement_se": drift.agreement_se,
+            "drift_prompts": drift.prompts,
+            "drift_positions": drift.positions,
             "drift_anchors": self.anchors().fingerprint(),
             "train_examples": train_new.len(),
             "held_out_examples": held_out.len(),
@@ -1234,12 +1311,69 @@ fn held_answer_loss(trainer: &sft::Trainer<'_>, ids: impl Iterator<Item = usize>
 /// bounds (or, while none is, the latest), with its figures.
 struct Chosen {
     candidate: Arc<crate::lora::LoraAdapter>,
-    kl: f64,
-    agreement: f64,
+    drift: Drift,
+    /// Whether `drift` was measured on every general prompt (only such a
+    /// figure promotes).
+    full: bool,
     /// Final-phase steps (settling included) it had taken.
     final_steps: usize,
     all_learned: bool,
     within: bool,
+}
+
+/// The KL pull of a run as it is raised: a multiple of the adapter's
+/// weight, and anchors a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pull {
+    base_weight: f64,
+    scale: f64,
+    per_step: usize,
+}
+
+/// How far a run may raise its pull: the weight's multiple, anchors a step.
+const MAX_PULL_SCALE: f64 = 32.0;
+const MAX_PULL_ANCHORS: usize = 6;
+
+impl Pull {
+    fn new(weight: f64, per_step: usize) -> Self {
+        Pull { base_weight: weight, scale: 1.0, per_step: per_step.max(1) }
+    }
+
+    fn weight(&self) -> f64 {
+        self.base_weight * self.scale
+    }
+
+    /// Dual ascent on the weight, one more anchor a step (both capped).
+    fn raise(&mut self, factor: f64) {
+        self.scale = (self.scale * factor).min(MAX_PULL_SCALE);
+        self.per_step = (self.per_step + 1).min(MAX_PULL_ANCHORS.max(self.per_step));
+    }
+
+    fn describe(&self) -> String {
+        format!("Beyond the drift bounds: the KL pull raised to {:.2} on {} anchors a step", self.weight(), self.per_step)
+    }
+}
+
+/// Which bound a drift figure breaks, and by how much (with its standard error).
+fn drift_reasons(d: &Drift, max_base_drift: f64, min_base_agreement: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    if d.kl > max_base_drift {
+        out.push(format!(
+            "drift from the base {:.4} nats (±{:.4}) exceeds max_base_drift {max_base_drift} by {:.4}",
+            d.kl,
+            d.kl_se,
+            d.kl - max_base_drift
+        ));
+    }
+    if d.agreement < min_base_agreement {
+        out.push(format!(
+            "top-1 agreement with the base {:.3} (±{:.3}) is below min_base_agreement {min_base_agreement} by {:.3}",
+            d.agreement,
+            d.agreement_se,
+            min_base_agreement - d.agreement
+        ));
+    }
+    out
 }
 
 /// Lessons from feedback, the feedback ids they came from, and per lesson
