@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Long-load soak: steady concurrency over 50 tenants' adapters, with feedback and training going on.
 
-Starts `target/release/lifelora serve` on stories260K (../shared) with an admin key and a per-tenant
+Starts `target/release/lifelora serve` on stories260K (tests/fixtures) with an admin key and a per-tenant
 concurrency quota, creates 50 tenants each with an uploaded PEFT adapter (the q_v_r8 fixture), then
 for --minutes keeps --concurrency clients busy: completions (plain and streamed) on a random tenant's
 adapter or the base model, feedback on a third of them (ratings and corrections, which start training
@@ -14,7 +14,7 @@ Usage: scripts/soak.py [--minutes 20] [--concurrency 16] [--tenants 50]
 import argparse, json, os, random, statistics, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 ADMIN = "soak-admin-key-0123456789abcdef0123456789"
 
 
@@ -56,7 +56,7 @@ def main():
                LIFELORA_LIMITS__MAX_CONCURRENT_PER_TENANT="4", LIFELORA_LEARNING__MIN_NEW_FEEDBACK="20",
                LIFELORA_LEARNING__STEPS="20", LIFELORA_LEARNING__MAX_BASE_DRIFT="100", LIFELORA_LEARNING__MIN_BASE_AGREEMENT="0",
                LIFELORA_LEARNING__MAX_REGRESSION="100", LIFELORA_LEARNING__WATCH_WINDOW="0", LIFELORA_LOG__LEVEL="warn")
-    server = subprocess.Popen([f"{ROOT}/target/release/lifelora", "serve", "--model", f"{SHARED}/models/stories260K", "--port", "0"],
+    server = subprocess.Popen([f"{ROOT}/target/release/lifelora", "serve", "--model", f"{FIXTURES}/stories260K", "--port", "0"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     base = None
     for line in server.stdout:
@@ -65,7 +65,7 @@ def main():
             break
     threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
     try:
-        fixture = f"{SHARED}/fixtures/adapters/q_v_r8"
+        fixture = f"{FIXTURES}/adapters/q_v_r8"
         config, weights = open(f"{fixture}/adapter_config.json", "rb").read(), open(f"{fixture}/adapter_model.safetensors", "rb").read()
         keys = {}
         for i in range(args.tenants):

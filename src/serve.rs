@@ -47,7 +47,10 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
         );
         return builtin::load_builtin(dtype, &device);
     }
-    let name = Some(settings.model.served_model_name.as_str()).filter(|s| !s.is_empty());
+    // A model fetched by name is served under that name (what the user typed).
+    let fetched_name = (!Path::new(&settings.model.path).exists() && crate::fetch::known(&settings.model.path).is_some())
+        .then_some(settings.model.path.as_str());
+    let name = Some(settings.model.served_model_name.as_str()).filter(|s| !s.is_empty()).or(fetched_name);
     let path = resolve_model_path(&settings.model.path, Path::new(&settings.model.cache_dir))?;
     if path.is_file() {
         if dtype != candle_core::DType::F32 {
@@ -80,8 +83,10 @@ pub fn resolve_model_path(spec: &str, cache: &Path) -> Result<std::path::PathBuf
             cached.display()
         )));
     }
+    let known: Vec<&str> = crate::fetch::KNOWN.iter().map(|m| m.name).collect();
     Err(ModelError::MissingFile(format!(
-        "{spec}: no such file or directory"
+        "{spec}: no such file or directory, and not a model `lifelora fetch` knows ({})",
+        known.join(", ")
     )))
 }
 

@@ -35,7 +35,7 @@ fn upload(base: &str, query: &str, parts: &[(&str, &[u8])]) -> (u16, Value) {
 }
 
 fn fixture(name: &str) -> (Vec<u8>, Vec<u8>) {
-    let dir = common::shared_dir().unwrap().join("fixtures/adapters").join(name);
+    let dir = common::fixtures_dir().join("adapters").join(name);
     (std::fs::read(dir.join("adapter_config.json")).unwrap(), std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
 }
 
@@ -64,7 +64,7 @@ fn completion(base: &str, model: &str, prompt: &[u32], stream: bool) -> Result<S
 
 #[test]
 fn promote_and_rollback_under_load_fail_nothing_and_never_mix_versions() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[]);
     let (c1, w1) = fixture("q_v_r8");
     let (c2, w2) = fixture("all_linear_r4");
@@ -134,7 +134,7 @@ fn assert_store_consistent(s: &TestServer, acknowledged: u32) {
 
 #[test]
 fn a_server_killed_during_uploads_restarts_with_only_complete_versions() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let root = tempfile::tempdir().unwrap();
     let (c, w) = fixture("all_linear_r4");
     let s = TestServer::start_in(root.path(), Some(&dir), &[]);

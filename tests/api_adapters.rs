@@ -32,7 +32,7 @@ fn upload(s: &TestServer, query: &str, parts: &[(&str, &[u8])]) -> (u16, Value) 
 }
 
 fn fixture(name: &str) -> (Vec<u8>, Vec<u8>, Value) {
-    let dir = common::shared_dir().unwrap().join("fixtures/adapters").join(name);
+    let dir = common::fixtures_dir().join("adapters").join(name);
     (
         std::fs::read(dir.join("adapter_config.json")).unwrap(),
         std::fs::read(dir.join("adapter_model.safetensors")).unwrap(),
@@ -56,7 +56,7 @@ fn greedy(s: &TestServer, model: &str, prompt: &[u64], n: usize) -> Vec<u64> {
 
 #[test]
 fn uploaded_adapters_serve_peft_completions_alone_and_mixed() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[]);
     let names = ["q_v_r8", "all_linear_r4", "rslora_r16"];
     for name in names {
@@ -110,7 +110,7 @@ fn uploaded_adapters_serve_peft_completions_alone_and_mixed() {
 
 #[test]
 fn versions_promote_rollback_download_and_delete() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[]);
     let (c1, w1, r1) = fixture("q_v_r8");
     let (c2, w2, r2) = fixture("all_linear_r4");
@@ -152,7 +152,7 @@ fn versions_promote_rollback_download_and_delete() {
 
 #[test]
 fn bad_uploads_and_unknown_adapters_get_openai_errors_and_write_nothing() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[]);
     let (config, weights, _) = fixture("q_v_r8");
     let dora = String::from_utf8(config.clone()).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
@@ -190,7 +190,7 @@ fn bad_uploads_and_unknown_adapters_get_openai_errors_and_write_nothing() {
 
 #[test]
 fn a_promotion_during_a_stream_leaves_that_stream_on_its_version() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[]);
     let (c1, w1, r1) = fixture("q_v_r8");
     let (c2, w2, _) = fixture("all_linear_r4");
@@ -250,7 +250,7 @@ fn random_adapter(seed: u64, layers: usize, hidden: usize, kv: usize) -> (Vec<u8
 
 #[test]
 fn thirty_two_distinct_adapters_concurrently_equal_one_at_a_time() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[]);
     // stories260K: 5 layers, hidden 64, 4 kv heads of 8.
     for i in 0..32u64 {

@@ -24,7 +24,7 @@ fn call(s: &TestServer, method: &str, path: &str, key: Option<&str>, tenant: Opt
 }
 
 fn upload(s: &TestServer, key: &str, name: &str) -> (u16, Value) {
-    let dir = common::shared_dir().unwrap().join("fixtures/adapters/q_v_r8");
+    let dir = common::fixtures_dir().join("adapters/q_v_r8");
     let mut body = Vec::new();
     for (part, file) in [("config", "adapter_config.json"), ("weights", "adapter_model.safetensors")] {
         body.extend_from_slice(format!("--b\r\nContent-Disposition: form-data; name=\"{part}\"; filename=\"{file}\"\r\n\r\n").as_bytes());
@@ -42,7 +42,7 @@ fn upload(s: &TestServer, key: &str, name: &str) -> (u16, Value) {
 
 #[test]
 fn keys_isolate_tenants_and_the_admin_manages_them() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[("LIFELORA_AUTH__ADMIN_KEY", ADMIN)]);
     // No key, a wrong key: 401 in OpenAI's shape; health stays open.
     let (st, v) = call(&s, "GET", "/v1/models", None, None, None);
@@ -103,7 +103,7 @@ fn keys_isolate_tenants_and_the_admin_manages_them() {
 
 #[test]
 fn admin_actions_are_audited_with_who_and_when_and_only_the_admin_reads_the_log() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[("LIFELORA_AUTH__ADMIN_KEY", ADMIN)]);
     let (_, acme) = call(&s, "POST", "/v1/tenants", Some(ADMIN), None, Some(json!({"name": "acme"})));
     let key = acme["api_key"].as_str().unwrap().to_string();

@@ -54,9 +54,7 @@ fn until_eos(expected: &[u64]) -> Vec<u64> {
 
 #[test]
 fn greedy_stories_equal_golden_alone_and_sixteen_at_once() {
-    let Some(dir) = common::stories_dir() else {
-        return;
-    };
+    let dir = common::stories_dir();
     let server = TestServer::start(Some(&dir), &[]);
     let cases = cases(&dir);
     for (prompt, expected) in &cases {
@@ -80,9 +78,7 @@ fn greedy_stories_equal_golden_alone_and_sixteen_at_once() {
 
 #[test]
 fn chunked_prefill_gives_the_same_greedy_stories() {
-    let Some(dir) = common::stories_dir() else {
-        return;
-    };
+    let dir = common::stories_dir();
     // 16-token steps: every prompt is read in several chunks beside other sequences' decodes.
     let server = TestServer::start(
         Some(&dir),

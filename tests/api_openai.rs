@@ -6,8 +6,8 @@ mod common;
 use common::{assert_openai_error, TestServer};
 use serde_json::{json, Value};
 
-fn server() -> Option<TestServer> {
-    common::stories_dir().map(|d| TestServer::start(Some(&d), &[]))
+fn server() -> TestServer {
+    TestServer::start(Some(&common::stories_dir()), &[])
 }
 
 fn chunks(lines: &[String]) -> Vec<Value> {
@@ -24,7 +24,7 @@ fn chunks(lines: &[String]) -> Vec<Value> {
 
 #[test]
 fn models_lists_the_directory_name_and_health_is_ok() {
-    let Some(s) = server() else { return };
+    let s = server();
     assert_eq!(s.model, "stories260K");
     let (status, body) = s.get("/health");
     assert_eq!(status, 200, "{body}");
@@ -37,7 +37,7 @@ fn models_lists_the_directory_name_and_health_is_ok() {
 
 #[test]
 fn completion_has_openai_shape_and_usage() {
-    let Some(s) = server() else { return };
+    let s = server();
     let (status, v) = s.post(
         "/v1/completions",
         &json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}),
@@ -53,7 +53,7 @@ fn completion_has_openai_shape_and_usage() {
 
 #[test]
 fn prompts_as_lists_of_strings_and_token_lists_give_one_choice_each() {
-    let Some(s) = server() else { return };
+    let s = server();
     let (status, v) = s.post(
         "/v1/completions",
         &json!({"model": s.model, "prompt": ["a", "b", "c"], "max_tokens": 2, "n": 2}),
@@ -77,7 +77,7 @@ fn prompts_as_lists_of_strings_and_token_lists_give_one_choice_each() {
 
 #[test]
 fn streamed_completion_equals_plain_and_reports_usage() {
-    let Some(s) = server() else { return };
+    let s = server();
     let req =
         json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
     let (_, plain) = s.post("/v1/completions", &req);
@@ -103,7 +103,7 @@ fn streamed_completion_equals_plain_and_reports_usage() {
 
 #[test]
 fn chat_completion_plain_and_streamed_agree() {
-    let Some(s) = server() else { return };
+    let s = server();
     let req = json!({"model": s.model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "temperature": 0});
     let (status, plain) = s.post("/v1/chat/completions", &req);
     assert_eq!(status, 200, "{plain}");
@@ -128,7 +128,7 @@ fn chat_completion_plain_and_streamed_agree() {
 
 #[test]
 fn same_seed_same_output_and_n_choices_differ() {
-    let Some(s) = server() else { return };
+    let s = server();
     let req = json!({"model": s.model, "prompt": "Once", "max_tokens": 24, "temperature": 1.0, "seed": 42, "n": 2});
     let (_, a) = s.post("/v1/completions", &req);
     let (_, b) = s.post("/v1/completions", &req);
@@ -138,7 +138,7 @@ fn same_seed_same_output_and_n_choices_differ() {
 
 #[test]
 fn stop_strings_cut_output_also_across_tokens_in_streams() {
-    let Some(s) = server() else { return };
+    let s = server();
     let base =
         json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0});
     let (_, plain) = s.post("/v1/completions", &base);
@@ -163,7 +163,7 @@ fn stop_strings_cut_output_also_across_tokens_in_streams() {
 
 #[test]
 fn completion_logprobs_and_echo_cover_prompt_and_output() {
-    let Some(s) = server() else { return };
+    let s = server();
     let (status, v) = s.post(
         "/v1/completions",
         &json!({"model": s.model, "prompt": [1, 482, 82], "max_tokens": 3, "temperature": 0, "logprobs": 3, "echo": true}),
@@ -198,7 +198,7 @@ fn completion_logprobs_and_echo_cover_prompt_and_output() {
 
 #[test]
 fn chat_logprobs_report_top_alternatives() {
-    let Some(s) = server() else { return };
+    let s = server();
     let (status, v) = s.post(
         "/v1/chat/completions",
         &json!({"model": s.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": true, "top_logprobs": 2}),
@@ -212,7 +212,7 @@ fn chat_logprobs_report_top_alternatives() {
 
 #[test]
 fn bad_requests_get_openai_errors_with_the_right_status() {
-    let Some(s) = server() else { return };
+    let s = server();
     let m = s.model.clone();
     let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
         ("/v1/completions", "{not json".into(), 400, None),
@@ -378,7 +378,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
 
 #[test]
 fn metrics_expose_requests_tokens_and_batching() {
-    let Some(s) = server() else { return };
+    let s = server();
     s.post(
         "/v1/completions",
         &json!({"model": s.model, "prompt": "Once", "max_tokens": 4}),

@@ -54,10 +54,10 @@ fn safetensors_header(header: &str) -> Vec<u8> {
 
 #[test]
 fn a_hundred_bad_requests_get_openai_errors_and_change_nothing() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[("LIFELORA_LIMITS__MAX_PROMPT_TOKENS", "200")]);
     let m = s.model.clone();
-    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/q_v_r8");
+    let fixture = common::fixtures_dir().join("adapters/q_v_r8");
     let good_config = std::fs::read(fixture.join("adapter_config.json")).unwrap();
     let good_weights = std::fs::read(fixture.join("adapter_model.safetensors")).unwrap();
     let config_with = |patch: Value| {

@@ -27,16 +27,15 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn setup() -> Option<(LoadedModel, Vec<Value>)> {
-    let path = common::smollm2_gguf()?;
-    let reference = common::smollm2_reference()?;
+fn setup() -> (LoadedModel, Vec<Value>) {
+    let (path, reference) = (common::smollm2_gguf(), common::smollm2_reference());
     let model = load_gguf(&path, None, &Device::Cpu).unwrap();
-    Some((model, reference["cases"].as_array().unwrap().clone()))
+    (model, reference["cases"].as_array().unwrap().clone())
 }
 
 #[test]
 fn prompts_tokenize_to_llama_cpp_ids() {
-    let Some((m, cases)) = setup() else { return };
+    let (m, cases) = setup();
     for case in &cases {
         let text = case["prompt_text"].as_str().unwrap();
         let ours = match case["kind"].as_str().unwrap() {
@@ -62,7 +61,7 @@ fn prompts_tokenize_to_llama_cpp_ids() {
 
 #[test]
 fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
-    let Some((m, cases)) = setup() else { return };
+    let (m, cases) = setup();
     let (mut agree, mut total, mut diff_sum) = (0usize, 0usize, 0f64);
     for case in &cases {
         let prompt = ids(&case["prompt_token_ids"]);
@@ -111,7 +110,7 @@ fn teacher_forced_top1_and_logprobs_match_llama_cpp() {
 
 #[test]
 fn greedy_completions_equal_llama_cpp_for_at_least_four_of_six_prompts() {
-    let Some((m, cases)) = setup() else { return };
+    let (m, cases) = setup();
     let mut equal = 0;
     for case in &cases {
         let prompt = ids(&case["prompt_token_ids"]);
@@ -148,7 +147,7 @@ fn greedy_completions_equal_llama_cpp_for_at_least_four_of_six_prompts() {
 
 #[test]
 fn echo_scoring_over_http_reproduces_llama_cpp_logprobs() {
-    let (Some(gguf), Some(reference)) = (common::smollm2_gguf(), common::smollm2_reference()) else { return };
+    let (gguf, reference) = (common::smollm2_gguf(), common::smollm2_reference());
     let server = common::TestServer::start(Some(&gguf), &[]);
     let cases = reference["cases"].as_array().unwrap();
     // All six texts scored in one request: prompt + llama.cpp's completion each.
@@ -180,7 +179,7 @@ fn echo_scoring_over_http_reproduces_llama_cpp_logprobs() {
 
 #[test]
 fn an_answer_does_not_depend_on_what_else_is_in_the_batch() {
-    let Some((m, cases)) = setup() else { return };
+    let (m, cases) = setup();
     // Case 0 decoded beside a 100-token prompt (which takes the long-chunk
     // attention path) still gives llama.cpp's greedy completion exactly.
     let prompt = ids(&cases[0]["prompt_token_ids"]);

@@ -121,7 +121,7 @@ fn time_to_first_token(s: &TestServer, key: &str, model: &str) -> f64 {
 
 #[test]
 fn a_quiet_tenant_is_served_promptly_while_another_keeps_128_sequences_in_flight() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &[("LIFELORA_AUTH__ADMIN_KEY", ADMIN)]);
     let (flood, quiet) = (tenant_key(&s, "flood"), tenant_key(&s, "quiet"));
     let model = s.model.clone();

@@ -22,7 +22,7 @@ const BOUNDARY: &str = "lifelora-kill-boundary";
 const NAMES: [&str; 3] = ["alpha", "beta", "main"];
 
 fn fixture() -> (Vec<u8>, Vec<u8>) {
-    let dir = common::shared_dir().unwrap().join("fixtures/adapters/q_v_r8");
+    let dir = common::fixtures_dir().join("adapters/q_v_r8");
     (std::fs::read(dir.join("adapter_config.json")).unwrap(), std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
 }
 
@@ -178,7 +178,7 @@ fn assert_recovered(s: &TestServer, acked: &Acknowledged) {
 
 #[test]
 fn killed_at_random_moments_under_mixed_load_the_server_always_recovers() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let rounds: u64 = std::env::var("KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let root = tempfile::tempdir().unwrap();
     let env = [

@@ -84,7 +84,7 @@ fn wait_for_job(s: &TestServer, id: &str, timeout: Duration) -> Value {
 
 #[test]
 fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[]));
     let base_before: Vec<Value> = FACTS.iter().map(|(p, _)| complete(&s, &s.model, p, 8)["choices"][0]["text"].clone()).collect();
     let corrections = teach(&s);
@@ -142,7 +142,7 @@ fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them
 
 #[test]
 fn a_candidate_failing_the_gate_is_kept_rejected_and_serves_nothing() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[("LIFELORA_LEARNING__MAX_BASE_DRIFT", "0.0000001")]));
     teach(&s);
     let (_, job) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 20}}));
@@ -165,7 +165,7 @@ fn a_candidate_failing_the_gate_is_kept_rejected_and_serves_nothing() {
 
 #[test]
 fn bad_train_requests_get_openai_errors() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[]));
     for (path, body, status) in [
         ("/v1/adapters/nope/train", json!({}), 404),
@@ -186,7 +186,7 @@ fn bad_train_requests_get_openai_errors() {
 
 #[test]
 fn a_kill_during_training_loses_no_feedback_and_writes_no_version() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let root = tempfile::tempdir().unwrap();
     let s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[]));
     teach(&s);
@@ -219,7 +219,7 @@ fn a_kill_during_training_loses_no_feedback_and_writes_no_version() {
 
 #[test]
 fn jsonl_examples_seed_an_adapter_with_bad_lines_reported() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[]));
     let (status, v) = s.post_raw("/v1/adapters/main/examples", "not json\n{\"prompt\": \"x\"}\n");
     common::assert_openai_error(status, &v, 400);
@@ -260,7 +260,7 @@ fn current_version(s: &TestServer) -> Value {
 
 #[test]
 fn a_learned_version_rated_worse_than_its_parent_is_rolled_back_by_itself_once() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[
         ("LIFELORA_LEARNING__WATCH_WINDOW", "4"),
         ("LIFELORA_LEARNING__ROLLBACK_MARGIN", "0.25"),
@@ -339,7 +339,7 @@ fn a_learned_version_rated_worse_than_its_parent_is_rolled_back_by_itself_once()
 
 #[test]
 fn down_ratings_alone_teach_the_adapter_to_avoid_the_rated_answers() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[]));
     let mut rated = Vec::new();
     for (prompt, _) in &FACTS {
@@ -374,7 +374,7 @@ fn upload_file(s: &TestServer, purpose: &str, content: &str) -> (u16, Value) {
 
 #[test]
 fn uploaded_files_train_a_new_adapter_through_fine_tuning_jobs_supervised_and_dpo() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     // stories260K's anchors pull hard toward a base far from any lesson: no KL term here.
     let s = TestServer::start(Some(&dir), &learner_env(&[("LIFELORA_LEARNING__KL_WEIGHT", "0"), ("LIFELORA_LEARNING__MAX_BASE_DRIFT", "100")]));
     let pairs: Vec<(String, String)> = FACTS.iter().map(|(p, a)| (text_of(&s, &p[1..]), text_of(&s, a))).collect();
@@ -473,7 +473,7 @@ fn call(s: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, 
 
 #[test]
 fn an_adapter_policy_overrides_when_and_how_it_learns() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let s = TestServer::start(Some(&dir), &learner_env(&[]));
     let (status, p) = call(&s, "GET", "/v1/adapters/main/policy", None);
     assert_eq!(status, 200, "{p}");
@@ -521,7 +521,7 @@ fn an_adapter_policy_overrides_when_and_how_it_learns() {
 
 #[test]
 fn sigterm_stops_a_training_job_cleanly_and_its_feedback_stays_pending() {
-    let Some(dir) = common::stories_dir() else { return };
+    let dir = common::stories_dir();
     let root = tempfile::tempdir().unwrap();
     let mut s = TestServer::start_in(root.path(), Some(&dir), &learner_env(&[("LIFELORA_LIMITS__SHUTDOWN_GRACE_SECS", "20")]));
     teach(&s);

@@ -15,7 +15,7 @@ use lifelora::model::llama::{LogitsWanted, PackedSeq, SequenceInput};
 
 #[test]
 fn gradients_flow_through_quantized_projections_to_every_adapter_parameter() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let path = common::smollm2_gguf();
     let loaded = lifelora::model::gguf::load_gguf(&path, None, &Device::Cpu).unwrap();
     let model = &loaded.model;
     assert!(model.trainable());
@@ -59,7 +59,7 @@ fn gradients_flow_through_quantized_projections_to_every_adapter_parameter() {
 /// serving's kernel, so even over re-quantized activations the logits agree to the bit.
 #[test]
 fn with_an_adapter_the_training_forward_equals_serving_exactly() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let path = common::smollm2_gguf();
     let loaded = lifelora::model::gguf::load_gguf(&path, None, &Device::Cpu).unwrap();
     let model = &loaded.model;
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];

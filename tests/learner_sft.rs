@@ -19,9 +19,8 @@ use lifelora::model::Llama;
 
 const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
-fn model() -> Option<Llama> {
-    let shared = common::shared_dir()?;
-    Some(load_hf_dir(&shared.join("models/stories260K"), None, DType::F32, &Device::Cpu).unwrap().model)
+fn model() -> Llama {
+    load_hf_dir(&common::stories_dir(), None, DType::F32, &Device::Cpu).unwrap().model
 }
 
 fn serving_logits(model: &Llama, tokens: &[u32], adapter: Option<Arc<LoraAdapter>>) -> Tensor {
@@ -52,9 +51,9 @@ fn greedy(model: &Llama, prompt: &[u32], adapter: &Arc<LoraAdapter>, n: usize) -
 
 #[test]
 fn the_training_forward_equals_the_serving_forward() {
-    let Some(model) = model() else { return };
+    let model = model();
     let tokens: Vec<u32> = vec![1, 482, 82, 508, 499, 496, 300, 12, 77];
-    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
+    let fixture = common::fixtures_dir().join("adapters/all_linear_r4");
     let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
     let train = model.forward_train(&tokens, &lora).unwrap();
@@ -66,7 +65,7 @@ fn the_training_forward_equals_the_serving_forward() {
 
 #[test]
 fn every_lora_parameter_receives_a_gradient() {
-    let Some(model) = model() else { return };
+    let model = model();
     let spec = FreshSpec { targets: &ALL, rank: 4, alpha: 8.0, seed: 9, init_b: InitB::Random };
     let adapter = fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap();
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
@@ -83,7 +82,7 @@ fn every_lora_parameter_receives_a_gradient() {
 
 #[test]
 fn supervised_training_teaches_answers_made_of_vocabulary_pieces() {
-    let Some(model) = model() else { return };
+    let model = model();
     // Four "facts": a prompt and the answer it should get, all vocabulary pieces.
     let facts: Vec<SftExample> = [
         (vec![1, 482, 82, 508], vec![300, 301, 302]),
@@ -112,7 +111,7 @@ fn supervised_training_teaches_answers_made_of_vocabulary_pieces() {
 
 #[test]
 fn gradients_match_finite_differences() {
-    let Some(model) = model() else { return };
+    let model = model();
     let spec = FreshSpec { targets: &ALL, rank: 4, alpha: 8.0, seed: 11, init_b: InitB::Random };
     let adapter = fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap();
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
@@ -150,7 +149,7 @@ fn mean_log_prob(model: &Llama, adapter: &Arc<LoraAdapter>, prompt: &[u32], answ
 
 #[test]
 fn a_preference_teaches_the_chosen_answer_over_the_rejected_one() {
-    let Some(model) = model() else { return };
+    let model = model();
     let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 2, init_b: InitB::Zero };
     let start = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
     let prompt = vec![1, 482, 82, 508];
@@ -173,7 +172,7 @@ fn a_preference_teaches_the_chosen_answer_over_the_rejected_one() {
 
 #[test]
 fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
-    let Some(model) = model() else { return };
+    let model = model();
     let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 3, init_b: InitB::Zero };
     let start = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
     let prompt = vec![1, 499, 496, 77];
@@ -192,8 +191,8 @@ fn a_down_rating_alone_makes_the_rated_answer_less_likely() {
 #[test]
 fn sequences_packed_in_one_pass_share_their_beginnings_and_get_the_logits_and_gradients_they_get_alone() {
     use lifelora::model::llama::PackedSeq;
-    let Some(model) = model() else { return };
-    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
+    let model = model();
+    let fixture = common::fixtures_dir().join("adapters/all_linear_r4");
     let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
     // Two share five tokens, one repeats another whole, one shares only the first.
@@ -222,8 +221,8 @@ fn sequences_packed_in_one_pass_share_their_beginnings_and_get_the_logits_and_gr
 #[test]
 fn kl_anchors_keep_the_base_top_tokens_and_bound_the_full_kl_from_below() {
     use lifelora::learner::sft::KlAnchors;
-    let Some(model) = model() else { return };
-    let fixture = common::shared_dir().unwrap().join("fixtures/adapters/all_linear_r4");
+    let model = model();
+    let fixture = common::fixtures_dir().join("adapters/all_linear_r4");
     let adapter = Arc::new(load_dir(&fixture, &model.lora_sites(), &LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, &Device::Cpu).unwrap());
     let lora = TrainableLora::from_adapter(&adapter).unwrap();
     let tokens: Vec<u32> = vec![1, 482, 82, 508, 499, 496, 300, 12, 77, 260, 390];
@@ -251,7 +250,7 @@ fn mean_log_prob_now(model: &Llama, lora: &TrainableLora, prompt: &[u32], answer
 #[test]
 fn a_held_lesson_is_kept_where_it_was_and_not_taught_further() {
     use lifelora::learner::sft::{Trainer, HOLD_SLACK};
-    let Some(model) = model() else { return };
+    let model = model();
     let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 4, init_b: InitB::Zero };
     let fresh = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
     // An earlier version taught `old`; the new lesson asks something close to it.
@@ -307,7 +306,7 @@ fn a_held_lesson_is_kept_where_it_was_and_not_taught_further() {
 #[test]
 fn settling_with_every_lesson_held_walks_back_toward_the_base_and_keeps_the_lessons() {
     use lifelora::learner::sft::{KlAnchors, Trainer};
-    let Some(model) = model() else { return };
+    let model = model();
     let spec = FreshSpec { targets: &ALL, rank: 8, alpha: 16.0, seed: 5, init_b: InitB::Zero };
     let fresh = Arc::new(fresh_adapter(&model.lora_sites(), &spec, DType::F32, &Device::Cpu).unwrap());
     let facts = [(vec![1, 482, 82, 508], vec![300, 301, 302]), (vec![1, 482, 499, 496], vec![310, 311, 312])];

@@ -24,10 +24,9 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn setup() -> Option<(Llama, std::path::PathBuf)> {
-    let shared = common::shared_dir()?;
-    let m = load_hf_dir(&shared.join("models/stories260K"), None, DType::F32, &Device::Cpu).unwrap();
-    Some((m.model, shared.join("fixtures/adapters")))
+fn setup() -> (Llama, std::path::PathBuf) {
+    let m = load_hf_dir(&common::stories_dir(), None, DType::F32, &Device::Cpu).unwrap();
+    (m.model, common::fixtures_dir().join("adapters"))
 }
 
 fn load(model: &Llama, dir: &std::path::Path) -> Arc<LoraAdapter> {
@@ -36,7 +35,7 @@ fn load(model: &Llama, dir: &std::path::Path) -> Arc<LoraAdapter> {
 
 #[test]
 fn each_adapter_reproduces_peft_logits_and_greedy_completions() {
-    let Some((model, root)) = setup() else { return };
+    let (model, root) = setup();
     for name in ADAPTERS {
         let dir = root.join(name);
         let adapter = load(&model, &dir);
@@ -79,7 +78,7 @@ fn each_adapter_reproduces_peft_logits_and_greedy_completions() {
 
 #[test]
 fn a_mixed_batch_gives_every_row_its_own_adapter() {
-    let Some((model, root)) = setup() else { return };
+    let (model, root) = setup();
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(root.join("mixed_batch_reference.json")).unwrap()).unwrap();
     let tensors = candle_core::safetensors::load(root.join("mixed_batch_reference.safetensors"), &Device::Cpu).unwrap();
     let rows = reference["rows"].as_array().unwrap();
@@ -132,7 +131,7 @@ fn rewrite_tensors(weights: &[u8], f: impl Fn(&str, Tensor) -> Option<(String, T
 
 #[test]
 fn bad_adapters_are_refused_naming_the_tensor_or_field() {
-    let Some((model, root)) = setup() else { return };
+    let (model, root) = setup();
     let sites = model.lora_sites();
     let limits = LoraLimits { max_rank: 64, ..Default::default() };
     let (config, weights) = fixture(&root, "q_v_r8");

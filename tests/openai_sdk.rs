@@ -7,21 +7,15 @@ mod common;
 
 use std::process::Command;
 
-fn has_client() -> bool {
-    let ok = Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 with the `openai` package is required under CI (scripts/test installs it)"
-        );
-        eprintln!("skipping: python3 -c 'import openai' failed");
-    }
-    ok
+/// The `openai` package must be importable (scripts/test installs it in .venv).
+fn require_client() {
+    let ok = Command::new(common::python()).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    assert!(ok, "python3 with the `openai` package is required: run scripts/test (it installs it into .venv)");
 }
 
 fn run_client(server: &common::TestServer, extra: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
-    let out = Command::new("python3").arg(script).arg(&server.base).arg(&server.model).args(extra).output().unwrap();
+    let out = Command::new(common::python()).arg(script).arg(&server.base).arg(&server.model).args(extra).output().unwrap();
     assert!(
         out.status.success(),
         "openai client failed:\n{}\n{}",
@@ -33,19 +27,15 @@ fn run_client(server: &common::TestServer, extra: &[&str]) {
 
 #[test]
 fn the_official_openai_python_client_works_against_stories260k() {
-    let Some(dir) = common::stories_dir() else { return };
-    if !has_client() {
-        return;
-    }
+    let dir = common::stories_dir();
+    require_client();
     run_client(&common::TestServer::start(Some(&dir), &[]), &[]);
 }
 
 #[test]
 fn the_official_openai_python_client_uploads_files_and_runs_fine_tuning_jobs() {
-    let Some(dir) = common::stories_dir() else { return };
-    if !has_client() {
-        return;
-    }
+    let dir = common::stories_dir();
+    require_client();
     // stories260K drifts far from itself when taught anything: the gate's drift bounds are for real models.
     let env = [("LIFELORA_LEARNING__MAX_BASE_DRIFT", "10"), ("LIFELORA_LEARNING__MIN_BASE_AGREEMENT", "0"), ("LIFELORA_LEARNING__MAX_REGRESSION", "10")];
     run_client(&common::TestServer::start(Some(&dir), &env), &["--fine-tune"]);
@@ -53,9 +43,7 @@ fn the_official_openai_python_client_uploads_files_and_runs_fine_tuning_jobs() {
 
 #[test]
 fn smollm2_answers_the_openai_client_in_english_plain_and_streamed() {
-    let Some(gguf) = common::smollm2_gguf() else { return };
-    if !has_client() {
-        return;
-    }
+    let gguf = common::smollm2_gguf();
+    require_client();
     run_client(&common::TestServer::start(Some(&gguf), &[]), &["--english"]);
 }

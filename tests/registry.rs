@@ -10,20 +10,19 @@ use lifelora::lora::peft::LoraLimits;
 use lifelora::model::loader::load_hf_dir;
 use lifelora::registry::{Registry, RegistryError};
 
-fn files(name: &str) -> Option<(Vec<u8>, Vec<u8>)> {
-    let dir = common::shared_dir()?.join("fixtures/adapters").join(name);
-    Some((std::fs::read(dir.join("adapter_config.json")).unwrap(), std::fs::read(dir.join("adapter_model.safetensors")).unwrap()))
+fn files(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let dir = common::fixtures_dir().join("adapters").join(name);
+    (std::fs::read(dir.join("adapter_config.json")).unwrap(), std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
 }
 
 fn open(root: &std::path::Path, max_resident: usize) -> Registry {
-    let shared = common::shared_dir().unwrap();
-    let m = load_hf_dir(&shared.join("models/stories260K"), None, DType::F32, &Device::Cpu).unwrap();
+    let m = load_hf_dir(&common::stories_dir(), None, DType::F32, &Device::Cpu).unwrap();
     Registry::open(AdapterStore::open(root).unwrap(), m.model.lora_sites(), LoraLimits { max_rank: 64, ..Default::default() }, DType::F32, Device::Cpu, max_resident).unwrap()
 }
 
 #[test]
 fn versions_hot_swap_roll_back_and_survive_a_restart() {
-    let (Some(a), Some(b)) = (files("q_v_r8"), files("all_linear_r4")) else { return };
+    let (a, b) = (files("q_v_r8"), files("all_linear_r4"));
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), 8);
     let (m1, _) = reg.upload("acme", "support", &a.0, &a.1, true).unwrap();
@@ -50,7 +49,7 @@ fn versions_hot_swap_roll_back_and_survive_a_restart() {
 
 #[test]
 fn tenants_are_isolated_and_refused_uploads_write_nothing() {
-    let Some(a) = files("q_v_r8") else { return };
+    let a = files("q_v_r8");
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), 8);
     reg.upload("acme", "support", &a.0, &a.1, true).unwrap();
@@ -65,7 +64,7 @@ fn tenants_are_isolated_and_refused_uploads_write_nothing() {
 
 #[test]
 fn residency_keeps_at_most_the_limit_and_reloads_on_demand() {
-    let (Some(a), Some(b)) = (files("q_v_r8"), files("rslora_r16")) else { return };
+    let (a, b) = (files("q_v_r8"), files("rslora_r16"));
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), 1);
     reg.upload("t", "one", &a.0, &a.1, true).unwrap();
@@ -79,7 +78,7 @@ fn residency_keeps_at_most_the_limit_and_reloads_on_demand() {
 
 #[test]
 fn a_byte_budget_evicts_and_frees_the_dropped_adapters() {
-    let (Some(a), Some(b)) = (files("q_v_r8"), files("rslora_r16")) else { return };
+    let (a, b) = (files("q_v_r8"), files("rslora_r16"));
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), 8);
     reg.upload("t", "one", &a.0, &a.1, true).unwrap();

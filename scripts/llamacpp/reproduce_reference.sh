@@ -2,7 +2,7 @@
 # Builds llama.cpp from the llama-cpp-python sdist on PyPI (the registry is
 # the only network this project uses) and reruns llama.cpp on the six
 # reference prompts: greedy completions and top-5 log-probabilities per
-# position (compare with ../shared/fixtures/smollm2/llamacpp_reference.json),
+# position (compare with tests/fixtures/smollm2/llamacpp_reference.json),
 # optionally dumping every intermediate tensor of one prompt's pass, which
 # is how `src/model/ggml_numerics.rs` was checked op by op.
 #
@@ -38,7 +38,7 @@ fi
 g++ -O2 -std=c++17 "$root/scripts/llamacpp/reference_tool.cpp" -I"$src/include" -I"$src/ggml/include" -o reference_tool \
   "$src/build/src/libllama.a" "$src/build/ggml/src/libggml.a" "$src/build/ggml/src/libggml-cpu.a" "$src/build/ggml/src/libggml-base.a" \
   -lpthread -lgomp -ldl -lm
-python3 - "$root/../shared/fixtures/smollm2/llamacpp_reference.json" > cases.txt <<'PY'
+python3 - "$root/tests/fixtures/smollm2/llamacpp_reference.json" > cases.txt <<'PY'
 import json, sys
 for c in json.load(open(sys.argv[1]))["cases"]:
     print(" ".join(map(str, c["prompt_token_ids"])), "|", " ".join(map(str, c["completion_token_ids"])))
@@ -47,7 +47,7 @@ if [ -n "${2:-}" ]; then export DUMP_DIR="$work/dump$2" DUMP_CASE="$2"; mkdir -p
 ./reference_tool "$root/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" cases.txt "$fa" 2>/dev/null > run.txt
 # Against the reference: greedy tokens in agreement, and the largest
 # top-5 log-probability difference over that prefix.
-python3 - "$root/../shared/fixtures/smollm2/llamacpp_reference.json" run.txt <<'PY'
+python3 - "$root/tests/fixtures/smollm2/llamacpp_reference.json" run.txt <<'PY'
 import json, re, sys
 ref = json.load(open(sys.argv[1]))["cases"]
 tops, greedy, case = {}, {}, -1

@@ -41,6 +41,34 @@ pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Re
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
+/// `GET /v1/models/{id}` (the official client's `models.retrieve`): the
+/// base model, or one of the caller's adapters with a current version.
+pub async fn retrieve(state: web::Data<AppState>, req: actix_web::HttpRequest, path: web::Path<String>) -> Result<HttpResponse, super::error::ApiError> {
+    let id = path.into_inner();
+    let tenant = super::tenant::tenant_of(&req, &state)?;
+    let m = &state.model;
+    if id == m.id {
+        return Ok(HttpResponse::Ok().json(ModelCard {
+            id: m.id.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "lifelora".into(),
+            root: m.id.clone(),
+            parent: None,
+            max_model_len: m.model.config.max_position_embeddings,
+            description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
+        }));
+    }
+    let (registry, t, name) = (state.registry.clone(), tenant.clone(), id.clone());
+    let info = super::blocking::blocking(move || registry.info(&t, &name)).await.map_err(|_| super::error::ApiError::model_not_found(&id))?;
+    let Some(current) = info.current else { return Err(super::error::ApiError::model_not_found(&id)) };
+    let created = info.versions.iter().find(|v| v.version == current).map_or(state.created, |v| v.created_at);
+    Ok(HttpResponse::Ok().json(json!({
+        "id": info.name, "object": "model", "created": created, "owned_by": tenant.name(),
+        "root": m.id, "parent": m.id, "max_model_len": m.model.config.max_position_embeddings, "version": current,
+    })))
+}
+
 /// Liveness and readiness: the server listens only once the model is
 /// loaded; `learner` says whether the learner has built the base model's
 /// anchors (it does so once, at start, while serving goes first).

@@ -3,27 +3,28 @@
 
 use std::path::PathBuf;
 
-/// `../shared` beside the checkout. Missing: fail under CI, skip elsewhere.
-pub fn shared_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("shared");
-    if dir.join("models/stories260K/config.json").exists() {
-        return Some(dir);
+/// `tests/fixtures` of this repository: every fixture the tests read
+/// (see its README). Missing: the test fails, it never skips.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    assert!(dir.join("stories260K/config.json").exists(), "the test fixtures are missing at {}", dir.display());
+    dir
+}
+
+/// The Python the tests run: the repository's `.venv` (scripts/test makes
+/// it), else `python3` on the PATH.
+pub fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
     }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "../shared is missing at {} and CI is set: these tests must run",
-            dir.display()
-        );
-    }
-    eprintln!("skipping: ../shared not found at {}", dir.display());
-    None
 }
 
 /// The stories260K model directory.
-pub fn stories_dir() -> Option<PathBuf> {
-    shared_dir().map(|d| d.join("models/stories260K"))
+pub fn stories_dir() -> PathBuf {
+    fixtures_dir().join("stories260K")
 }
 
 use std::io::{BufRead, BufReader};
@@ -206,33 +207,17 @@ impl Drop for TestServer {
 }
 
 /// The SmolLM2 GGUF fetched by `lifelora fetch smollm2` (scripts/test does
-/// it). Missing: fail under CI, skip elsewhere.
-pub fn smollm2_gguf() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing and CI is set: run `lifelora fetch smollm2` (scripts/test does)",
-            path.display()
-        );
-    }
-    eprintln!(
-        "skipping: {} not fetched (lifelora fetch smollm2)",
-        path.display()
-    );
-    None
+/// it first). Missing: the test fails.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} is missing: run `lifelora fetch smollm2` (scripts/test does)", path.display());
+    path
 }
 
 /// llama.cpp's reference for the SmolLM2 GGUF.
-pub fn smollm2_reference() -> Option<serde_json::Value> {
-    let path = shared_dir()?.join("fixtures/smollm2/llamacpp_reference.json");
-    Some(
-        serde_json::from_str(&std::fs::read_to_string(path).expect("reference json"))
-            .expect("valid json"),
-    )
+pub fn smollm2_reference() -> serde_json::Value {
+    let path = fixtures_dir().join("smollm2/llamacpp_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("reference json")).expect("valid json")
 }
 
 /// A process's resident memory now and at its peak, in KiB (`VmRSS`, `VmHWM`).
