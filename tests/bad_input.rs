@@ -11,15 +11,7 @@ use serde_json::{json, Value};
 const B: &str = "bad-input-boundary";
 
 fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, filename, data) in parts {
-        let file = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
-        body.extend_from_slice(format!("--{B}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n").as_bytes());
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{B}--\r\n").as_bytes());
-    body
+    common::multipart_body(B, parts)
 }
 
 enum Body {

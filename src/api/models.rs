@@ -15,28 +15,13 @@ Serve a real model with `lifelora serve --model /path/to/hf-model-dir` (or set m
 /// `parent`/`root` naming the base).
 pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Result<HttpResponse, super::error::ApiError> {
     let tenant = super::tenant::tenant_of(&req, &state)?;
-    let m = &state.model;
-    let card = ModelCard {
-        id: m.id.clone(),
-        object: "model",
-        created: state.created,
-        owned_by: "lifelora".into(),
-        root: m.id.clone(),
-        parent: None,
-        max_model_len: m.model.config.max_position_embeddings,
-        description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
-    };
-    let mut data = vec![serde_json::to_value(card).unwrap_or_default()];
+    let mut data = vec![serde_json::to_value(base_card(&state)).unwrap_or_default()];
     let registry = state.registry.clone();
     let t = tenant.clone();
     for info in super::blocking::blocking(move || registry.list(&t)).await? {
-        let Some(current) = info.current else { continue };
-        let created = info.versions.iter().find(|v| v.version == current).map_or(state.created, |v| v.created_at);
-        data.push(json!({
-            "id": info.name, "object": "model", "created": created, "owned_by": tenant.name(),
-            "root": m.id, "parent": m.id, "max_model_len": m.model.config.max_position_embeddings,
-            "version": current,
-        }));
+        if let Some(card) = adapter_card(&state, &tenant, &info) {
+            data.push(card);
+        }
     }
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
@@ -46,27 +31,40 @@ pub async fn list(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Re
 pub async fn retrieve(state: web::Data<AppState>, req: actix_web::HttpRequest, path: web::Path<String>) -> Result<HttpResponse, super::error::ApiError> {
     let id = path.into_inner();
     let tenant = super::tenant::tenant_of(&req, &state)?;
-    let m = &state.model;
-    if id == m.id {
-        return Ok(HttpResponse::Ok().json(ModelCard {
-            id: m.id.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "lifelora".into(),
-            root: m.id.clone(),
-            parent: None,
-            max_model_len: m.model.config.max_position_embeddings,
-            description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
-        }));
+    if id == state.model.id {
+        return Ok(HttpResponse::Ok().json(base_card(&state)));
     }
     let (registry, t, name) = (state.registry.clone(), tenant.clone(), id.clone());
     let info = super::blocking::blocking(move || registry.info(&t, &name)).await.map_err(|_| super::error::ApiError::model_not_found(&id))?;
-    let Some(current) = info.current else { return Err(super::error::ApiError::model_not_found(&id)) };
+    let card = adapter_card(&state, &tenant, &info).ok_or_else(|| super::error::ApiError::model_not_found(&id))?;
+    Ok(HttpResponse::Ok().json(card))
+}
+
+/// The base model's card.
+fn base_card(state: &AppState) -> ModelCard {
+    let m = &state.model;
+    ModelCard {
+        id: m.id.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "lifelora".into(),
+        root: m.id.clone(),
+        parent: None,
+        max_model_len: m.model.config.max_position_embeddings,
+        description: m.builtin.then(|| BUILTIN_NOTE.to_string()),
+    }
+}
+
+/// An adapter's card, when it has a current version (vLLM's shape: `parent`/`root` name the base).
+fn adapter_card(state: &AppState, tenant: &str, info: &crate::registry::AdapterInfo) -> Option<serde_json::Value> {
+    let current = info.current?;
+    let m = &state.model;
     let created = info.versions.iter().find(|v| v.version == current).map_or(state.created, |v| v.created_at);
-    Ok(HttpResponse::Ok().json(json!({
-        "id": info.name, "object": "model", "created": created, "owned_by": tenant.name(),
-        "root": m.id, "parent": m.id, "max_model_len": m.model.config.max_position_embeddings, "version": current,
-    })))
+    Some(json!({
+        "id": info.name, "object": "model", "created": created, "owned_by": tenant,
+        "root": m.id, "parent": m.id, "max_model_len": m.model.config.max_position_embeddings,
+        "version": current,
+    }))
 }
 
 /// Liveness and readiness: the server listens only once the model is
