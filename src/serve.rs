@@ -32,6 +32,8 @@ pub enum ServeError {
     Records(#[from] crate::store::StoreError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("cannot listen on {address}: {message}")]
+    Bind { address: String, message: String },
     #[error("finishing a tenant's deletion: {0}")]
     Purge(#[from] crate::api::tenants::PurgeError),
 }
@@ -96,6 +98,9 @@ pub fn serve(
     on_bound: impl FnOnce(std::net::SocketAddr) + Send + 'static,
 ) -> Result<(), ServeError> {
     crate::cpu::configure(settings.engine.threads);
+    // A port already taken is said before minutes of model loading, not after.
+    let address = format!("{}:{}", settings.server.host, settings.server.port);
+    std::net::TcpListener::bind(address.as_str()).map_err(|e| ServeError::Bind { address: address.clone(), message: e.to_string() })?;
     let started = std::time::Instant::now();
     let model = Arc::new(load_model(&settings)?);
     let cfg = &model.model.config;

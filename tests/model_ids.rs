@@ -33,3 +33,21 @@ fn a_path_is_served_under_its_name_and_an_unknown_name_lists_the_known_ones() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("smollm2"), "{stderr}");
 }
+
+#[test]
+fn a_port_in_use_is_reported_before_the_model_loads_and_logs_have_no_colour_off_a_terminal() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lifelora"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port, "--model"])
+        .arg(common::stories_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains("model loaded"), "the model was loaded first: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "ANSI codes in a log that is not a terminal: {stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
