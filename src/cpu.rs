@@ -6,9 +6,9 @@
 
 use std::path::Path;
 
-/// Spins a candle pool worker makes before parking (candle's default,
-/// 25,000, holds a core for a millisecond between every parallel op; with
-/// one of two cores busy elsewhere that tripled a decode step).
+/// Spins a candle pool worker makes before parking: candle's default,
+/// 25,000, holds a core for about a millisecond between parallel ops,
+/// which a busy neighbour or a CPU quota pays for in every step.
 pub const POOL_SPIN_LIMIT: u32 = 200;
 
 /// The cores a cgroup's CPU quota allows, rounded up (None: no quota).
