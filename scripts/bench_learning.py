@@ -305,6 +305,9 @@ def main():
             shape = shapes[i % len(shapes)]
             lessons = make_set(args.seed * 1000 + i, shape, args.facts)
             results.append(run_set(base, model, i, shape, lessons, refs, args, server.pid))
+            if args.json:  # each finished set is kept, so a long run interrupted keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"results": results, "env": args.env}, f, indent=1)
         text = summary(results)
         print(text)
         if args.json:

@@ -403,3 +403,106 @@ fn metrics_expose_requests_tokens_and_batching() {
     }
     assert!(s.metric("lifelora_generated_tokens_total") >= 4.0);
 }
+
+fn greedy_ids(s: &TestServer, extra: Value) -> Vec<u64> {
+    let mut body = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "return_token_ids": true});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let (status, v) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+#[test]
+fn logit_bias_bans_and_forces_tokens_in_completions_and_chat() {
+    let s = server();
+    let plain = greedy_ids(&s, json!({}));
+    // Banning the first greedy token changes the first token; every other stays possible.
+    let banned = greedy_ids(&s, json!({"logit_bias": {plain[0].to_string(): -100}}));
+    assert_ne!(banned[0], plain[0]);
+    assert!(!banned.contains(&plain[0]), "a banned token never appears: {banned:?}");
+    let forced = greedy_ids(&s, json!({"logit_bias": {"42": 100}}));
+    assert_eq!(forced, vec![42; 12]);
+    // A small bias leaves greedy output alone when it does not change the argmax order.
+    assert_eq!(greedy_ids(&s, json!({"logit_bias": {plain[0].to_string(): 0.5}})), plain);
+
+    let chat = |bias: Value| {
+        let (status, v) = s.post(
+            "/v1/chat/completions",
+            &json!({"model": s.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0,
+                    "return_token_ids": true, "logit_bias": bias}),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["token_ids"][0].as_u64().unwrap()
+    };
+    let first = chat(json!({}));
+    assert_ne!(chat(json!({first.to_string(): -100})), first);
+}
+
+#[test]
+fn logit_bias_min_p_and_repetition_penalty_refuse_bad_values_naming_the_field() {
+    let s = server();
+    for (field, value) in [
+        ("logit_bias", json!({"abc": 1})),
+        ("logit_bias", json!({"-1": 1})),
+        ("logit_bias", json!({"999999": 1})),
+        ("logit_bias", json!({"5": 101})),
+        ("logit_bias", json!({"5": "x"})),
+        ("min_p", json!(1.5)),
+        ("min_p", json!(-0.1)),
+        ("repetition_penalty", json!(0)),
+        ("repetition_penalty", json!(-1)),
+    ] {
+        for path in ["/v1/completions", "/v1/chat/completions"] {
+            let mut body = if path == "/v1/completions" {
+                json!({"model": s.model, "prompt": "x", "max_tokens": 1})
+            } else {
+                json!({"model": s.model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+            };
+            body[field] = value.clone();
+            let (status, v) = s.post(path, &body);
+            assert_openai_error(status, &v, 400);
+            assert!(v["error"]["param"].as_str().unwrap().starts_with(field), "{path} {field}={value}: {v}");
+        }
+    }
+}
+
+#[test]
+fn repetition_penalty_and_min_p_change_what_is_sampled() {
+    let s = server();
+    let plain = greedy_ids(&s, json!({}));
+    let penalised = greedy_ids(&s, json!({"repetition_penalty": 3.0}));
+    assert_ne!(penalised, plain, "a strong penalty moves greedy decoding off the tokens it has seen");
+    let distinct = |ids: &[u64]| ids.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(distinct(&penalised) >= distinct(&plain), "{penalised:?} vs {plain:?}");
+    // min_p = 1 keeps only the most likely token: sampling at any temperature is greedy.
+    let hot = greedy_ids(&s, json!({"temperature": 2.0, "min_p": 1.0, "seed": 7}));
+    assert_eq!(hot, plain);
+}
+
+#[test]
+fn unknown_parameters_are_refused_naming_them_and_harmless_ones_are_accepted() {
+    let s = server();
+    for (path, body) in [
+        ("/v1/completions", json!({"model": s.model, "prompt": "x", "max_tokens": 1})),
+        ("/v1/chat/completions", json!({"model": s.model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})),
+    ] {
+        for unknown in ["frobnicate", "tool_choice", "reasoning_effort", "min_tokens"] {
+            let mut b = body.clone();
+            b[unknown] = json!(1);
+            let (status, v) = s.post(path, &b);
+            assert_openai_error(status, &v, 400);
+            assert_eq!(v["error"]["param"], unknown, "{path}: {v}");
+            assert_eq!(v["error"]["code"], "unknown_parameter");
+        }
+        let mut b = body.clone();
+        b["user"] = json!("end-user-7");
+        b["service_tier"] = json!("auto");
+        b["metadata"] = json!({"team": "search"});
+        b["safety_identifier"] = json!("hash-1");
+        b["prompt_cache_key"] = json!("k");
+        let (status, v) = s.post(path, &b);
+        assert_eq!(status, 200, "{path}: {v}");
+    }
+}

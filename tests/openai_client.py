@@ -16,6 +16,13 @@ client = OpenAI(base_url=f"{base}/v1", api_key="unused")
 
 ids = [m.id for m in client.models.list()]
 assert model in ids, ids
+card = client.models.retrieve(model)
+assert card.id == model and card.object == "model", card
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("an unknown model was retrieved")
+except openai.NotFoundError:
+    pass
 
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
 assert c.choices[0].finish_reason == "length", c
@@ -47,6 +54,27 @@ for chunk in client.chat.completions.create(
 assert "".join(parts) == chat_text, (parts, chat_text)
 assert usage is not None and 1 <= usage.completion_tokens <= 8, usage
 assert usage.completion_tokens == chat.usage.completion_tokens, (usage, chat.usage)
+
+# logit_bias as OpenAI defines it: -100 bans a token, so greedy decoding picks another.
+hello = [{"role": "user", "content": "Hello"}]
+first = client.chat.completions.create(model=model, messages=hello, max_tokens=1, temperature=0,
+                                       extra_body={"return_token_ids": True}).choices[0]
+greedy = first.model_extra["token_ids"][0]
+banned = client.chat.completions.create(model=model, messages=hello, max_tokens=1, temperature=0,
+                                        logit_bias={str(greedy): -100}, extra_body={"return_token_ids": True}).choices[0]
+assert banned.model_extra["token_ids"][0] != greedy, (greedy, banned)
+forced = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                   logit_bias={str(greedy): 100}, extra_body={"return_token_ids": True}).choices[0]
+assert forced.model_extra["token_ids"] == [greedy] * 3, (greedy, forced)
+# vLLM's min_p and repetition_penalty are honoured (extra_body, as vLLM's clients send them).
+client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0.8, seed=1,
+                          extra_body={"min_p": 0.1, "repetition_penalty": 1.3})
+try:
+    client.chat.completions.create(model=model, messages=hello, max_tokens=1, extra_body={"frobnicate": 1})
+    raise AssertionError("an unknown parameter was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and e.param == "frobnicate", e
+client.chat.completions.create(model=model, messages=hello, max_tokens=1, user="end-user-1", metadata={"k": "v"})
 
 if len(sys.argv) > 3 and sys.argv[3] == "--english":
     # A real model answers in words.

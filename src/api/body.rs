@@ -62,12 +62,27 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         if inner.is_syntax() || inner.is_eof() {
             ApiError::invalid(format!("The request body is not valid JSON: {inner}"), None)
                 .with_code("invalid_json")
+        } else if let Some(field) = unknown_field(&inner.to_string()) {
+            let at = match path.rsplit_once('.') {
+                Some((parent, _)) if parent != "." && !parent.is_empty() => format!("{parent}.{field}"),
+                _ => field.to_string(),
+            };
+            ApiError::invalid(
+                format!("Unrecognized request argument supplied: '{at}' (this server does not honour it; see docs/api.md for the fields it accepts)"),
+                Some(&at),
+            )
+            .with_code("unknown_parameter")
         } else if path == "." {
             ApiError::invalid(format!("Invalid request: {inner}"), None)
         } else {
             ApiError::invalid(format!("Invalid value for '{path}': {inner}"), Some(&path))
         }
     })
+}
+
+/// The field named by serde's "unknown field `X`, expected ..." error.
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split_once('`').map(|(field, _)| field)
 }
 
 /// One part of a multipart form.
@@ -186,4 +201,43 @@ async fn read_parts(mut payload: actix_multipart::Multipart, limits: &MultipartL
         }
     }
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        #[allow(dead_code)]
+        a: Option<u32>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        #[allow(dead_code)]
+        inner: Option<Inner>,
+        #[allow(dead_code)]
+        n: Option<u32>,
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_naming_it_with_its_path() {
+        let e = parse_json::<Outer>(br#"{"n": 1, "frobnicate": true}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("frobnicate"));
+        assert_eq!(e.code, Some("unknown_parameter"));
+        assert!(e.message.contains("'frobnicate'"), "{}", e.message);
+        let e = parse_json::<Outer>(br#"{"inner": {"a": 1, "b": 2}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("inner.b"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field_and_bad_json_says_so() {
+        let e = parse_json::<Outer>(br#"{"n": "x"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        let e = parse_json::<Outer>(br#"{"n": "#).unwrap_err();
+        assert_eq!(e.code, Some("invalid_json"));
+    }
 }

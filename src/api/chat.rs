@@ -77,7 +77,7 @@ pub async fn create(
             Some("messages"),
         ));
     }
-    let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits)?;
+    let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits, state.model.model.config.vocab_size)?;
     if r.tools
         .as_ref()
         .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))

@@ -28,7 +28,7 @@ pub async fn create(
     let r: CompletionRequest = parse_json(&body)?;
     let target = state.target(&req, &r.model, r.tenant.as_deref()).await?;
     let adapter = target.adapter.clone();
-    let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits)?;
+    let v = validate::sampling(&r.sampling(), &state.settings.engine, &state.settings.limits, state.model.model.config.vocab_size)?;
     if r.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "'suffix' is not supported by this model",

@@ -37,6 +37,14 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// `logit_bias`: token ids (as JSON object keys, so strings) to a bias.
+pub type LogitBias = std::collections::BTreeMap<String, f32>;
+
+/// A field the server accepts and does nothing with, because it changes no
+/// output: a caller's end-user id, a routing tier, its own labels, a cache
+/// hint. Listed in `docs/api.md`; every other unknown field is refused.
+pub type Harmless = Option<serde::de::IgnoredAny>;
+
 /// The sampling fields common to both endpoints.
 #[derive(Debug, Clone, Default)]
 pub struct SamplingFields {
@@ -51,10 +59,15 @@ pub struct SamplingFields {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
+    pub logit_bias: Option<LogitBias>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
 }
 
-/// `POST /v1/completions`.
+/// `POST /v1/completions`. A field not named here is refused (400 naming
+/// it): a parameter silently ignored is a bug the caller cannot see.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptInput,
@@ -81,6 +94,16 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
+    /// OpenAI's: token id to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<LogitBias>,
+    /// vLLM's: drop tokens under this share of the most likely one's probability.
+    pub min_p: Option<f32>,
+    /// vLLM's: divides (or multiplies, when negative) the logits of tokens already seen.
+    pub repetition_penalty: Option<f32>,
+    pub service_tier: Harmless,
+    pub metadata: Harmless,
+    pub safety_identifier: Harmless,
+    pub prompt_cache_key: Harmless,
 }
 
 /// A content part of a chat message.
@@ -107,8 +130,10 @@ pub struct ChatMessageIn {
     pub name: Option<String>,
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions`. A field not named here is refused (400
+/// naming it).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessageIn>,
@@ -136,6 +161,16 @@ pub struct ChatRequest {
     pub ignore_eos: Option<bool>,
     /// Extension (as vLLM's): the prompt's token ids and each choice's.
     pub return_token_ids: Option<bool>,
+    /// OpenAI's: token id to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<LogitBias>,
+    /// vLLM's: drop tokens under this share of the most likely one's probability.
+    pub min_p: Option<f32>,
+    /// vLLM's: divides (or multiplies, when negative) the logits of tokens already seen.
+    pub repetition_penalty: Option<f32>,
+    pub service_tier: Harmless,
+    pub metadata: Harmless,
+    pub safety_identifier: Harmless,
+    pub prompt_cache_key: Harmless,
 }
 
 /// Token counts of a response.
@@ -190,6 +225,9 @@ macro_rules! sampling_fields {
                     stream: self.stream,
                     stream_options: self.stream_options.clone(),
                     ignore_eos: self.ignore_eos,
+                    logit_bias: self.logit_bias.clone(),
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
                 }
             }
         }

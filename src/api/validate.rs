@@ -31,8 +31,42 @@ pub struct Validated {
     pub ignore_eos: bool,
 }
 
-/// Validates the shared fields against the engine's limits.
-pub fn sampling(f: &SamplingFields, limits: &EngineSettings, request: &crate::config::LimitSettings) -> Result<Validated, ApiError> {
+/// Most entries of `logit_bias` (OpenAI documents no limit; a bound keeps a
+/// request's per-step work small).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+
+/// `logit_bias` as the engine takes it: every key a token id of the model's
+/// vocabulary, every bias within [-100, 100].
+fn logit_bias(bias: Option<&super::types::LogitBias>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(bias) = bias else { return Ok(Vec::new()) };
+    if bias.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::invalid(
+            format!("'logit_bias' may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {}", bias.len()),
+            Some("logit_bias"),
+        ));
+    }
+    bias.iter()
+        .map(|(key, &value)| {
+            let id = key.parse::<u32>().ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("'logit_bias' keys must be token ids from 0 to {}, got '{key}'", vocab.saturating_sub(1)),
+                    Some("logit_bias"),
+                )
+            })?;
+            if !(value.is_finite() && (-100.0..=100.0).contains(&value)) {
+                return Err(ApiError::invalid(
+                    format!("'logit_bias' values must be between -100 and 100, got {value} for token {key}"),
+                    Some("logit_bias"),
+                ));
+            }
+            Ok((id, value))
+        })
+        .collect()
+}
+
+/// Validates the shared fields against the engine's limits and the model's
+/// vocabulary size.
+pub fn sampling(f: &SamplingFields, limits: &EngineSettings, request: &crate::config::LimitSettings, vocab: usize) -> Result<Validated, ApiError> {
     let temperature = range("temperature", f.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range("top_p", f.top_p, 0.0, 1.0, 1.0)?;
     if top_p <= 0.0 {
@@ -53,6 +87,18 @@ pub fn sampling(f: &SamplingFields, limits: &EngineSettings, request: &crate::co
     };
     let presence_penalty = range("presence_penalty", f.presence_penalty, -2.0, 2.0, 0.0)?;
     let frequency_penalty = range("frequency_penalty", f.frequency_penalty, -2.0, 2.0, 0.0)?;
+    let min_p = range("min_p", f.min_p, 0.0, 1.0, 0.0)?;
+    let repetition_penalty = match f.repetition_penalty {
+        None => 1.0,
+        Some(x) if x.is_finite() && x > 0.0 => x,
+        Some(x) => {
+            return Err(ApiError::invalid(
+                format!("'repetition_penalty' must be greater than 0, got {x}"),
+                Some("repetition_penalty"),
+            ))
+        }
+    };
+    let logit_bias = logit_bias(f.logit_bias.as_ref(), vocab)?;
     let n = match f.n {
         None => 1,
         Some(n) if n >= 1 && n as usize <= limits.max_n => n as usize,
@@ -93,6 +139,9 @@ pub fn sampling(f: &SamplingFields, limits: &EngineSettings, request: &crate::co
             seed,
             presence_penalty,
             frequency_penalty,
+            min_p,
+            repetition_penalty,
+            logit_bias,
         },
         n,
         stop,

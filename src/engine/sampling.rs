@@ -1,6 +1,6 @@
-//! Next-token choice: penalties, temperature, top-k, top-p, seeded RNG;
-//! and the log-probabilities reported to clients (of the raw model
-//! distribution, as OpenAI reports them).
+//! Next-token choice: logit bias, penalties, temperature, top-k, min-p,
+//! top-p, seeded RNG; and the log-probabilities reported to clients (of the
+//! raw model distribution, as OpenAI reports them).
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -15,6 +15,16 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// vLLM's: a token whose probability is below `min_p` times the most
+    /// likely token's is never drawn. 0 means off.
+    pub min_p: f32,
+    /// vLLM's (as in the CTRL paper): a token already in the prompt or the
+    /// output has its logit divided by this when positive, multiplied when
+    /// negative. 1 means off.
+    pub repetition_penalty: f32,
+    /// OpenAI's `logit_bias`: added to a token's logit before anything else,
+    /// greedy choice included (−100 bans a token, +100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -26,6 +36,9 @@ impl Default for SamplingParams {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -49,31 +62,56 @@ pub struct PositionLogprobs {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Generated tokens and how often each came (presence and frequency penalties).
     counts: std::collections::HashMap<u32, u32>,
+    /// Tokens of the prompt and the output (repetition penalty); kept only when it is on.
+    seen: std::collections::HashSet<u32>,
 }
 
 impl Sampler {
-    /// A sampler; without a seed the RNG is seeded from the OS.
-    pub fn new(params: SamplingParams) -> Self {
+    /// A sampler for a sequence starting from `prompt`; without a seed the
+    /// RNG is seeded from the OS.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
         let rng = match params.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_entropy(),
+        };
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            Default::default()
         };
         Sampler {
             params,
             rng,
             counts: Default::default(),
+            seen,
         }
     }
 
     /// Records a generated token (for the penalties).
     pub fn observe(&mut self, id: u32) {
         *self.counts.entry(id).or_insert(0) += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(id);
+        }
     }
 
-    /// Picks the next token from raw logits (modified in place).
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+    /// Applies the logit bias and the penalties, in vLLM's order.
+    fn adjust(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &id in &self.seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             for (&id, &n) in &self.counts {
                 if let Some(l) = logits.get_mut(id as usize) {
@@ -81,6 +119,12 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// Picks the next token from raw logits (modified in place).
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.adjust(logits);
+        let p = &self.params;
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -98,6 +142,15 @@ impl Sampler {
         let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
+        if p.min_p > 0.0 {
+            // Sorted descending, so the kept tokens are a prefix; the first always stays.
+            let floor = p.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&pr| pr >= floor).count().max(1);
+            probs.truncate(keep);
+            cand.truncate(keep);
+            let kept: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= kept);
+        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = probs.len();
@@ -177,9 +230,15 @@ mod tests {
         }
     }
 
+    impl Sampler {
+        fn new_for_test(params: SamplingParams) -> Self {
+            Sampler::new(params, &[])
+        }
+    }
+
     #[test]
     fn zero_temperature_is_argmax() {
-        let mut s = Sampler::new(params(0.0, 1));
+        let mut s = Sampler::new_for_test(params(0.0, 1));
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.9]), 1);
     }
 
@@ -187,7 +246,7 @@ mod tests {
     fn same_seed_same_draws_and_different_seeds_differ() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let draw = |seed| {
-            let mut s = Sampler::new(params(1.0, seed));
+            let mut s = Sampler::new_for_test(params(1.0, seed));
             (0..40)
                 .map(|_| s.sample(&mut logits.clone()))
                 .collect::<Vec<_>>()
@@ -198,11 +257,11 @@ mod tests {
 
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
-        let mut s = Sampler::new(SamplingParams {
+        let mut s = Sampler::new_for_test(SamplingParams {
             top_k: 1,
             ..params(1.0, 3)
         });
-        let mut t = Sampler::new(SamplingParams {
+        let mut t = Sampler::new_for_test(SamplingParams {
             top_p: 0.01,
             ..params(1.0, 3)
         });
@@ -214,12 +273,59 @@ mod tests {
 
     #[test]
     fn frequency_penalty_moves_greedy_off_a_repeated_token() {
-        let mut s = Sampler::new(SamplingParams {
+        let mut s = Sampler::new_for_test(SamplingParams {
             frequency_penalty: 1.0,
             ..params(0.0, 1)
         });
         s.observe(0);
         assert_eq!(s.sample(&mut [2.0, 1.5]), 1);
+    }
+
+    #[test]
+    fn a_negative_bias_of_100_bans_the_greedy_token_and_a_positive_one_forces_a_token() {
+        let mut s = Sampler::new_for_test(SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..params(0.0, 1)
+        });
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.9]), 2);
+        let mut t = Sampler::new_for_test(SamplingParams {
+            logit_bias: vec![(0, 100.0)],
+            ..params(1.0, 1)
+        });
+        for _ in 0..50 {
+            assert_eq!(t.sample(&mut [0.1, 3.0, 2.9]), 0);
+        }
+    }
+
+    #[test]
+    fn min_p_never_draws_a_token_below_its_share_of_the_best() {
+        // Probabilities ∝ e^0, e^-1, e^-3: the last is 0.05 of the best, under 0.1.
+        let mut s = Sampler::new_for_test(SamplingParams {
+            min_p: 0.1,
+            ..params(1.0, 9)
+        });
+        let draws: std::collections::HashSet<u32> = (0..400).map(|_| s.sample(&mut [0.0, -1.0, -3.0])).collect();
+        assert_eq!(draws, [0, 1].into_iter().collect());
+        let mut all = Sampler::new_for_test(params(1.0, 9));
+        let draws: std::collections::HashSet<u32> = (0..400).map(|_| all.sample(&mut [0.0, -1.0, -3.0])).collect();
+        assert!(draws.contains(&2), "without min_p the unlikely token is drawn sometimes");
+    }
+
+    #[test]
+    fn repetition_penalty_counts_prompt_tokens_and_divides_positive_logits() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0, 1)
+        };
+        // Token 0 (logit 3) is in the prompt: 3 / 2 = 1.5 loses to token 1's 2.
+        let mut s = Sampler::new(p.clone(), &[0]);
+        assert_eq!(s.sample(&mut [3.0, 2.0, -1.0]), 1);
+        // A negative logit is multiplied: token 2 goes from -1 to -2.
+        let mut logits = [0.0, -1.5, -1.0];
+        let mut s = Sampler::new(p, &[0, 2]);
+        s.observe(1);
+        s.adjust(&mut logits);
+        assert_eq!(logits, [0.0, -3.0, -2.0]);
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Sequence {
             prompt_logprobs: Vec::new(),
             prompt_reported: false,
             submitted: Instant::now(),
-            sampler: Sampler::new(request.params.clone()),
+            sampler: Sampler::new(request.params.clone(), &request.prompt),
             decoder,
             stop: StopMatcher::new(request.stop.clone()),
             tx,
