@@ -92,7 +92,7 @@ def main():
                     print(f"      {p['question']!r} -> {p['paraphrase']!r}")
             shown = {k: v for k, v in m.items() if k not in ("feedback_ids", "job_id")}
             print(json.dumps({"status": job["status"], "error": job["error"], "seconds_to_version": round(elapsed, 1), **shown}, indent=1))
-            return "main" if job["status"] == "succeeded" else f"main@v{job['metadata']['result_version']}"
+            return "main" if job["status"] == "succeeded" else f"main@v{job['result_version']}"
 
         def recall(target, names, words, label):
             plain_answers = [ask(base, target, f"What is the secret word of {n}?")[1] for n in names]

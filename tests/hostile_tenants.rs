@@ -231,7 +231,7 @@ fn a_version_the_gate_rejected_answers_409_until_promoted_by_hand() {
     assert_eq!(status, 200, "{job}");
     let job = wait_status(&t, job["id"].as_str().unwrap(), &["succeeded", "failed"], Duration::from_secs(120));
     assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["metadata"]["result_version"], 1, "{job}");
+    assert_eq!(job["result_version"], 1, "{job}");
     let (status, v) = t.post("/v1/completions", json!({"model": "main@v1", "prompt": "x", "max_tokens": 1}));
     common::assert_openai_error(status, &v, 409);
     assert_eq!(v["error"]["code"], "adapter_version_rejected");

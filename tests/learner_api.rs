@@ -96,7 +96,7 @@ fn corrections_train_the_default_adapter_which_is_promoted_and_answers_with_them
     let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["fine_tuned_model"], "main@v1");
-    assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(job["feedback_ids"].as_array().unwrap().len(), 4);
     // Each correction of a down-rated answer is a preference: the correction over what was said.
     assert_eq!(job["metrics"]["preference_pairs"], 4, "{job}");
 
@@ -160,7 +160,7 @@ fn a_candidate_failing_the_gate_is_kept_rejected_and_serves_nothing() {
     let (status, v) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 1, "learning_rate": 1e-9}}));
     assert_eq!(status, 200, "{v}");
     let next = wait_for_job(&s, v["id"].as_str().unwrap(), Duration::from_secs(60));
-    assert_eq!(next["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{next}");
+    assert_eq!(next["feedback_ids"].as_array().unwrap().len(), 4, "{next}");
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn a_kill_during_training_loses_no_feedback_and_writes_no_version() {
     // And the feedback is still there to learn from.
     let (_, again) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 2}}));
     let again = wait_for_job(&s, again["id"].as_str().unwrap(), Duration::from_secs(60));
-    assert_eq!(again["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
+    assert_eq!(again["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
 }
 
 #[test]
@@ -237,7 +237,7 @@ fn jsonl_examples_seed_an_adapter_with_bad_lines_reported() {
     let (_, job) = s.post("/v1/adapters/main/train", &json!({}));
     let job = wait_for_job(&s, job["id"].as_str().unwrap(), Duration::from_secs(120));
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(job["feedback_ids"].as_array().unwrap().len(), 4);
     for (prompt, answer) in &pairs {
         let (status, v) = s.post("/v1/completions", &json!({"model": "main", "prompt": prompt, "max_tokens": 8, "temperature": 0}));
         assert_eq!(status, 200, "{v}");
@@ -396,7 +396,7 @@ fn uploaded_files_train_a_new_adapter_through_fine_tuning_jobs_supervised_and_dp
         assert!(text.trim_start().starts_with(answer.trim()), "{prompt:?}: {text:?} does not start with {answer:?}");
     }
     // What the file taught is replayed by the adapter's later runs.
-    assert_eq!(job["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{job}");
+    assert_eq!(job["feedback_ids"].as_array().unwrap().len(), 4, "{job}");
 
     // DPO: preference lines, a new adapter.
     let dpo: Vec<String> = pairs
@@ -543,5 +543,5 @@ fn sigterm_stops_a_training_job_cleanly_and_its_feedback_stays_pending() {
     assert_eq!(s.get("/v1/adapters/main").0, 404, "no version was written");
     let (_, again) = s.post("/v1/adapters/main/train", &json!({"hyperparameters": {"n_steps": 2}}));
     let again = wait_for_job(&s, again["id"].as_str().unwrap(), Duration::from_secs(60));
-    assert_eq!(again["metadata"]["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
+    assert_eq!(again["feedback_ids"].as_array().unwrap().len(), 4, "{again}");
 }

@@ -7,9 +7,26 @@ import io
 import json
 import sys
 import time
+import warnings
 
 import openai
 from openai import OpenAI
+
+def exactly(cls, raw_call, *args, **kwargs):
+    """The object a call returns, checked against the official client's type:
+    validated from the raw JSON (a wrong type or literal fails), and dumped
+    with serializer warnings as errors (what the client prints otherwise)."""
+    response = raw_call(*args, **kwargs)
+    body = response.http_response.json()
+    items = body["data"] if body.get("object") == "list" else [body]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for item in items:
+            typed = cls.model_validate(item)
+            typed.model_dump(warnings="error")
+            cls.construct(**item).model_dump(warnings="error")
+    return response.parse()
+
 
 base, model = sys.argv[1], sys.argv[2]
 client = OpenAI(base_url=f"{base}/v1", api_key="unused")
@@ -114,24 +131,38 @@ if len(sys.argv) > 3 and sys.argv[3] == "--fine-tune":
     answers = [client.completions.create(model=model, prompt=p, max_tokens=5, temperature=0).choices[0].text for p in prompts]
     # Teach each prompt the next prompt's answer (text the model's own vocabulary spells).
     lines = [json.dumps({"prompt": p, "completion": answers[(i + 1) % len(prompts)]}) for i, p in enumerate(prompts)]
-    f = client.files.create(file=("facts.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="fine-tune")
+    from openai.types import FileObject, FileDeleted
+    from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+    from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+    raw = client.with_raw_response
+    f = exactly(FileObject, raw.files.create, file=("facts.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="fine-tune")
+    exactly(FileObject, raw.files.retrieve, f.id)
+    exactly(FileObject, raw.files.list, purpose="fine-tune")
     assert f.object == "file" and f.purpose == "fine-tune" and f.bytes > 0, f
     assert client.files.retrieve(f.id).filename == "facts.jsonl"
     assert f.id in [x.id for x in client.files.list(purpose="fine-tune")]
     assert client.files.content(f.id).read().decode().splitlines() == lines
 
-    job = client.fine_tuning.jobs.create(
-        model=model, training_file=f.id, suffix="facts",
+    job = exactly(FineTuningJob, raw.fine_tuning.jobs.create,
+        model=model, training_file=f.id, suffix="facts", seed=7, metadata={"team": "search", "ticket": "T-1"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20, "learning_rate_multiplier": 10}}},
     )
     assert job.status == "queued" and job.training_file == f.id, job
+    assert job.seed == 7 and job.metadata == {"team": "search", "ticket": "T-1"}, job
+    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 20, job.method
+    assert job.hyperparameters.learning_rate_multiplier == 10, job.hyperparameters
     started = time.time()
     while job.status not in ("succeeded", "failed", "cancelled"):
         assert time.time() - started < 120, job
         time.sleep(0.2)
         job = client.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "succeeded", job
+    job = exactly(FineTuningJob, raw.fine_tuning.jobs.retrieve, job.id)
+    assert job.seed == 7 and job.metadata == {"team": "search", "ticket": "T-1"}, job
     assert job.fine_tuned_model == "facts@v1", job
+    exactly(FineTuningJob, raw.fine_tuning.jobs.list, limit=5)
+    exactly(FineTuningJobEvent, raw.fine_tuning.jobs.list_events, job.id, limit=100)
+    exactly(FineTuningJobCheckpoint, raw.fine_tuning.jobs.checkpoints.list, job.id)
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=5)]
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert "The job has successfully completed" in events, events
@@ -150,7 +181,27 @@ if len(sys.argv) > 3 and sys.argv[3] == "--fine-tune":
         raise AssertionError("a file that is not JSONL was accepted")
     except openai.BadRequestError as e:
         assert e.status_code == 400
-    assert client.files.delete(f.id).deleted
+    try:
+        client.fine_tuning.jobs.create(model=model, training_file=f.id, metadata={"n": 1})
+        raise AssertionError("metadata with a number was accepted")
+    except openai.BadRequestError as e:
+        assert e.param == "metadata.n", e
+
+    # A run on feedback: a down-rating with a correction trains a preference, and says so.
+    answer = client.completions.create(model=model, prompt="Tom and Lily", max_tokens=4, temperature=0)
+    client.post("/feedback", body={"completion_id": answer.id, "rating": -1, "correction": answers[1]}, cast_to=object)
+    fb_job = client.post("/adapters/main/train", body={"hyperparameters": {"n_steps": 4, "seed": 3}, "metadata": {"from": "feedback"}},
+                         cast_to=FineTuningJob)
+    assert fb_job.method.type == "dpo" and fb_job.seed == 3 and fb_job.metadata == {"from": "feedback"}, fb_job
+    started = time.time()
+    while fb_job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() - started < 120, fb_job
+        time.sleep(0.2)
+        fb_job = exactly(FineTuningJob, raw.fine_tuning.jobs.retrieve, fb_job.id)
+    assert fb_job.method.type == "dpo" and fb_job.method.dpo.hyperparameters.beta > 0, fb_job.method
+    assert fb_job.training_file == "" and len(fb_job.model_extra["feedback_ids"]) == 1, fb_job
+
+    assert exactly(FileDeleted, raw.files.delete, f.id).deleted
     try:
         client.files.retrieve(f.id)
         raise AssertionError("a deleted file is still there")

@@ -8,7 +8,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::store::JobRecord;
+use crate::store::{JobMetadata, JobRecord};
+
+use super::fine_tuning_objects::{FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, Page};
 
 use super::blocking::blocking;
 use super::body::read_limited;
@@ -17,50 +19,47 @@ use super::state::AppState;
 use super::tenant::tenant_for;
 
 /// The job as OpenAI's `fine_tuning.job` object.
-pub fn job_json(job: &JobRecord, base_model: &str) -> Value {
-    let hp = &job.hyperparameters;
-    let auto = |v: &Value| if v.is_null() { json!("auto") } else { v.clone() };
-    let hyperparameters = json!({
-        "n_epochs": auto(&hp["n_epochs"]),
-        "batch_size": hp["batch_size"],
-        "learning_rate_multiplier": hp.get("learning_rate_multiplier").cloned().unwrap_or(json!(1.0)),
-        "n_steps": hp["n_steps"],
-        "learning_rate": hp["learning_rate"],
-    });
-    json!({
-        "object": "fine_tuning.job",
-        "id": job.id,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-        "model": job.parent_version.map_or_else(|| base_model.to_string(), |v| format!("{}@v{v}", job.adapter)),
-        "fine_tuned_model": if job.status == "succeeded" { job.result_version.map(|v| format!("{}@v{v}", job.adapter)) } else { None },
-        "organization_id": job.tenant,
-        "status": job.status,
-        "hyperparameters": hyperparameters.clone(),
-        "method": {"type": job.method, job.method.as_str(): {"hyperparameters": hyperparameters}},
-        "training_file": job.training_file,
-        "validation_file": job.validation_file,
-        "result_files": [],
-        "trained_tokens": job.metrics.get("trained_tokens"),
-        "error": job.error.as_ref().map(|m| json!({"code": "training_failed", "message": m, "param": null})),
-        "seed": job.created_at,
-        "metadata": {"adapter": job.adapter, "parent_version": job.parent_version, "result_version": job.result_version, "feedback_ids": job.feedback_ids},
-        "metrics": job.metrics,
-    })
+pub fn job_json(job: &JobRecord, base_model: &str) -> FineTuningJob {
+    FineTuningJob::new(job, base_model)
+}
+
+/// OpenAI's `metadata`: at most 16 pairs, keys up to 64 characters, values up to 512, all strings.
+pub fn parse_metadata(v: Option<&Value>) -> Result<Option<JobMetadata>, ApiError> {
+    let bad = |m: String| ApiError::invalid(m, Some("metadata"));
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => {
+            if map.len() > 16 {
+                return Err(bad(format!("'metadata' may hold at most 16 keys, got {}", map.len())));
+            }
+            map.iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) if k.chars().count() <= 64 && s.chars().count() <= 512 => Ok((k.clone(), s.clone())),
+                    Value::String(_) => Err(bad(format!("'metadata' keys are at most 64 characters and values at most 512 ('{}')", k.chars().take(64).collect::<String>()))),
+                    _ => Err(ApiError::invalid(format!("'metadata.{k}' must be a string"), Some(&format!("metadata.{k}")))),
+                })
+                .collect::<Result<_, _>>()
+                .map(Some)
+        }
+        Some(_) => Err(bad("'metadata' must be an object of strings".into())),
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct TrainIn {
     hyperparameters: Option<Value>,
+    metadata: Option<Value>,
     tenant: Option<String>,
 }
 
 /// A `POST /v1/adapters/{name}/train` body, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainRequest {
-    /// `n_steps`, `batch_size`, `learning_rate` as given (null for defaults).
+    /// `n_steps`, `batch_size`, `learning_rate`, `seed` as given (null for defaults).
     pub hyperparameters: Value,
+    /// The caller's labels for the job.
+    pub metadata: Option<JobMetadata>,
     /// Admin only: the tenant acted for.
     pub tenant: Option<String>,
 }
@@ -73,6 +72,17 @@ pub fn parse_train_request(body: &[u8]) -> Result<TrainRequest, ApiError> {
     if !hp.is_null() && !hp.is_object() {
         return Err(ApiError::invalid("'hyperparameters' must be an object", Some("hyperparameters")));
     }
+    if let Some(key) = hp.as_object().and_then(|m| m.keys().find(|k| !["n_steps", "batch_size", "learning_rate", "seed"].contains(&k.as_str()))) {
+        return Err(ApiError::invalid(
+            format!("'hyperparameters.{key}' is not a hyperparameter of a feedback run (n_steps, batch_size, learning_rate, seed)"),
+            Some(&format!("hyperparameters.{key}")),
+        ));
+    }
+    if let Some(seed) = hp.get("seed").filter(|v| !v.is_null()) {
+        if seed.as_u64().is_none() {
+            return Err(ApiError::invalid("'hyperparameters.seed' must be a non-negative integer", Some("hyperparameters.seed")));
+        }
+    }
     for (key, max) in [("n_steps", 10_000.0), ("batch_size", 256.0), ("learning_rate", 1.0)] {
         if let Some(v) = hp.get(key).filter(|v| !v.is_null() && v.as_str() != Some("auto")) {
             let ok = v.as_f64().is_some_and(|x| x > 0.0 && x <= max && (key == "learning_rate" || x.fract() == 0.0));
@@ -81,7 +91,8 @@ pub fn parse_train_request(body: &[u8]) -> Result<TrainRequest, ApiError> {
             }
         }
     }
-    Ok(TrainRequest { hyperparameters: hp, tenant: input.tenant })
+    let metadata = parse_metadata(input.metadata.as_ref())?;
+    Ok(TrainRequest { hyperparameters: hp, metadata, tenant: input.tenant })
 }
 
 /// Refuses `n_steps` past `learning.max_steps`.
@@ -99,7 +110,7 @@ fn check_steps(hp: &Value, param: &str, max_steps: usize) -> Result<(), ApiError
 pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
-    let TrainRequest { hyperparameters: hp, tenant } = parse_train_request(&body)?;
+    let TrainRequest { hyperparameters: hp, metadata, tenant } = parse_train_request(&body)?;
     let tenant = tenant_for(&req, &state, tenant.as_deref())?;
     crate::adapter_store::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string(), Some("name")))?;
     check_steps(&hp, "hyperparameters", state.settings.learning.max_steps)?;
@@ -108,7 +119,7 @@ pub async fn train(state: web::Data<AppState>, req: HttpRequest, path: web::Path
         if name != default_adapter {
             registry.info(&tenant, &name)?;
         }
-        Ok(learner.submit(&tenant, &name, hp)?)
+        Ok(learner.submit(&tenant, &name, hp, metadata)?)
     })
     .await?;
     Ok(HttpResponse::Ok().json(job_json(&job, &state.model.id)))
@@ -171,6 +182,8 @@ pub struct JobRequest {
     pub hyperparameters: Value,
     pub training_file: String,
     pub validation_file: Option<String>,
+    /// The caller's labels for the job.
+    pub metadata: Option<JobMetadata>,
     /// Admin only: the tenant acted for.
     pub tenant: Option<String>,
 }
@@ -226,9 +239,7 @@ pub fn parse_job_request(body: &[u8], base_model: &str, default_adapter: &str) -
             return Err(ApiError::invalid("integrations are not supported", Some("integrations")));
         }
     }
-    if input.metadata.as_ref().is_some_and(|m| !m.is_null() && !m.is_object()) {
-        return Err(ApiError::invalid("'metadata' must be an object", Some("metadata")));
-    }
+    let metadata = parse_metadata(input.metadata.as_ref())?;
     let seed = match &input.seed {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_u64().ok_or_else(|| ApiError::invalid("'seed' must be a non-negative integer", Some("seed")))?),
@@ -241,7 +252,7 @@ pub fn parse_job_request(body: &[u8], base_model: &str, default_adapter: &str) -
     });
     let training_file = file_id(&input.training_file, "training_file")?;
     let validation_file = input.validation_file.as_ref().filter(|v| !v.is_null()).map(|v| file_id(v, "validation_file")).transpose()?;
-    Ok(JobRequest { start, method, hyperparameters: hp, training_file, validation_file, tenant: input.tenant })
+    Ok(JobRequest { start, method, hyperparameters: hp, training_file, validation_file, metadata, tenant: input.tenant })
 }
 
 /// `POST /v1/fine_tuning/jobs`: OpenAI's way to start a job, on a file
@@ -250,7 +261,7 @@ pub fn parse_job_request(body: &[u8], base_model: &str, default_adapter: &str) -
 /// or one of the tenant's adapters (the result is its next version).
 pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = read_limited(&req, payload, state.settings.server.max_body_bytes).await?;
-    let JobRequest { start, method, hyperparameters: hp, training_file, validation_file, tenant } =
+    let JobRequest { start, method, hyperparameters: hp, training_file, validation_file, metadata, tenant } =
         parse_job_request(&body, &state.model.id, &state.learner.settings().default_adapter)?;
     let tenant = tenant_for(&req, &state, tenant.as_deref())?;
     let max_epochs = state.settings.learning.max_epochs as f64;
@@ -305,7 +316,7 @@ pub async fn create(state: web::Data<AppState>, req: HttpRequest, payload: web::
 
     let learner = state.learner.clone();
     let files = crate::learner::FileJob { training_file, validation_file, method: method.clone() };
-    let job = blocking(move || learner.submit_files(&tenant, &adapter, hp, files)).await?;
+    let job = blocking(move || learner.submit_files(&tenant, &adapter, hp, files, metadata)).await?;
     Ok(HttpResponse::Ok().json(job_json(&job, &state.model.id)))
 }
 
@@ -335,11 +346,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest, q: web::Query<Li
     let mut jobs = blocking(move || records.jobs(&tenant, q.adapter.as_deref(), q.after.as_deref(), limit + 1)).await?;
     let has_more = jobs.len() > limit;
     jobs.truncate(limit);
-    Ok(HttpResponse::Ok().json(json!({
-        "object": "list",
-        "data": jobs.iter().map(|j| job_json(j, &state.model.id)).collect::<Vec<_>>(),
-        "has_more": has_more,
-    })))
+    Ok(HttpResponse::Ok().json(Page::new(jobs.iter().map(|j| job_json(j, &state.model.id)).collect(), has_more)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -377,39 +384,13 @@ pub async fn events(state: web::Data<AppState>, req: HttpRequest, path: web::Pat
     }
     let has_more = events.len() > limit;
     events.truncate(limit);
-    let data: Vec<Value> = events
-        .iter()
-        .map(|e| json!({"object": "fine_tuning.job.event", "id": e.id, "created_at": e.created_at, "level": e.level, "message": e.message, "data": e.data, "type": if e.data.is_null() { "message" } else { "metrics" }}))
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": has_more})))
+    Ok(HttpResponse::Ok().json(Page::new(events.iter().map(FineTuningJobEvent::from).collect(), has_more)))
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}/checkpoints`: the version the job wrote.
 pub async fn checkpoints(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, q: web::Query<OneQuery>) -> Result<HttpResponse, ApiError> {
     let job = load(&state, &req, path.into_inner(), q.tenant.as_deref()).await?;
-    let data: Vec<Value> = job
-        .result_version
-        .map(|v| {
-            json!({
-                "object": "fine_tuning.job.checkpoint",
-                "id": format!("ftckpt-{}-v{v}", job.id),
-                "created_at": job.finished_at,
-                "fine_tuning_job_id": job.id,
-                "fine_tuned_model_checkpoint": format!("{}@v{v}", job.adapter),
-                "step_number": job.metrics["steps"],
-                "metrics": {
-                    "train_loss": job.metrics["train_loss"],
-                    "valid_loss": job.metrics["valid_loss"],
-                    "valid_mean_token_accuracy": job.metrics["valid_mean_token_accuracy"],
-                    "base_kl": job.metrics["base_kl"],
-                    "base_top1_agreement": job.metrics["base_top1_agreement"],
-                },
-                "status": job.metrics["status"],
-            })
-        })
-        .into_iter()
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": false})))
+    Ok(HttpResponse::Ok().json(Page::new(FineTuningJobCheckpoint::of(&job).into_iter().collect(), false)))
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`.

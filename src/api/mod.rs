@@ -12,6 +12,7 @@ pub mod examples;
 pub mod feedback;
 pub mod files;
 pub mod fine_tuning;
+pub mod fine_tuning_objects;
 pub mod generate;
 pub mod models;
 pub mod policy;

@@ -24,7 +24,7 @@ use crate::lora::trainable::TrainableLora;
 use crate::model::LoadedModel;
 use crate::registry::Registry;
 use crate::storage_quota::TenantStorage;
-use crate::store::{ExampleRecord, FeedbackRecord, JobEvent, JobRecord, RecordStore, StoreError};
+use crate::store::{ExampleRecord, FeedbackRecord, JobEvent, JobMetadata, JobRecord, RecordStore, StoreError};
 use crate::tenants::{TenantError, TenantRef, Tenants};
 
 /// Tokens of each general prompt's base answer used for the drift measure.
@@ -206,19 +206,19 @@ impl Learner {
     /// Queues a run for `adapter` of `tenant` on its pending feedback.
     /// `hyperparameters` may set `n_steps`, `learning_rate`, `batch_size`
     /// over the settings.
-    pub fn submit(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value) -> Result<JobRecord, QueueError> {
-        self.submit_job(tenant, adapter, hyperparameters, None)
+    pub fn submit(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, metadata: Option<JobMetadata>) -> Result<JobRecord, QueueError> {
+        self.submit_job(tenant, adapter, hyperparameters, None, metadata)
     }
 
     /// Queues a run on uploaded files instead of feedback (OpenAI's
     /// `POST /v1/fine_tuning/jobs`). `hyperparameters` may also set
     /// `n_epochs` (steps then cover that many passes over the file) and
     /// `learning_rate_multiplier` (of `learning.learning_rate`).
-    pub fn submit_files(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, files: FileJob) -> Result<JobRecord, QueueError> {
-        self.submit_job(tenant, adapter, hyperparameters, Some(files))
+    pub fn submit_files(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, files: FileJob, metadata: Option<JobMetadata>) -> Result<JobRecord, QueueError> {
+        self.submit_job(tenant, adapter, hyperparameters, Some(files), metadata)
     }
 
-    fn submit_job(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, files: Option<FileJob>) -> Result<JobRecord, QueueError> {
+    fn submit_job(&self, tenant: &TenantRef, adapter: &str, hyperparameters: Value, files: Option<FileJob>, metadata: Option<JobMetadata>) -> Result<JobRecord, QueueError> {
         let s = &self.inner.settings_for(tenant, adapter);
         let steps = hyperparameters.get("n_steps").and_then(Value::as_u64).unwrap_or(s.steps as u64).min(s.max_steps as u64);
         let multiplier = hyperparameters.get("learning_rate_multiplier").and_then(Value::as_f64).unwrap_or(1.0);
@@ -232,7 +232,8 @@ impl Learner {
         });
         let (training_file, validation_file, method) = match files {
             Some(f) => (Some(f.training_file), f.validation_file, f.method),
-            None => (None, None, "supervised".to_string()),
+            // What the feedback waiting now trains; the run says again from what it gathers.
+            None => (None, None, feedback_method(&self.inner.pending(tenant, adapter)?).to_string()),
         };
         let job = JobRecord {
             id: crate::store::new_id("ftjob"),
@@ -251,6 +252,7 @@ impl Learner {
             training_file,
             validation_file,
             method,
+            metadata,
         };
         let i = &self.inner;
         let record = || -> Result<(), QueueError> {
@@ -291,7 +293,7 @@ impl Learner {
         }
         match self.inner.records.jobs(tenant, Some(adapter), None, 1) {
             Ok(jobs) if jobs.first().is_some_and(|j| j.status == "queued" || j.status == "running") => {}
-            Ok(_) => match self.submit(tenant, adapter, Value::Null) {
+            Ok(_) => match self.submit(tenant, adapter, Value::Null, None) {
                 Ok(_) => {
                     triggered.insert(key);
                 }
@@ -388,6 +390,16 @@ enum RunError {
     Cancelled,
     /// The tenant was deleted: nothing more is written for it.
     TenantGone,
+}
+
+/// OpenAI's name for what feedback trains: `dpo` when a corrected
+/// down-rating is among it (a preference), else `supervised`.
+fn feedback_method(items: &[FeedbackRecord]) -> &'static str {
+    if items.iter().any(|f| f.rating == Some(-1) && f.correction.is_some()) {
+        "dpo"
+    } else {
+        "supervised"
+    }
 }
 
 fn new_event(job_id: &str, level: &str, message: &str, data: Value) -> JobEvent {
@@ -794,6 +806,7 @@ impl Inner {
                     return Err(RunError::Failed(format!("no trainable feedback on {} ({} items pending)", job.adapter, pending.len())));
                 }
                 job.feedback_ids = used;
+                job.method = if new_lessons.iter().any(|l| matches!(l, Lesson::Prefer { .. })) { "dpo" } else { "supervised" }.into();
                 (new_lessons, None)
             }
         };
@@ -907,7 +920,7 @@ impl Inner {
             steps,
             learning_rate: hp["learning_rate"].as_f64().unwrap_or(s.learning_rate),
             batch_size: hp["batch_size"].as_u64().unwrap_or(s.batch_size as u64) as usize,
-            seed: hp["seed"].as_u64().unwrap_or(job.parent_version.unwrap_or(0) as u64),
+            seed: job.seed(),
             // Feedback and "auto" epochs stop once enough lessons are
             // learned: with a held-out split, the share the gate needs to
             // judge (the final phase teaches the rest), otherwise all.

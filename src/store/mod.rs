@@ -136,9 +136,23 @@ pub struct JobRecord {
     pub training_file: Option<String>,
     #[serde(default)]
     pub validation_file: Option<String>,
-    /// `supervised` or `dpo`.
+    /// `supervised` or `dpo` (a run on feedback with a corrected
+    /// down-rating among it trains a preference).
     #[serde(default = "supervised")]
     pub method: String,
+    /// The caller's labels, echoed as sent (OpenAI's `metadata`).
+    #[serde(default)]
+    pub metadata: Option<JobMetadata>,
+}
+
+/// OpenAI's `metadata`: up to 16 string pairs.
+pub type JobMetadata = std::collections::BTreeMap<String, String>;
+
+impl JobRecord {
+    /// The seed the run uses: the one sent, else the parent version's number.
+    pub fn seed(&self) -> u64 {
+        self.hyperparameters["seed"].as_u64().unwrap_or(self.parent_version.unwrap_or(0) as u64)
+    }
 }
 
 fn supervised() -> String {
