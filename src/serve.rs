@@ -49,9 +49,11 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
         );
         return builtin::load_builtin(dtype, &device);
     }
-    // A model fetched by name is served under that name (what the user typed).
-    let fetched_name = (!Path::new(&settings.model.path).exists() && crate::fetch::known(&settings.model.path).is_some())
-        .then_some(settings.model.path.as_str());
+    // A model fetched by name, or named by its Hub id, is served under that
+    // name (what the user typed).
+    let spec = settings.model.path.as_str();
+    let by_name = !Path::new(spec).exists() && (crate::fetch::known(spec).is_some() || crate::hub::HubSpec::parse(spec).is_some());
+    let fetched_name = by_name.then_some(spec);
     let name = Some(settings.model.served_model_name.as_str()).filter(|s| !s.is_empty()).or(fetched_name);
     let path = resolve_model_path(&settings.model.path, Path::new(&settings.model.cache_dir))?;
     if path.is_file() {
@@ -69,7 +71,8 @@ pub fn load_model(settings: &Settings) -> Result<LoadedModel, ModelError> {
     load_hf_dir(&path, name, dtype, &device)
 }
 
-/// A path, or the name of a model `lifelora fetch` knows (looked up in the cache).
+/// A path, the name of a model `lifelora fetch` knows (looked up in the
+/// cache), or a Hugging Face id `org/name` (the Hub cache, else downloaded).
 pub fn resolve_model_path(spec: &str, cache: &Path) -> Result<std::path::PathBuf, ModelError> {
     let path = Path::new(spec);
     if path.exists() {
@@ -85,9 +88,12 @@ pub fn resolve_model_path(spec: &str, cache: &Path) -> Result<std::path::PathBuf
             cached.display()
         )));
     }
+    if let Some(hub) = crate::hub::HubSpec::parse(spec) {
+        return crate::hub::resolve(&hub).map_err(|e| ModelError::MissingFile(format!("{spec}: no such file or directory; as a Hugging Face model: {e}")));
+    }
     let known: Vec<&str> = crate::fetch::KNOWN.iter().map(|m| m.name).collect();
     Err(ModelError::MissingFile(format!(
-        "{spec}: no such file or directory, and not a model `lifelora fetch` knows ({})",
+        "{spec}: no such file or directory, not a model `lifelora fetch` knows ({}), and not a Hugging Face id (org/name)",
         known.join(", ")
     )))
 }

@@ -19,7 +19,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions::create))
         .route("/v1/chat/completions", web::post().to(chat::create))
         .route("/v1/models", web::get().to(models::list))
-        .route("/v1/models/{id}", web::get().to(models::retrieve))
+        // An id may hold a slash (a Hugging Face id, org/name).
+        .route("/v1/models/{id:.+}", web::get().to(models::retrieve))
         .route("/v1/tenants", web::post().to(tenants::create))
         .route("/v1/tenants", web::get().to(tenants::list))
         .route("/v1/tenants/{name}", web::get().to(tenants::get))

@@ -282,6 +282,7 @@ pub fn load_gguf(
         (None, None)
     };
     let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+    let mut progress = crate::progress::Progress::items(&format!("loading {}: layers", path.display()), config.num_hidden_layers as u64);
     for l in 0..config.num_hidden_layers {
         let p = format!("blk.{l}");
         let qkv_bias = config.qkv_bias;
@@ -314,7 +315,9 @@ pub fn load_gguf(
             reader.projection(&format!("{p}.ffn_up"), i, h, false, None)?,
             reader.projection(&format!("{p}.ffn_down"), h, i, false, None)?,
         )?);
+        progress.advance(1);
     }
+    progress.finish();
     let embed_q = reader.qtensor("token_embd.weight", &[config.vocab_size, h])?;
     let embed = if matches!(
         embed_q.dtype(),

@@ -160,10 +160,12 @@ pub fn load_hf_dir(
     // model directory as immutable while it runs.
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .map_err(|e| ModelError::Weights(format!("{}: {e}", dir.display())))?;
+    let progress = std::cell::RefCell::new(crate::progress::Progress::items(&format!("loading {}: tensors", dir.display()), st.tensors().len() as u64));
     let get = |name: &str| -> Result<Option<Tensor>, ModelError> {
         if st.get(name).is_err() {
             return Ok(None);
         }
+        progress.borrow_mut().advance(1);
         Ok(Some(st.load(name, device)?.to_dtype(dtype)?))
     };
     let eos_extra: Vec<u32> = eos_from_generation_config(dir)?
@@ -171,6 +173,7 @@ pub fn load_hf_dir(
         .chain(config.eos_token_ids.iter().copied())
         .collect();
     let model = build_llama(config, &get)?;
+    progress.borrow_mut().finish();
 
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
